@@ -1,0 +1,1 @@
+"""tidegate bridge: the cloud side (Kafka producer, routing, forwarding, TLS)."""

@@ -1,0 +1,1 @@
+"""tidegate device_sim: simulated device fleets and the verifier oracle that reads Kafka back."""

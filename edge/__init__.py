@@ -1,0 +1,1 @@
+"""tidegate edge: the device side (embedded MQTT broker, ingest, SQLite buffer, registry)."""

@@ -1,0 +1,1 @@
+"""tidegate gateway: configuration, CLI, lifecycle, and the glue between edge and bridge."""
