@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "BufferCorruptError",
-    "BufferError",
+    "BufferStoreError",
     "BufferFullError",
     "ConfigError",
     "KafkaError",
@@ -38,17 +38,17 @@ class ConfigError(TidegateError):
         super().__init__(f"{source}: invalid configuration\n{lines}")
 
 
-class BufferError(TidegateError):  # noqa: A001 - deliberate: tidegate's own buffer errors
+class BufferStoreError(TidegateError):
     """The store-and-forward buffer failed."""
 
 
-class BufferFullError(BufferError):
+class BufferFullError(BufferStoreError):
     """The buffer reached a configured bound or the disk is full; acknowledgements stop."""
 
     retriable = True
 
 
-class BufferCorruptError(BufferError):
+class BufferCorruptError(BufferStoreError):
     """The buffer file is not a tidegate buffer or is damaged; the gateway refuses to start."""
 
 

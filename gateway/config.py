@@ -1,0 +1,338 @@
+"""Typed gateway configuration: one TOML file → frozen models.
+
+Loading goes defaults → file → ``${VAR}`` / ``${VAR:-default}`` expansion → validation.
+Relative paths are resolved against the directory of the config file, so a deployment can
+ship ``/etc/tidegate/gateway.toml`` next to its certificates. Every error names the field
+path (``kafka.tls.cafile: file not found: ...``). Runtime code never sees raw dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "AdminConfig",
+    "BrokerConfig",
+    "BufferConfig",
+    "ClassConfig",
+    "GatewayConfig",
+    "GatewayIdentity",
+    "KafkaConfig",
+    "KafkaTlsConfig",
+    "ListenerConfig",
+    "RoutingConfig",
+    "default_config",
+    "load_config",
+    "parse_config",
+]
+
+_IDENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value
+
+
+def _existing_file(value: Path, info: ValidationInfo) -> Path:
+    value = _resolve_path(value, info)
+    if (info.context or {}).get("check_files", True) and not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+"""A path; relative ones are taken from the config file's directory."""
+
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+"""A path that must name an existing file when the config is loaded."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class GatewayIdentity(_Model):
+    """Who this gateway is and where it keeps its state."""
+
+    id: Annotated[str, Field(pattern=_IDENT)] = "tidegate-dev"
+    """Gateway id: part of every message id, sent as a Kafka header. Never reuse one."""
+    data_dir: ConfigPath = Path("var/gateway")
+    """Directory for the buffer file and runtime state."""
+    shutdown_deadline_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    """SIGTERM: the gateway exits within this many seconds, even when Kafka is down."""
+
+
+class ListenerConfig(_Model):
+    """One MQTT listener for devices."""
+
+    name: Annotated[str, Field(pattern=_IDENT)] = "default"
+    host: str = "127.0.0.1"
+    """Address to bind. ``0.0.0.0`` to accept devices from the network."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 1883
+    """TCP port; 0 picks a free port (tests)."""
+
+
+class BrokerConfig(_Model):
+    """The embedded MQTT broker (amqtt) devices connect to."""
+
+    listeners: Annotated[list[ListenerConfig], Field(min_length=1)] = [ListenerConfig()]
+    max_inflight_per_session: Annotated[int, Field(ge=1, le=65535)] = 64
+    """Un-acked inbound QoS1/2 publishes per device; at the cap the socket is not read."""
+    allow_anonymous: bool = True
+    """Accept devices without credentials (development only; the security work turns it off)."""
+
+    @field_validator("listeners")
+    @classmethod
+    def _unique_listener_names(cls, value: list[ListenerConfig]) -> list[ListenerConfig]:
+        names = [listener.name for listener in value]
+        if len(names) != len(set(names)):
+            raise ValueError("listener names must be unique")
+        return value
+
+
+class BufferConfig(_Model):
+    """The SQLite store-and-forward buffer."""
+
+    path: Path = Path("buffer.sqlite3")
+    """Buffer file; relative paths are taken from ``gateway.data_dir``."""
+    max_bytes: Annotated[int, Field(ge=1 << 20)] = 1 << 30
+    """Bound on payload bytes kept on disk."""
+    max_rows: Annotated[int, Field(ge=100)] = 5_000_000
+    """Bound on buffered messages."""
+    min_free_disk_bytes: Annotated[int, Field(ge=0)] = 256 << 20
+    """Stop acknowledging when the filesystem has less free space than this."""
+    commit_max_batch: Annotated[int, Field(ge=1, le=100_000)] = 2048
+    """Most publishes sharing one durable (synchronous=FULL) transaction."""
+    lease_batch: Annotated[int, Field(ge=1, le=100_000)] = 2000
+    """Most rows handed to the bridge at once."""
+
+
+class ClassConfig(_Model):
+    """A message class from the device contract (``d/{device_id}/up/{class}``)."""
+
+    kafka_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+    """Kafka topic this class is forwarded to."""
+    priority: Annotated[int, Field(ge=0, le=9)] = 5
+    """Higher is forwarded first."""
+    content_type: str = "application/octet-stream"
+    """Sent as the ``tg-content-type`` header."""
+    lossy: bool = False
+    """Whether the operator accepts drops for this class (a policy, never silent)."""
+    on_full: Literal["block", "drop_oldest", "drop_newest"] = "block"
+    """What happens when the buffer is full: withhold PUBACKs, or drop (lossy classes only)."""
+    ttl_s: Annotated[float | None, Field(gt=0)] = None
+    """Expire messages older than this (lossy classes only)."""
+
+    @model_validator(mode="after")
+    def _drops_need_lossy(self) -> ClassConfig:
+        if not self.lossy and (self.on_full != "block" or self.ttl_s is not None):
+            raise ValueError("on_full drop policies and ttl_s need lossy = true")
+        return self
+
+
+def _default_classes() -> dict[str, ClassConfig]:
+    return {
+        "event": ClassConfig(kafka_topic="iot.events", priority=8),
+        "telemetry": ClassConfig(kafka_topic="iot.telemetry", priority=5),
+        "bulk": ClassConfig(kafka_topic="iot.bulk", priority=2),
+    }
+
+
+class RoutingConfig(_Model):
+    """How MQTT topics map to classes."""
+
+    uplink_pattern: str = "d/{device_id}/up/{class}"
+    """Topic pattern; deeper levels after it are allowed. ``{device_id}`` and ``{class}`` are
+    required placeholders, each a whole topic level."""
+    dead_letter_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.dlq"
+    """Kafka topic for messages that match no class (kept, never dropped)."""
+
+    @field_validator("uplink_pattern")
+    @classmethod
+    def _pattern_levels(cls, value: str) -> str:
+        levels = value.split("/")
+        for needed in ("{device_id}", "{class}"):
+            if levels.count(needed) != 1:
+                raise ValueError(f"must contain {needed} exactly once, as a whole level")
+        if any(c in value for c in "+#"):
+            raise ValueError("must not contain MQTT wildcards")
+        return value
+
+
+class KafkaTlsConfig(_Model):
+    """Mutual TLS towards Kafka (PEM files)."""
+
+    cafile: ExistingFile
+    """CA bundle that signed the Kafka brokers' certificates."""
+    certfile: ExistingFile
+    """This gateway's client certificate."""
+    keyfile: ExistingFile
+    """This gateway's private key (unencrypted PEM, not world-readable)."""
+    check_hostname: bool = True
+
+
+class KafkaConfig(_Model):
+    """The cloud Kafka cluster."""
+
+    bootstrap_servers: Annotated[list[str], Field(min_length=1)]
+    """``host:port`` list."""
+    security_protocol: Literal["SSL"] = "SSL"
+    """Only mutual TLS is supported."""
+    tls: KafkaTlsConfig
+    client_id: str = "tidegate"
+    compression: Literal["none", "gzip", "lz4", "zstd"] = "none"
+    linger_ms: Annotated[int, Field(ge=0, le=10_000)] = 5
+    max_batch_bytes: Annotated[int, Field(ge=16_384, le=16 << 20)] = 1 << 20
+    request_timeout_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+    send_deadline_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """A batch not acknowledged within this is treated as stuck: the producer is rebuilt."""
+    retry_backoff_max_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port(cls, value: list[str]) -> list[str]:
+        for server in value:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"not host:port: {server!r}")
+        return value
+
+
+class AdminConfig(_Model):
+    """The local admin API (status, later operations)."""
+
+    host: str = "127.0.0.1"
+    """Loopback by default; the admin API is not meant for the network."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8181
+
+
+class GatewayConfig(_Model):
+    """A whole gateway."""
+
+    gateway: GatewayIdentity = GatewayIdentity()
+    broker: BrokerConfig = BrokerConfig()
+    buffer: BufferConfig = BufferConfig()
+    classes: dict[str, ClassConfig] = Field(default_factory=_default_classes)
+    routing: RoutingConfig = RoutingConfig()
+    kafka: KafkaConfig
+    admin: AdminConfig = AdminConfig()
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: dict[str, ClassConfig]) -> dict[str, ClassConfig]:
+        if not value:
+            raise ValueError("at least one class is needed")
+        for name in value:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
+                raise ValueError(f"class name {name!r}: lowercase letters, digits, _ and -")
+        return value
+
+    @property
+    def buffer_path(self) -> Path:
+        """The buffer file, resolved against the data directory."""
+        return self.gateway.data_dir / self.buffer.path
+
+
+def _expand_env(value: Any, path: str, errors: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            found = os.environ.get(name)
+            if found is None or (found == "" and default is not None):
+                if default is None:
+                    errors.append((path, f"environment variable {name} is not set"))
+                    return ""
+                return default
+            return found
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else k, errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    return value
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+def parse_config(
+    data: dict[str, Any],
+    *,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    check_files: bool = True,
+) -> GatewayConfig:
+    """Validate a raw mapping (already parsed TOML) into a :class:`GatewayConfig`."""
+    env_errors: list[tuple[str, str]] = []
+    expanded = _expand_env(data, "", env_errors)
+    if env_errors:
+        raise ConfigError(source, env_errors)
+    try:
+        return GatewayConfig.model_validate(
+            expanded, context={"base_dir": base_dir, "check_files": check_files}
+        )
+    except ValidationError as exc:
+        errors = [
+            (_field_path(err["loc"]), err["msg"].removeprefix("Value error, "))
+            for err in exc.errors()
+        ]
+        raise ConfigError(source, errors) from exc
+
+
+def load_config(path: Path, *, check_files: bool = True) -> GatewayConfig:
+    """Read and validate a TOML config file; raise :class:`ConfigError` naming each field."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [("(file)", exc.strerror or str(exc))]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [("(syntax)", str(exc))]) from exc
+    return parse_config(
+        data, source=str(path), base_dir=path.resolve().parent, check_files=check_files
+    )
+
+
+def default_config(
+    *, bootstrap_servers: list[str], cafile: Path, certfile: Path, keyfile: Path, **sections: Any
+) -> GatewayConfig:
+    """Embedded defaults plus the Kafka connection (the demo and tests build configs this way)."""
+    data: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": bootstrap_servers,
+            "tls": {"cafile": str(cafile), "certfile": str(certfile), "keyfile": str(keyfile)},
+        }
+    }
+    data.update(sections)
+    return parse_config(data, source="<defaults>")
