@@ -1,0 +1,94 @@
+"""The gateway's :class:`~edge.ingest.IngestSink`: route each publish, then buffer it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+
+import cbor2
+
+from edge.buffer import Buffer
+from edge.ingest import InboundPublish
+from edge.routing import UNROUTED_CLASS, TopicRouter
+from gateway.config import ClassConfig
+
+__all__ = ["Intake"]
+
+log = logging.getLogger(__name__)
+
+_META_SUFFIX = "/meta"
+
+
+class Intake:
+    """Routes publishes to classes and hands them to the buffer, in arrival order.
+
+    A publish on ``d/{device_id}/meta`` (the uplink prefix plus ``{device_id}/meta``) carries
+    what the device says about itself (``type``, ``firmware_version``; a CBOR or JSON map).
+    It updates the device registry and is acknowledged once that is committed. One that
+    cannot be parsed goes to the dead-letter class, so nothing acknowledged vanishes unseen.
+    """
+
+    def __init__(
+        self, buffer: Buffer, router: TopicRouter, classes: Mapping[str, ClassConfig]
+    ) -> None:
+        self._buffer = buffer
+        self._router = router
+        self._priority = {name: c.priority for name, c in classes.items()}
+        self._ttl_ms = {
+            name: int(c.ttl_s * 1000) for name, c in classes.items() if c.ttl_s is not None
+        }
+        self._meta_prefix = router.device_topic_prefix()
+        self.unrouted = 0
+
+    def submit(self, publish: InboundPublish) -> asyncio.Future[None]:
+        """Route and enqueue; see :class:`edge.ingest.IngestSink`."""
+        ingest_ms = int(publish.received_at * 1000)
+        if publish.topic == f"{self._meta_prefix}{publish.device_id}{_META_SUFFIX}":
+            info = _parse_device_info(publish.payload)
+            if info is not None:
+                self._buffer.device_info(
+                    publish.device_id, device_type=info[0], firmware_version=info[1]
+                )
+                return self._buffer.enqueue_marker()
+        route = self._router.route(publish.device_id, publish.topic)
+        if route.class_name == UNROUTED_CLASS:
+            self.unrouted += 1
+            log.warning(
+                "unrouted publish from %s on %r kept for the dead-letter topic: %s",
+                publish.device_id,
+                publish.topic,
+                route.reason,
+            )
+        ttl = self._ttl_ms.get(route.class_name)
+        return self._buffer.enqueue(
+            device_id=publish.device_id,
+            class_name=route.class_name,
+            topic=publish.topic,
+            qos=publish.qos,
+            payload=publish.payload,
+            ingest_ms=ingest_ms,
+            priority=self._priority.get(route.class_name, 0),
+            expires_ms=None if ttl is None else ingest_ms + ttl,
+        )
+
+
+def _parse_device_info(payload: bytes) -> tuple[str | None, str | None] | None:
+    data: object
+    try:
+        data = cbor2.loads(payload)
+    except Exception:  # cbor2 raises several types on arbitrary bytes; try JSON next
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return None
+    if not isinstance(data, dict):
+        return None
+    device_type = data.get("type")
+    firmware = data.get("firmware_version")
+    if not isinstance(device_type, str | None) or not isinstance(firmware, str | None):
+        return None
+    if device_type is None and firmware is None:
+        return None
+    return device_type, firmware

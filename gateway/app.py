@@ -1,0 +1,201 @@
+"""The running gateway: buffer, embedded broker, forwarder and admin API, started and
+stopped in order.
+
+Start order is buffer → forwarder → broker → admin, so nothing is acknowledged before
+the buffer can store it. Shutdown runs in reverse: the broker stops accepting first, the
+buffer commits what it already acknowledged... (nothing acknowledged is ever pending:
+PUBACK follows the commit), the forwarder gets what is left of the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bridge.forwarder import Forwarder
+from bridge.records import RecordBuilder
+from edge.broker import EdgeBroker
+from edge.buffer import Buffer
+from edge.intake import Intake
+from edge.routing import TopicRouter
+from gateway.admin import AdminServer
+from gateway.config import GatewayConfig
+from gateway.errors import TidegateError
+
+__all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
+
+log = logging.getLogger(__name__)
+
+RUNTIME_FILE = "runtime.json"
+"""Written to ``gateway.data_dir`` once listening: pid, MQTT and admin addresses."""
+
+
+class GatewayLockedError(TidegateError):
+    """Another gateway process already owns this data directory."""
+
+
+def read_runtime(data_dir: Path) -> dict[str, Any] | None:
+    """The runtime file of a running gateway, or None."""
+    try:
+        data: dict[str, Any] = json.loads((data_dir / RUNTIME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+class Gateway:
+    """One gateway. ``async with Gateway(cfg) as gw: await gw.stopped()``."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+        self.buffer = Buffer(
+            config.buffer_path,
+            commit_max_batch=config.buffer.commit_max_batch,
+            max_rows=config.buffer.max_rows,
+            max_bytes=config.buffer.max_bytes,
+        )
+        router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
+        self.intake = Intake(self.buffer, router, config.classes)
+        self.forwarder = Forwarder(
+            self.buffer,
+            RecordBuilder(
+                gateway_id=config.gateway.id,
+                class_topics={n: c.kafka_topic for n, c in config.classes.items()},
+                content_types={n: c.content_type for n, c in config.classes.items()},
+                dead_letter_topic=config.routing.dead_letter_topic,
+            ),
+            config.kafka,
+            lease_batch=config.buffer.lease_batch,
+        )
+        self.broker = EdgeBroker(
+            listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
+            sink=self.intake,
+            observer=self.buffer,
+            max_inflight_per_session=config.broker.max_inflight_per_session,
+            uplink_prefix=router.device_topic_prefix(),
+            allow_anonymous=config.broker.allow_anonymous,
+        )
+        self.admin = AdminServer(config.admin.host, config.admin.port, self.status)
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: asyncio.TaskGroup | None = None
+
+    def request_stop(self) -> None:
+        """Ask the gateway to shut down (SIGTERM handler)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`; then shut down within the configured deadline."""
+        deadline = self.config.gateway.shutdown_deadline_s
+        data_dir = self.config.gateway.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock(data_dir)
+        try:
+            async with self.buffer:
+                await self.buffer.mark_all_disconnected()
+                async with asyncio.TaskGroup() as tasks:
+                    forwarder = tasks.create_task(self.forwarder.run(), name="forwarder")
+                    try:
+                        async with self.broker, self.admin:
+                            self._write_runtime(data_dir)
+                            log.info(
+                                "gateway %s running: mqtt %s, admin %s, buffer %s",
+                                self.config.gateway.id,
+                                self.broker.bound_addresses,
+                                self.admin.bound,
+                                self.config.buffer_path,
+                            )
+                            await self._stop.wait()
+                            log.info("stopping: closing listeners")
+                    finally:
+                        # The broker is closed: nothing new is acknowledged. Rows that are
+                        # not yet in Kafka stay in the buffer for the next start.
+                        forwarder.cancel()
+                        await self.forwarder.close(deadline=max(1.0, deadline / 2))
+        finally:
+            with contextlib.suppress(OSError):
+                (data_dir / RUNTIME_FILE).unlink()
+            self._release_lock()
+
+    def _take_lock(self, data_dir: Path) -> None:
+        fd = os.open(data_dir / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise GatewayLockedError(
+                f"{data_dir}: another gateway is running with this data directory"
+            ) from exc
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _write_runtime(self, data_dir: Path) -> None:
+        runtime = {
+            "pid": os.getpid(),
+            "gateway_id": self.config.gateway.id,
+            "mqtt": [
+                {"name": name, "host": host, "port": port}
+                for name, (host, port) in self.broker.bound_addresses.items()
+            ],
+            "admin": None
+            if self.admin.bound is None
+            else {"host": self.admin.bound[0], "port": self.admin.bound[1]},
+        }
+        tmp = data_dir / (RUNTIME_FILE + ".tmp")
+        tmp.write_text(json.dumps(runtime))
+        tmp.replace(data_dir / RUNTIME_FILE)
+
+    def status(self) -> dict[str, Any]:
+        """The facts ``tidegate status`` prints."""
+        stats = self.buffer.stats
+        now_ms = time.time_ns() // 1_000_000
+        fwd = self.forwarder.status
+        return {
+            "gateway_id": self.config.gateway.id,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "listeners": {
+                name: f"{host}:{port}" for name, (host, port) in self.broker.bound_addresses.items()
+            },
+            "buffer": {
+                "path": str(self.config.buffer_path),
+                "rows": stats.rows,
+                "payload_bytes": stats.payload_bytes,
+                "oldest_age_s": None
+                if stats.oldest_ingest_ms is None
+                else round((now_ms - stats.oldest_ingest_ms) / 1000, 3),
+                "commits": stats.commits,
+                "rows_committed": stats.rows_committed,
+                "largest_commit": stats.largest_commit,
+                "commit_failures": stats.commit_failures,
+                "released": stats.released,
+                "synchronous": stats.synchronous,
+                "journal_mode": stats.journal_mode,
+                "full": self.buffer.is_full,
+            },
+            "kafka": {
+                "connected": fwd.kafka_connected,
+                "bootstrap": self.config.kafka.bootstrap_servers,
+                "last_error": fwd.last_error,
+                "last_error_age_s": None
+                if fwd.last_error_at is None
+                else round(time.time() - fwd.last_error_at, 1),
+                "forwarded": fwd.forwarded,
+                "batches": fwd.batches,
+                "failed_batches": fwd.failed_batches,
+                "producer_rebuilds": fwd.producer_rebuilds,
+            },
+            "intake": {"unrouted": self.intake.unrouted},
+        }

@@ -1,0 +1,144 @@
+"""The ``tidegate`` command line.
+
+Exit codes: 0 success, 1 the operation failed (e.g. verification found losses), 2 bad
+input (arguments, configuration). Errors are one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gateway.config import load_config
+from gateway.errors import ConfigError, TidegateError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="tidegate",
+    help="Edge MQTT → Kafka gateway with a durable store-and-forward buffer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Gateway config file (TOML).", show_default=True)
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"tidegate: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _load(path: Path) -> Any:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command("check-config")
+def check_config(
+    file: Annotated[Path, typer.Argument(help="Config file to validate.")],
+) -> None:
+    """Validate a config file: exit 0, or 2 with each error and its field path."""
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"{file}: ok (gateway {config.gateway.id}, {len(config.classes)} classes, "
+        f"kafka {','.join(config.kafka.bootstrap_servers)})"
+    )
+
+
+@app.command("run")
+def run(
+    config: ConfigOption = Path("configs/dev.toml"),
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+) -> None:
+    """Run the gateway in the foreground until SIGTERM or Ctrl-C."""
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        raise _fail(f"--log-level: unknown level {log_level!r}")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    cfg = _load(config)
+    # Imported here so `check-config` and `status` stay fast and light.
+    from gateway.app import Gateway
+
+    async def main() -> None:
+        gateway = Gateway(cfg)
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if gateway_stop_requested.is_set():
+                return
+            gateway_stop_requested.set()
+            gateway.request_stop()
+            # Watchdog: whatever hangs (aiokafka's stop() can, while Kafka is down), the
+            # process exits by the deadline. Everything acknowledged is already on disk.
+            loop.call_later(cfg.gateway.shutdown_deadline_s + 1.0, _hard_exit)
+
+        gateway_stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await gateway.run()
+
+    try:
+        asyncio.run(main())
+    except TidegateError as exc:
+        raise _fail(str(exc), code=1) from None
+
+
+def _hard_exit() -> None:
+    logging.getLogger("tidegate").error("shutdown deadline passed; exiting now")
+    logging.shutdown()
+    os._exit(3)
+
+
+@app.command("status")
+def status(
+    config: ConfigOption = Path("configs/dev.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Show a running gateway's listeners, buffer depth, oldest row age and Kafka state."""
+    cfg = _load(config)
+    from gateway.app import read_runtime
+
+    runtime = read_runtime(cfg.gateway.data_dir)
+    admin = (runtime or {}).get("admin") or {"host": cfg.admin.host, "port": cfg.admin.port}
+    url = f"http://{admin['host']}:{admin['port']}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # loopback admin API
+            data = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _fail(f"no running gateway answers at {url}: {exc}", code=1) from None
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    from gateway.status_view import render_status
+
+    render_status(data)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

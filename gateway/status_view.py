@@ -1,0 +1,48 @@
+"""Terminal rendering of the admin API's ``/status`` document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["render_status"]
+
+
+def _fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def render_status(data: dict[str, Any], console: Console | None = None) -> None:
+    """Print a gateway status document as a compact table."""
+    console = console or Console()
+    buffer, kafka = data["buffer"], data["kafka"]
+    table = Table(title=f"tidegate {data['gateway_id']}", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("uptime", f"{data['uptime_s']} s")
+    table.add_row("listeners", ", ".join(f"{k} {v}" for k, v in data["listeners"].items()))
+    table.add_row(
+        "buffer",
+        f"{buffer['rows']} rows, {_fmt_bytes(buffer['payload_bytes'])}"
+        + (" [red]FULL: acknowledgements withheld[/red]" if buffer["full"] else ""),
+    )
+    age = buffer["oldest_age_s"]
+    table.add_row("oldest row", "-" if age is None else f"{age} s old")
+    table.add_row(
+        "durability",
+        f"journal {buffer['journal_mode']}, synchronous {buffer['synchronous']}, "
+        f"{buffer['commits']} commits / {buffer['rows_committed']} rows",
+    )
+    state = "[green]connected[/green]" if kafka["connected"] else "[red]not connected[/red]"
+    table.add_row("kafka", f"{state} {','.join(kafka['bootstrap'])}")
+    table.add_row("forwarded", f"{kafka['forwarded']} ({kafka['producer_rebuilds']} rebuilds)")
+    if kafka["last_error"]:
+        table.add_row("last error", f"{kafka['last_error']} ({kafka['last_error_age_s']} s ago)")
+    console.print(table)
