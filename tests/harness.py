@@ -1,0 +1,382 @@
+"""Test harness: a real gateway process, real paho devices, and a Kafka read-back.
+
+Everything waits on conditions with deadlines; nothing sleeps a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.helpers import create_ssl_context
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class KafkaTls:
+    """Client TLS material for a Kafka instance."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+
+def write_gateway_config(
+    directory: Path,
+    *,
+    bootstrap: str,
+    tls: KafkaTls,
+    topics: Mapping[str, str],
+    gateway_id: str = "gw-test",
+    shutdown_deadline_s: float = 10.0,
+    send_deadline_s: float = 8.0,
+    request_timeout_s: float = 5.0,
+    extra: str = "",
+) -> Path:
+    """A gateway config on port 0 (MQTT and admin) for one test."""
+    classes = "\n".join(
+        f'[classes.{name}]\nkafka_topic = "{topic}"\npriority = {5 + i}\n'
+        for i, (name, topic) in enumerate(topics.items())
+    )
+    path = directory / "gateway.toml"
+    path.write_text(
+        f"""
+[gateway]
+id = "{gateway_id}"
+data_dir = "{directory / "data"}"
+shutdown_deadline_s = {shutdown_deadline_s}
+
+[[broker.listeners]]
+name = "tcp"
+host = "127.0.0.1"
+port = 0
+
+{classes}
+
+[routing]
+dead_letter_topic = "{topics.get("dlq", next(iter(topics.values())))}"
+
+[kafka]
+bootstrap_servers = ["{bootstrap}"]
+send_deadline_s = {send_deadline_s}
+request_timeout_s = {request_timeout_s}
+retry_backoff_max_s = 1.0
+
+[kafka.tls]
+cafile = "{tls.cafile}"
+certfile = "{tls.certfile}"
+keyfile = "{tls.keyfile}"
+
+[admin]
+port = 0
+{extra}
+"""
+    )
+    return path
+
+
+class GatewayProcess:
+    """``tidegate run`` as a child process, as an operator would run it."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.data_dir = config.parent / "data"
+        self.log_path = config.parent / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runtime: dict[str, Any] = {}
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        log.close()
+        proc = self.proc
+
+        def ready() -> dict[str, Any] | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {proc.returncode}:\n{self.log()}")
+            try:
+                runtime: dict[str, Any] = json.loads((self.data_dir / "runtime.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return runtime if runtime.get("pid") == proc.pid else None
+
+        self.runtime = wait_for(ready, timeout, "the gateway to listen")
+        return self
+
+    @property
+    def mqtt_port(self) -> int:
+        return int(self.runtime["mqtt"][0]["port"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        admin = self.runtime["admin"]
+        url = f"http://{admin['host']}:{admin['port']}/status"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data: dict[str, Any] = json.loads(response.read())
+        return data
+
+    def wait_status(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.status()
+            return status if predicate(status) else None
+
+        result: dict[str, Any] = wait_for(check, timeout, what, interval=0.1)
+        return result
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float) -> float:
+        """SIGTERM; return the seconds until the process exited."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=timeout)
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        """Cleanup: make sure the process is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@dataclass
+class Publisher:
+    """Devices publishing QoS1 with paho; records what was PUBACKed, per device, in order."""
+
+    port: int
+    devices: list[str]
+    topic_class: str = "event"
+    acked: dict[str, list[int]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    errors: int = 0
+
+    def start(self, per_device: int, inflight: int = 20) -> Publisher:
+        for device in self.devices:
+            self.acked[device] = []
+            thread = threading.Thread(
+                target=self._run, args=(device, per_device, inflight), daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def total_acked(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self.acked.values())
+
+    def _run(self, device: str, per_device: int, inflight: int) -> None:
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=device,
+            clean_session=True,
+        )
+        client.max_inflight_messages_set(inflight)
+        pending: dict[int, int] = {}
+        early: set[int] = set()  # PUBACKs that beat the publisher to recording the mid
+        pending_lock = threading.Lock()
+
+        def record(seq: int) -> None:
+            with self._lock:
+                self.acked[device].append(seq)
+
+        def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+            with pending_lock:
+                seq = pending.pop(mid, None)
+                if seq is None:
+                    early.add(mid)
+            if seq is not None:
+                record(seq)
+
+        client.on_publish = on_publish
+        try:
+            client.connect("127.0.0.1", self.port, keepalive=30)
+        except OSError:
+            self.errors += 1
+            return
+        client.loop_start()
+        try:
+            for seq in range(1, per_device + 1):
+                if self._stop.is_set():
+                    break
+                payload = json.dumps({"device": device, "seq": seq}).encode()
+                info = client.publish(f"d/{device}/up/{self.topic_class}", payload, qos=1)
+                with pending_lock:
+                    acked_already = info.mid in early
+                    early.discard(info.mid)
+                    if not acked_already:
+                        pending[info.mid] = seq
+                if acked_already:
+                    record(seq)
+                # Keep paho's own queue short so a dead gateway does not pile up messages.
+                while len(pending) >= inflight and not self._stop.is_set():
+                    if not client.is_connected() and self._stop.wait(0.01):
+                        break
+                    self._stop.wait(0.002)
+            # A well-behaved device waits for its last PUBACKs before it disconnects.
+            deadline = time.monotonic() + 30
+            while pending and not self._stop.is_set() and time.monotonic() < deadline:
+                self._stop.wait(0.005)
+        finally:
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            client.loop_stop()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def wait_done(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t for t in self._threads if t.is_alive()]
+        if alive:
+            raise AssertionError(f"{len(alive)} publishers still running after {timeout}s")
+
+
+@dataclass(frozen=True)
+class ReadRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+
+
+async def read_topics(
+    bootstrap: str, tls: KafkaTls, topics: list[str], deadline_s: float = 30.0
+) -> list[ReadRecord]:
+    """Every record in ``topics`` up to the end offsets taken now, in partition order."""
+    context = create_ssl_context(
+        cafile=str(tls.cafile), certfile=str(tls.certfile), keyfile=str(tls.keyfile)
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        security_protocol="SSL",
+        ssl_context=context,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    records: list[ReadRecord] = []
+    async with asyncio.timeout(deadline_s):
+        await consumer.start()
+        try:
+            partitions = [
+                TopicPartition(t, p) for t in topics for p in sorted(await _partitions(consumer, t))
+            ]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            remaining = {tp for tp in partitions if ends[tp] > 0}
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=500)
+                for tp, messages in batch.items():
+                    for m in messages:
+                        if m.offset < ends[tp]:
+                            records.append(
+                                ReadRecord(
+                                    m.topic,
+                                    m.partition,
+                                    m.offset,
+                                    m.key,
+                                    m.value,
+                                    {k: bytes(v) for k, v in m.headers},
+                                )
+                            )
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+        finally:
+            await consumer.stop()
+    return records
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    while True:
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        await consumer._client.force_metadata_update()  # metadata for a new topic
+
+
+def per_device_sequences(records: list[ReadRecord]) -> dict[str, list[int]]:
+    """Device → the ``seq`` values in Kafka order (payloads written by :class:`Publisher`)."""
+    out: dict[str, list[int]] = {}
+    for record in records:
+        body = json.loads(record.value)
+        out.setdefault(body["device"], []).append(int(body["seq"]))
+    return out
+
+
+@contextlib.contextmanager
+def running_gateway(config: Path) -> Iterator[GatewayProcess]:
+    """A started gateway that is killed at the end of the block, whatever happens."""
+    gateway = GatewayProcess(config)
+    try:
+        yield gateway.start()
+    finally:
+        gateway.stop()
+
+
+def assert_all_acked_arrived(acked: Mapping[str, list[int]], records: list[ReadRecord]) -> None:
+    """Every PUBACKed seq is in Kafka, and each device's stream is in order (dups allowed)."""
+    arrived = per_device_sequences(records)
+    for device, seqs in acked.items():
+        got = arrived.get(device, [])
+        missing = set(seqs) - set(got)
+        assert not missing, (
+            f"{device}: {len(missing)} acked messages missing, e.g. {sorted(missing)[:5]}"
+        )
+        # Order: the first occurrences must be increasing (a resend may repeat a tail).
+        first_seen: list[int] = []
+        seen: set[int] = set()
+        for seq in got:
+            if seq not in seen:
+                seen.add(seq)
+                first_seen.append(seq)
+        assert first_seen == sorted(first_seen), f"{device}: out of order in Kafka"
