@@ -6,7 +6,7 @@ the buffer file, so there is exactly one writer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -14,15 +14,19 @@ from aiohttp import web
 __all__ = ["AdminServer"]
 
 StatusProvider = Callable[[], dict[str, Any]]
+DevicesProvider = Callable[[], Awaitable[list[dict[str, Any]]]]
 
 
 class AdminServer:
-    """aiohttp app serving ``/healthz`` and ``/status`` (JSON)."""
+    """aiohttp app serving ``/healthz``, ``/status`` and ``/devices`` (JSON)."""
 
-    def __init__(self, host: str, port: int, status: StatusProvider) -> None:
+    def __init__(
+        self, host: str, port: int, status: StatusProvider, devices: DevicesProvider
+    ) -> None:
         self._host = host
         self._port = port
         self._status = status
+        self._devices = devices
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
 
@@ -30,6 +34,7 @@ class AdminServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/status", self._status_handler)
+        app.router.add_get("/devices", self._devices_handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
@@ -51,3 +56,6 @@ class AdminServer:
 
     async def _status_handler(self, _request: web.Request) -> web.Response:
         return web.json_response(self._status())
+
+    async def _devices_handler(self, _request: web.Request) -> web.Response:
+        return web.json_response({"devices": await self._devices()})

@@ -2,15 +2,17 @@
 stopped in order.
 
 Start order is buffer → forwarder → broker → admin, so nothing is acknowledged before
-the buffer can store it. Shutdown runs in reverse: the broker stops accepting first, the
-buffer commits what it already acknowledged... (nothing acknowledged is ever pending:
-PUBACK follows the commit), the forwarder gets what is left of the deadline.
+the buffer can store it. Shutdown runs in reverse: the broker closes its listeners and
+connections first (no new PUBACKs), the forwarder's producer is stopped within half the
+shutdown deadline, and the buffer commits whatever is pending before it closes. Nothing
+acknowledged can be pending: a PUBACK always follows its commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -85,7 +87,7 @@ class Gateway:
             uplink_prefix=router.device_topic_prefix(),
             allow_anonymous=config.broker.allow_anonymous,
         )
-        self.admin = AdminServer(config.admin.host, config.admin.port, self.status)
+        self.admin = AdminServer(config.admin.host, config.admin.port, self.status, self.devices)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -157,6 +159,10 @@ class Gateway:
         tmp = data_dir / (RUNTIME_FILE + ".tmp")
         tmp.write_text(json.dumps(runtime))
         tmp.replace(data_dir / RUNTIME_FILE)
+
+    async def devices(self) -> list[dict[str, Any]]:
+        """The device registry (``GET /devices``)."""
+        return [dataclasses.asdict(d) for d in await self.buffer.devices()]
 
     def status(self) -> dict[str, Any]:
         """The facts ``tidegate status`` prints."""

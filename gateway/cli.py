@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway.config import load_config
+from gateway.dev.cli import certs_app, dev_app
 from gateway.errors import ConfigError, TidegateError
 
 __all__ = ["app", "main"]
@@ -31,6 +32,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.add_typer(certs_app, name="certs")
+app.add_typer(dev_app, name="dev")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Gateway config file (TOML).", show_default=True)
@@ -133,6 +137,29 @@ def status(
     from gateway.status_view import render_status
 
     render_status(data)
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo keeps its files.")] = Path(
+        "var/demo"
+    ),
+    devices: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    count: Annotated[int, typer.Option(min=1, max=1_000_000, help="Messages per device.")] = 100,
+    kafka_state: Annotated[
+        Path | None, typer.Option(help="Reuse a running local Kafka (its state.json).")
+    ] = None,
+) -> None:
+    """Everything in one go: certificates, local Kafka, gateway, simulated fleet, verifier."""
+    from gateway.demo import DemoOptions, run_demo
+
+    try:
+        code = run_demo(
+            DemoOptions(workdir=workdir, devices=devices, count=count, kafka_state=kafka_state)
+        )
+    except TidegateError as exc:
+        raise _fail(str(exc), code=1) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -1,0 +1,173 @@
+"""`tidegate run` / `tidegate status` as an operator uses them, and bad input at the edges."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import paho.mqtt.client as mqtt
+import pytest
+
+from gateway.dev.kafka import KafkaState
+from tests.harness import (
+    REPO,
+    KafkaTls,
+    read_topics,
+    running_gateway,
+    wait_for,
+    write_gateway_config,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+def _tls(kafka: KafkaState) -> KafkaTls:
+    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
+
+
+def _publish(port: int, client_id: str, messages: list[tuple[str, bytes]]) -> None:
+    """Publish QoS1 and wait for every PUBACK (paho, real socket)."""
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=20)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _get(gateway_runtime: dict[str, Any], path: str) -> Any:
+    admin = gateway_runtime["admin"]
+    with urllib.request.urlopen(f"http://{admin['host']}:{admin['port']}{path}", timeout=5) as r:
+        return json.loads(r.read())
+
+
+async def test_garbage_payloads_and_unrouted_topics_reach_kafka_unchanged(
+    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Any
+) -> None:
+    events, dlq = kafka_topic_factory("events"), kafka_topic_factory("dlq")
+    config = write_gateway_config(
+        tmp_path, bootstrap=kafka.bootstrap, tls=_tls(kafka), topics={"event": events, "dlq": dlq}
+    )
+    garbage = [bytes(range(256)), b"", b"\xff" * 70_000]
+    with running_gateway(config) as gateway:
+        _publish(
+            gateway.mqtt_port,
+            "dev-g",
+            [("d/dev-g/up/event", g) for g in garbage]
+            + [("d/dev-g/up/nosuchclass", b"lost?"), ("d/other/up/event", b"spoof")],
+        )
+        gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "drain")
+    records = await read_topics(kafka.bootstrap, _tls(kafka), [events])
+    assert [r.value for r in records] == garbage
+    assert {r.key for r in records} == {b"dev-g"}
+    dead = await read_topics(kafka.bootstrap, _tls(kafka), [dlq])
+    reasons = {r.value: r.headers["tg-dead-letter-reason"] for r in dead}
+    assert set(reasons) == {b"lost?", b"spoof"}
+    assert all(r.headers["tg-class"] == b"!unrouted" for r in dead)
+
+
+def test_status_command_and_device_registry(tmp_path: Path, kafka: KafkaState) -> None:
+    config = write_gateway_config(
+        tmp_path, bootstrap=kafka.bootstrap, tls=_tls(kafka), topics={"event": "iot.events"}
+    )
+    with running_gateway(config) as gateway:
+        meta = cbor2.dumps({"type": "thermostat", "firmware_version": "2.4.1"})
+        _publish(gateway.mqtt_port, "dev-reg", [("d/dev-reg/meta", meta)])
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "status", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=30,
+            check=False,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"127.0.0.1:{gateway.mqtt_port}" in result.stdout
+        assert "synchronous FULL" in result.stdout
+        assert "rows" in result.stdout
+        raw = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "status", "-c", str(config), "--json"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=30,
+            check=True,
+        )
+        status = json.loads(raw.stdout)
+        assert set(status) >= {"listeners", "buffer", "kafka"}
+        assert "oldest_age_s" in status["buffer"]
+        devices = wait_for(
+            lambda: [d for d in _get(gateway.runtime, "/devices")["devices"] if not d["connected"]],
+            10,
+            "the device to be recorded as disconnected",
+        )
+        (device,) = devices
+        assert device["device_id"] == "dev-reg"
+        assert device["device_type"] == "thermostat"
+        assert device["firmware_version"] == "2.4.1"
+        assert device["first_seen_ms"] <= device["last_seen_ms"]
+    # With the gateway gone, status says so clearly (exit 1, no traceback).
+    gone = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "status", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+        check=False,
+    )
+    assert gone.returncode == 1
+    assert "no running gateway" in gone.stderr
+    assert "Traceback" not in gone.stderr
+
+
+def test_corrupt_buffer_refuses_to_start_and_keeps_the_file(
+    tmp_path: Path, kafka: KafkaState
+) -> None:
+    config = write_gateway_config(
+        tmp_path, bootstrap=kafka.bootstrap, tls=_tls(kafka), topics={"event": "iot.events"}
+    )
+    buffer = tmp_path / "data" / "buffer.sqlite3"
+    buffer.parent.mkdir(parents=True)
+    junk = b"SQLite format 3\x00" + b"\x13" * 8000
+    buffer.write_bytes(junk)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "refusing to start" in result.stderr or "not a tidegate buffer" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert buffer.read_bytes() == junk
+
+
+def test_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path, kafka: KafkaState) -> None:
+    config = write_gateway_config(
+        tmp_path, bootstrap=kafka.bootstrap, tls=_tls(kafka), topics={"event": "iot.events"}
+    )
+    with running_gateway(config):
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "another gateway is running" in result.stderr
