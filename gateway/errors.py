@@ -66,3 +66,14 @@ class KafkaTlsError(KafkaError):
     """The TLS material for Kafka is missing or unusable (file, key, or CA problem)."""
 
     retriable = False
+
+
+class PkiError(TidegateError):
+    """The development PKI could not be created or used (bad device id, missing CA, I/O)."""
+
+
+class LocalKafkaError(TidegateError):
+    """The project's local development Kafka could not be fetched, started or stopped."""
+
+
+__all__ += ["LocalKafkaError", "PkiError"]

@@ -1,0 +1,179 @@
+"""The local Kafka's state file: what is running where, readable by tests, CI and the CLI.
+
+Format (JSON, ``<data_dir>/state.json``)::
+
+    {
+      "format": 1,
+      "version": "4.4.0",
+      "cluster_id": "...",
+      "bootstrap": "127.0.0.1:40001,127.0.0.1:40004",
+      "data_dir": "/abs/var/kafka",
+      "started_at": "2026-11-27T07:00:00+00:00",
+      "pki": {"directory": "...", "ca": ".../ca.pem",
+              "cert": ".../gateway.pem", "key": ".../gateway-key.pem"},
+      "brokers": [{"node_id": 1, "pid": 1234, "ssl_port": 40001, "internal_port": 40002,
+                   "controller_port": 40003, "log": ".../node-1/kafka.log",
+                   "properties": ".../node-1/server.properties"}]
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import LocalKafkaError
+
+__all__ = [
+    "STATE_FORMAT",
+    "BrokerState",
+    "KafkaState",
+    "read_state",
+    "state_from_json",
+    "state_path",
+    "state_to_json",
+    "write_state",
+]
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    """One running node of the local cluster."""
+
+    node_id: int
+    pid: int
+    ssl_port: int
+    internal_port: int
+    controller_port: int
+    log: Path
+    properties: Path
+
+
+@dataclass(frozen=True)
+class KafkaState:
+    """A running local cluster and the client TLS material to reach it."""
+
+    version: str
+    cluster_id: str
+    bootstrap: str
+    """``127.0.0.1:PORT,...`` over the mutual-TLS listeners."""
+    data_dir: Path
+    started_at: str
+    pki_dir: Path
+    ca_file: Path
+    cert_file: Path
+    """The gateway's client certificate (CN=tidegate-gateway)."""
+    key_file: Path
+    brokers: tuple[BrokerState, ...]
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """The bootstrap string split into ``host:port`` items."""
+        return self.bootstrap.split(",")
+
+    @property
+    def state_file(self) -> Path:
+        """Where this state is (or will be) stored."""
+        return state_path(self.data_dir)
+
+
+def state_path(data_dir: Path) -> Path:
+    """The state file of the cluster in ``data_dir``."""
+    return data_dir / "state.json"
+
+
+def state_to_json(state: KafkaState) -> str:
+    """Serialise (pure)."""
+    doc: dict[str, Any] = {
+        "format": STATE_FORMAT,
+        "version": state.version,
+        "cluster_id": state.cluster_id,
+        "bootstrap": state.bootstrap,
+        "data_dir": str(state.data_dir),
+        "started_at": state.started_at,
+        "pki": {
+            "directory": str(state.pki_dir),
+            "ca": str(state.ca_file),
+            "cert": str(state.cert_file),
+            "key": str(state.key_file),
+        },
+        "brokers": [
+            {
+                "node_id": b.node_id,
+                "pid": b.pid,
+                "ssl_port": b.ssl_port,
+                "internal_port": b.internal_port,
+                "controller_port": b.controller_port,
+                "log": str(b.log),
+                "properties": str(b.properties),
+            }
+            for b in state.brokers
+        ],
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def state_from_json(text: str, *, source: str = "state") -> KafkaState:
+    """Parse (pure); raises :class:`LocalKafkaError` naming the missing or bad field."""
+    try:
+        doc = json.loads(text)
+        if doc.get("format") != STATE_FORMAT:
+            raise LocalKafkaError(
+                f"{source}: state format {doc.get('format')!r}, expected {STATE_FORMAT}"
+            )
+        pki = doc["pki"]
+        return KafkaState(
+            version=str(doc["version"]),
+            cluster_id=str(doc["cluster_id"]),
+            bootstrap=str(doc["bootstrap"]),
+            data_dir=Path(doc["data_dir"]),
+            started_at=str(doc["started_at"]),
+            pki_dir=Path(pki["directory"]),
+            ca_file=Path(pki["ca"]),
+            cert_file=Path(pki["cert"]),
+            key_file=Path(pki["key"]),
+            brokers=tuple(
+                BrokerState(
+                    node_id=int(b["node_id"]),
+                    pid=int(b["pid"]),
+                    ssl_port=int(b["ssl_port"]),
+                    internal_port=int(b["internal_port"]),
+                    controller_port=int(b["controller_port"]),
+                    log=Path(b["log"]),
+                    properties=Path(b["properties"]),
+                )
+                for b in doc["brokers"]
+            ),
+        )
+    except json.JSONDecodeError as exc:
+        raise LocalKafkaError(f"{source}: not JSON: {exc}") from exc
+    except KeyError as exc:
+        raise LocalKafkaError(f"{source}: missing field {exc.args[0]!r}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise LocalKafkaError(f"{source}: malformed state: {exc}") from exc
+
+
+def read_state(path: Path) -> KafkaState:
+    """Read a state file; a missing file is a :class:`LocalKafkaError` saying so."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise LocalKafkaError(f"{path}: no state file (is the local Kafka running?)") from exc
+    except OSError as exc:
+        raise LocalKafkaError(f"{path}: cannot read: {exc.strerror}") from exc
+    return state_from_json(text, source=str(path))
+
+
+def write_state(state: KafkaState) -> Path:
+    """Write the state file atomically (readers never see half a file); return its path."""
+    path = state.state_file
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(state_to_json(state))
+    os.replace(tmp, path)
+    return path
