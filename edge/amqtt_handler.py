@@ -1,0 +1,479 @@
+"""amqtt's broker protocol handler, rebuilt around ack-after-commit.
+
+amqtt 0.12.1 reads a device's socket in ``ProtocolHandler._reader_loop``, starts one task
+per inbound PUBLISH, and sends the PUBACK from ``_handle_qos1_message_flow`` as soon as the
+message is on an unbounded in-memory queue. Overriding only ``_handle_qos1_message_flow``
+would get durability but not order (per-message tasks) nor a bound on memory (nothing
+stops the reader). So :class:`EdgeProtocolHandler` replaces the *inbound* half of the
+handler, the reader loop, and keeps amqtt's outbound half (``mqtt_publish`` and the
+PUBACK/PUBREC/PUBCOMP waiters used for deliveries to devices) and amqtt's broker loop
+(CONNECT/CONNACK, SUBSCRIBE, takeover, will messages, session bookkeeping):
+
+* The reader reads one whole packet at a time (bounded size, see :mod:`edge.mqtt_wire`)
+  and calls ``IngestSink.submit`` synchronously, before it reads the next packet. Call
+  order is therefore socket order, with no per-message task to reorder it.
+* Each QoS 1/2 publish becomes a :class:`_PendingAck` on a per-session FIFO. One "ack pump"
+  task per session sends PUBACK (QoS 1) or PUBREC (QoS 2) for the head of the FIFO once its
+  sink future has resolved, so acknowledgements follow durability and leave in the order the
+  publishes arrived. The pump only awaits, it never cancels a sink future: the sink owns them.
+* At ``max_inflight`` un-acknowledged publishes (QoS 0 publishes whose sink future is still
+  pending count too) the reader stops reading the socket until an acknowledgement goes out.
+  TCP flow control then pushes back on the device; memory per session is bounded by
+  ``max_inflight x max_packet_size``.
+* A failed sink future closes the connection without acknowledging it or anything after it.
+  The device resends after reconnecting (at-least-once: the buffer may hold a copy of a later
+  publish that was stored but not acknowledged).
+
+QoS 2 decision: supported, persist-before-PUBREC. The PUBREC is sent only after the sink
+future resolved; the packet id then waits in the session's ``awaiting_pubrel`` set until
+PUBREL, and a PUBLISH resent with the same id before PUBREL (DUP) is answered with PUBREC
+without being submitted again. The state lives on amqtt's ``Session`` so it follows a
+persistent (clean_session=0) session across reconnects for as long as amqtt keeps the
+session. It is in memory only: after a gateway crash a device resending an un-PUBREC'd
+message can be stored twice, which the at-least-once contract (stable message ids, promise
+5 in DESIGN.md) already covers. Per session it holds at most 65,535 packet ids.
+
+Also fixed on the way: a second CONNECT, a reserved packet type, a truncated or oversized
+packet or a bad PUBLISH close the connection (amqtt logged and continued, which can leave
+the stream out of step); the keep-alive is enforced (amqtt's broker never disconnects an
+idle client); a peer that stops reading cannot stall the handler's shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+from amqtt.adapters import BufferReader
+from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.pingresp import PingRespPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsubscribe import UnsubscribePacket
+
+from edge.broker_state import EdgeContext, Qos2State
+from edge.ingest import InboundPublish
+from edge.mqtt_wire import (
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    DecodedPublish,
+    MalformedPacketError,
+    RawPacket,
+    decode_packet_id,
+    decode_publish,
+    read_packet,
+)
+
+__all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
+
+log = logging.getLogger(__name__)
+
+QOS2_STATE_KEY: Final = "tidegate.edge.qos2"
+"""Key of :class:`Qos2State` in amqtt's ``Session.attributes``."""
+
+_PENDING_SUBSCRIBE_LIMIT: Final = 16
+"""amqtt queues SUBSCRIBE/UNSUBSCRIBE for the broker loop without limit; we bound it so a
+device flooding SUBSCRIBE stalls its own reader instead of growing the queue."""
+
+
+@dataclass(eq=False, slots=True)
+class _PendingAck:
+    """One inbound QoS 1/2 publish that is not acknowledged yet."""
+
+    kind: int
+    """PUBACK or PUBREC."""
+    packet_id: int
+    future: asyncio.Future[None]
+    publish: DecodedPublish
+    forward: bool
+    """False for a QoS 2 duplicate: it was (or is being) stored and forwarded already."""
+
+
+def _failure(future: asyncio.Future[None]) -> BaseException | None:
+    if future.cancelled():
+        return asyncio.CancelledError("sink future cancelled")
+    return future.exception()
+
+
+class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's ``BrokerProtocolHandler`` with the inbound flow replaced (module docstring).
+
+    Built by :class:`edge.broker.EdgeBroker`'s amqtt ``Broker`` subclass for every device
+    connection; amqtt's own broker loop drives it through ``start``/``stop``,
+    ``wait_disconnect``, ``get_next_pending_subscription`` and ``mqtt_publish``.
+    """
+
+    def __init__(
+        self,
+        plugins_manager: Any,
+        session: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        edge: EdgeContext,
+    ) -> None:
+        super().__init__(plugins_manager, session, loop)
+        self._edge = edge
+        self._pending_subscriptions: asyncio.Queue[Any] = asyncio.Queue(_PENDING_SUBSCRIBE_LIMIT)
+        self._pending_unsubscriptions: asyncio.Queue[Any] = asyncio.Queue(_PENDING_SUBSCRIBE_LIMIT)
+        self._acks: deque[_PendingAck] = deque()
+        self._qos0_pending: set[asyncio.Future[None]] = set()
+        self._inflight = 0
+        self._capacity = asyncio.Event()
+        self._pump_wakeup = asyncio.Event()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stopped = False
+        self._announced = False
+        self._disconnect_seen = False
+        self._disconnect_result: Any = None
+
+    # -- identity -----------------------------------------------------------------------
+
+    @property
+    def device_id(self) -> str:
+        """The client id of the attached session ("" before attach)."""
+        if self.session is None:
+            return ""
+        return str(self.session.client_id)
+
+    @property
+    def peer(self) -> str:
+        """``ip:port`` of the device (``[ip]:port`` for IPv6)."""
+        if self.session is None:
+            return "?"
+        host = str(self.session.remote_address)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.session.remote_port}"
+
+    @property
+    def inflight(self) -> int:
+        """Publishes read from this connection and not yet acknowledged (or stored, QoS 0)."""
+        return self._inflight
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Announce the device, start the ack pump, then amqtt's start (which starts the reader).
+
+        The observer hears ``device_connected`` before any publish of the connection is
+        submitted. A previous live connection with the same client id is closed first (amqtt
+        only does that for clean_session=0; MQTT-3.1.4-2 requires it always).
+        """
+        edge = self._edge
+        device_id = self.device_id
+        old = edge.live.get(device_id)
+        if old is not None and old is not self:
+            edge.stats.takeovers += 1
+            old._retire()
+            await old.abort("session taken over by a new connection")
+        edge.live[device_id] = self
+        if not self.session.transitions.is_connected():
+            # amqtt's takeover of a clean_session=0 session can let the old connection's
+            # disconnect mark the shared Session disconnected after the new one connected;
+            # amqtt's session monitor would then delete it under us. It is ours now.
+            self.session.transitions.connect()
+        self._announced = True
+        edge.stats.sessions_started += 1
+        edge.notify_connected(device_id, self.peer)
+        self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
+        await super().start()
+
+    async def stop(self) -> None:
+        """Stop reading and acknowledging, close the socket, tell the observer. Idempotent.
+
+        Pending sink futures are left alone (the sink owns them); we only drop our callbacks
+        so a dead connection is not kept alive by a store that never finishes.
+        """
+        self._closing = True
+        self._stopped = True
+        pump = self._pump_task
+        if pump is not None and pump is not asyncio.current_task() and not pump.done():
+            pump.cancel()
+            # The pump may end with amqtt's ProtocolHandlerError (it wraps CancelledError
+            # raised inside _send_packet); either way it is finished.
+            await asyncio.gather(pump, return_exceptions=True)
+        for item in self._acks:
+            item.future.remove_done_callback(self._wake_pump)
+        self._acks.clear()
+        for future in self._qos0_pending:
+            future.remove_done_callback(self._qos0_stored)
+        self._qos0_pending.clear()
+        self._abort_if_peer_not_reading()
+        await super().stop()
+        self._retire()
+
+    async def abort(self, reason: str) -> None:
+        """Close this connection without acknowledging anything more (amqtt's broker loop
+        then stops the handler and publishes the will, as for any abnormal disconnect)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._capacity.set()
+        log.info("device %s (%s): closing connection: %s", self.device_id, self.peer, reason)
+        await self.handle_connection_closed()
+
+    def _retire(self) -> None:
+        if not self._announced:
+            return
+        self._announced = False
+        device_id = self.device_id
+        if self._edge.live.get(device_id) is self:
+            del self._edge.live[device_id]
+        self._edge.notify_disconnected(device_id)
+
+    def _abort_if_peer_not_reading(self) -> None:
+        # amqtt's close drains the write buffer first; a peer that stopped reading would
+        # block that forever. Such a peer will not read the rest anyway: drop it.
+        transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
+        if transport is None or transport.is_closing():
+            return
+        _low, high = transport.get_write_buffer_limits()
+        if transport.get_write_buffer_size() > high:
+            transport.abort()
+
+    async def handle_disconnect(self, disconnect: Any) -> None:
+        # amqtt resets its disconnect waiter to None after resolving it, and start() makes a
+        # new one if the reader ended before start() returned: the broker loop would then
+        # wait forever. Remember the first result and hand it to wait_disconnect instead.
+        if not self._disconnect_seen:
+            self._disconnect_seen = True
+            self._disconnect_result = disconnect
+        await super().handle_disconnect(disconnect)
+
+    async def wait_disconnect(self) -> Any:
+        if self._disconnect_seen:
+            return self._disconnect_result
+        return await super().wait_disconnect()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _reader_loop(self) -> None:
+        # Replaces ProtocolHandler._reader_loop (started by ProtocolHandler.start).
+        try:
+            self._reader_ready.set()
+            try:
+                reason = await self._read_until_closed()
+            except MalformedPacketError as exc:
+                self._edge.stats.malformed(self.device_id, self.peer, str(exc))
+                reason = f"malformed packet: {exc}"
+            except TimeoutError:
+                self._edge.stats.keepalive_expired(self.device_id, self.peer)
+                reason = "keep-alive expired"
+            except Exception as exc:  # last resort: a bug costs one connection, not the broker
+                log.exception("device %s: reader failed", self.device_id)
+                reason = f"internal error: {exc!r}"
+            log.debug("device %s (%s): reader ends: %s", self.device_id, self.peer, reason)
+            self._closing = True
+            await self.handle_connection_closed()
+            self._reader_stopped.set()
+            await self.stop()
+        finally:
+            self._reader_stopped.set()
+
+    async def _read_until_closed(self) -> str:
+        keep_alive = int(self.session.keep_alive)
+        # MQTT-3.1.2-24: disconnect after 1.5 x keep-alive without any packet.
+        first_byte_timeout = keep_alive * 1.5 if keep_alive > 0 else None
+        max_inflight = self._edge.max_inflight
+        max_size = self._edge.max_packet_size
+        while not self._closing:
+            if self._inflight >= max_inflight:
+                # Back-pressure: leave the bytes in the kernel until an ack frees a slot.
+                # No keep-alive timeout here: the silence is ours, not the device's.
+                self._edge.stats.reader_paused += 1
+                self._capacity.clear()
+                while self._inflight >= max_inflight and not self._closing:
+                    await self._capacity.wait()
+                    self._capacity.clear()
+                continue
+            packet = await read_packet(
+                self.reader, max_size=max_size, first_byte_timeout=first_byte_timeout
+            )
+            if packet is None:
+                return "connection closed by the device"
+            if not await self._dispatch(packet):
+                return "DISCONNECT"
+        return "closing"
+
+    async def _dispatch(self, packet: RawPacket) -> bool:
+        """Handle one packet; False when the device said DISCONNECT."""
+        kind = packet.packet_type
+        if kind == PUBLISH:
+            await self._on_publish(decode_publish(packet.flags, packet.body))
+        elif kind == PUBACK:
+            await self.handle_puback(PubackPacket.build(decode_packet_id(packet.body)))
+        elif kind == PUBREC:
+            await self.handle_pubrec(PubrecPacket.build(decode_packet_id(packet.body)))
+        elif kind == PUBCOMP:
+            await self.handle_pubcomp(PubcompPacket.build(decode_packet_id(packet.body)))
+        elif kind == PUBREL:
+            packet_id = decode_packet_id(packet.body)
+            self._qos2_state().awaiting_pubrel.discard(packet_id)
+            # MQTT 3.1.1 section 4.3.3: answer every PUBREL with PUBCOMP, also for an unknown
+            # id (a PUBREL resent after a reconnect).
+            await self._send_packet(PubcompPacket.build(packet_id))
+        elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+            await self._on_subscription_change(packet)
+        elif kind == PINGREQ:
+            await self._send_packet(PingRespPacket.build())
+        elif kind == DISCONNECT:
+            await self.handle_disconnect(DisconnectPacket())
+            return False
+        elif kind == CONNECT:
+            raise MalformedPacketError("[MQTT-3.1.0-2] second CONNECT on a connection")
+        else:
+            raise MalformedPacketError(f"packet type {kind} is not valid from a client")
+        return True
+
+    async def _on_subscription_change(self, packet: RawPacket) -> None:
+        header = MQTTFixedHeader(packet.packet_type, packet.flags, len(packet.body))
+        reader = BufferReader(packet.body)
+        try:
+            if packet.packet_type == SUBSCRIBE:
+                decoded = await SubscribePacket.from_stream(reader, fixed_header=header)
+                topics = decoded.payload.topics
+                valid = bool(topics) and all(0 <= qos <= 2 and topic for topic, qos in topics)
+            else:
+                decoded = await UnsubscribePacket.from_stream(reader, fixed_header=header)
+                valid = bool(decoded.payload.topics)
+        except Exception as exc:  # amqtt's decoders raise assorted types on bad input
+            raise MalformedPacketError(f"undecodable SUBSCRIBE/UNSUBSCRIBE: {exc!r}") from exc
+        if not valid:
+            raise MalformedPacketError("SUBSCRIBE/UNSUBSCRIBE without valid topic filters")
+        if packet.packet_type == SUBSCRIBE:
+            await self.handle_subscribe(decoded)
+        else:
+            await self.handle_unsubscribe(decoded)
+
+    async def _on_publish(self, publish: DecodedPublish) -> None:
+        # Everything up to the submit is synchronous: socket order is storage order.
+        edge = self._edge
+        if publish.qos == 0:
+            future = self._submit(publish)
+            if future.done():
+                self._qos0_report(future)
+            else:
+                # Counted against the cap until stored, so a QoS 0 flood cannot outrun the
+                # sink either; nothing is acknowledged for QoS 0.
+                self._inflight += 1
+                self._qos0_pending.add(future)
+                future.add_done_callback(self._qos0_stored)
+            await edge.forward(self.session, publish)
+            return
+        packet_id = publish.packet_id
+        assert packet_id is not None  # decode_publish guarantees it for QoS 1/2
+        forward = True
+        if publish.qos == 1:
+            future = self._submit(publish)
+            kind = PUBACK
+        else:
+            kind = PUBREC
+            state = self._qos2_state()
+            pending = state.storing.get(packet_id)
+            if pending is not None:
+                future, forward = pending, False
+            elif packet_id in state.awaiting_pubrel:
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(None)
+                forward = False
+            else:
+                future = self._submit(publish)
+                state.track(packet_id, future)
+            if not forward:
+                edge.stats.qos2_duplicates += 1
+        self._acks.append(_PendingAck(kind, packet_id, future, publish, forward))
+        self._inflight += 1
+        if future.done():
+            self._pump_wakeup.set()
+        else:
+            future.add_done_callback(self._wake_pump)
+
+    def _submit(self, publish: DecodedPublish) -> asyncio.Future[None]:
+        inbound = InboundPublish(
+            device_id=self.device_id,
+            topic=publish.topic,
+            qos=publish.qos,
+            retain=publish.retain,
+            payload=publish.payload,
+            received_at=time.time(),
+        )
+        self._edge.stats.publishes_submitted += 1
+        try:
+            return self._edge.sink.submit(inbound)
+        except Exception as exc:  # "cannot be stored": same path as a failed future
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+
+    def _qos2_state(self) -> Qos2State:
+        attributes: dict[str, Any] = self.session.attributes
+        state = attributes.get(QOS2_STATE_KEY)
+        if not isinstance(state, Qos2State):
+            state = attributes[QOS2_STATE_KEY] = Qos2State()
+        return state
+
+    def _qos0_report(self, future: asyncio.Future[None]) -> None:
+        error = _failure(future)
+        if error is not None:
+            self._edge.stats.qos0_store_failed(self.device_id, error)
+
+    def _qos0_stored(self, future: asyncio.Future[None]) -> None:
+        self._qos0_pending.discard(future)
+        self._qos0_report(future)
+        self._inflight -= 1
+        self._capacity.set()
+
+    # -- acknowledging ----------------------------------------------------------------------
+
+    def _wake_pump(self, _future: asyncio.Future[None]) -> None:
+        self._pump_wakeup.set()
+
+    async def _ack_pump(self) -> None:
+        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection."""
+        acks = self._acks
+        edge = self._edge
+        try:
+            while not self._closing:
+                if not acks or not acks[0].future.done():
+                    self._pump_wakeup.clear()
+                    await self._pump_wakeup.wait()
+                    continue
+                item = acks.popleft()
+                error = _failure(item.future)
+                if error is not None:
+                    edge.stats.sink_failed(self.device_id, item.publish.topic, error)
+                    await self.abort("a publish could not be stored")
+                    return
+                ack = (PubackPacket if item.kind == PUBACK else PubrecPacket).build(item.packet_id)
+                await self._send_packet(ack)
+                edge.stats.acks_sent += 1
+                self._inflight -= 1
+                self._capacity.set()
+                if item.forward:
+                    await edge.forward(self.session, item.publish)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self._closing:  # amqtt turns our cancellation inside _send_packet into this
+                return
+            log.exception("device %s: acknowledging failed", self.device_id)
+            with contextlib.suppress(Exception):
+                await self.abort("acknowledging failed")

@@ -1,0 +1,201 @@
+"""Shared state of the edge broker: counters, per-broker context, per-session QoS 2 state,
+and the subscription index that decides whether a publish goes to amqtt's broadcast.
+
+Pure bookkeeping, no I/O; :mod:`edge.amqtt_handler` and :mod:`edge.broker` do the talking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+from edge.ingest import IngestSink, SessionObserver
+from edge.mqtt_wire import DecodedPublish
+
+if TYPE_CHECKING:
+    from edge.amqtt_handler import EdgeProtocolHandler
+
+__all__ = ["BrokerStats", "EdgeContext", "Forward", "Qos2State", "SubscriptionIndex"]
+
+log = logging.getLogger("edge.broker")
+
+TOPIC_CACHE_LIMIT: Final = 65_536
+"""Most topics :class:`SubscriptionIndex` remembers a wildcard-scan result for."""
+
+Forward = Callable[[Any, DecodedPublish], Awaitable[None]]
+"""Hands a stored publish to subscribers on the edge (amqtt's broadcast) when any match."""
+
+
+class _RateLimitedLog:
+    """At most one line per key per second; the next line says how many were suppressed."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < 1.0:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, suppressed)
+        log.warning(msg, *args)
+
+
+@dataclass
+class BrokerStats:
+    """Counters of the edge broker. Each event method logs (rate-limited) and counts together."""
+
+    sessions_started: int = 0
+    takeovers: int = 0
+    publishes_submitted: int = 0
+    acks_sent: int = 0
+    qos2_duplicates: int = 0
+    reader_paused: int = 0
+    """Times a session's reader stopped at the in-flight cap."""
+    broadcast_forwarded: int = 0
+    """Publishes handed to amqtt's broadcast because a subscription matched."""
+    broadcast_skipped: int = 0
+    """Publishes kept off amqtt's broadcast queue: no subscription matched."""
+    sink_failures: int = 0
+    qos0_store_failures: int = 0
+    malformed_packets: int = 0
+    keepalive_timeouts: int = 0
+    _log: _RateLimitedLog = field(default_factory=_RateLimitedLog, repr=False, compare=False)
+
+    def sink_failed(self, device_id: str, topic: str, error: BaseException) -> None:
+        self.sink_failures += 1
+        self._log.warning(
+            "sink",
+            "device %s: storing a publish on %r failed (%r); closing the connection "
+            "without acknowledging, the device will resend",
+            device_id,
+            topic,
+            error,
+        )
+
+    def qos0_store_failed(self, device_id: str, error: BaseException) -> None:
+        self.qos0_store_failures += 1
+        self._log.warning("qos0", "device %s: a QoS 0 publish was not stored: %r", device_id, error)
+
+    def malformed(self, device_id: str, peer: str, reason: str) -> None:
+        self.malformed_packets += 1
+        self._log.warning(
+            "malformed", "device %s (%s): %s; closing the connection", device_id, peer, reason
+        )
+
+    def keepalive_expired(self, device_id: str, peer: str) -> None:
+        self.keepalive_timeouts += 1
+        self._log.warning(
+            "keepalive", "device %s (%s): keep-alive expired; closing", device_id, peer
+        )
+
+
+@dataclass(eq=False)
+class EdgeContext:
+    """What every :class:`EdgeProtocolHandler` of one broker shares."""
+
+    sink: IngestSink
+    observer: SessionObserver | None
+    max_inflight: int
+    max_packet_size: int
+    forward: Forward
+    stats: BrokerStats = field(default_factory=BrokerStats)
+    live: dict[str, EdgeProtocolHandler] = field(default_factory=dict)
+    """The connection that currently owns each client id (for takeover and the observer)."""
+
+    def notify_connected(self, device_id: str, peer: str) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.device_connected(device_id, peer)
+            except Exception:  # an observer bug must not take the device's connection down
+                log.exception("session observer failed on device_connected(%s)", device_id)
+
+    def notify_disconnected(self, device_id: str) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.device_disconnected(device_id)
+            except Exception:
+                log.exception("session observer failed on device_disconnected(%s)", device_id)
+
+
+class Qos2State:
+    """QoS 2 receive state of one MQTT session (see the module docstring)."""
+
+    __slots__ = ("awaiting_pubrel", "storing")
+
+    def __init__(self) -> None:
+        self.storing: dict[int, asyncio.Future[None]] = {}
+        """Packet id -> sink future, between PUBLISH and the end of the store."""
+        self.awaiting_pubrel: set[int] = set()
+        """Stored; PUBREC sent or about to be; a resent PUBLISH is a duplicate until PUBREL."""
+
+    def track(self, packet_id: int, future: asyncio.Future[None]) -> None:
+        self.storing[packet_id] = future
+
+        # A done-callback, not the handler's pump, moves the id along: the store may finish
+        # after this connection is gone, and the next connection of the session must see it.
+        def stored(done: asyncio.Future[None]) -> None:
+            if self.storing.get(packet_id) is done:
+                del self.storing[packet_id]
+            if not done.cancelled() and done.exception() is None:
+                self.awaiting_pubrel.add(packet_id)
+
+        future.add_done_callback(stored)
+
+
+class SubscriptionIndex:
+    """Answers "does any current subscription match this topic?" cheaply.
+
+    Exact filters (no wildcard) are a set lookup. Wildcard filters are few on an edge
+    gateway; the result of scanning them is cached per topic and the cache is dropped whenever
+    the set of wildcard filters changes (and when it reaches ``TOPIC_CACHE_LIMIT`` topics, so
+    it stays bounded however many devices publish).
+    """
+
+    def __init__(self, matcher: Callable[[str, str], bool]) -> None:
+        self._matcher = matcher
+        self._exact: set[str] = set()
+        self._wild: dict[str, None] = {}
+        self._cache: dict[str, bool] = {}
+
+    def clear(self) -> None:
+        self._exact.clear()
+        self._wild.clear()
+        self._cache.clear()
+
+    def refresh(self, topic_filter: str, subscriptions: dict[str, list[Any]]) -> None:
+        """Re-read one filter's state after amqtt changed its subscriber list."""
+        active = bool(subscriptions.get(topic_filter))
+        if "+" not in topic_filter and "#" not in topic_filter:
+            if active:
+                self._exact.add(topic_filter)
+            else:
+                self._exact.discard(topic_filter)
+        elif active != (topic_filter in self._wild):
+            if active:
+                self._wild[topic_filter] = None
+            else:
+                del self._wild[topic_filter]
+            self._cache.clear()
+
+    def matches(self, topic: str) -> bool:
+        if topic in self._exact:
+            return True
+        if not self._wild:
+            return False
+        hit = self._cache.get(topic)
+        if hit is None:
+            hit = any(self._matcher(topic, topic_filter) for topic_filter in self._wild)
+            if len(self._cache) >= TOPIC_CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[topic] = hit
+        return hit
