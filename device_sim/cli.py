@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -30,7 +32,7 @@ from device_sim.verify import Oracle, VerifyReport
 from gateway.config import ClassConfig, GatewayConfig, KafkaTlsConfig, load_config
 from gateway.errors import ConfigError, KafkaError
 
-__all__ = ["sim", "verify"]
+__all__ = ["run_verification", "sim", "verify"]
 
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
@@ -234,6 +236,10 @@ def verify(
         str, typer.Option(help="read_uncommitted or read_committed.")
     ] = "read_uncommitted",
     timeout: Annotated[float, typer.Option(help="Deadline for reading Kafka (s).")] = 120.0,
+    wait: Annotated[
+        float,
+        typer.Option(help="While messages are missing, read again for up to this long (s)."),
+    ] = 0.0,
     strict: Annotated[
         bool, typer.Option(help="Also fail on duplicates and out-of-order records.")
     ] = False,
@@ -245,8 +251,8 @@ def verify(
     """Read Kafka back and check every acknowledged message arrived, once and in order."""
     if isolation not in ("read_uncommitted", "read_committed"):
         _usage("--isolation: read_uncommitted or read_committed")
-    if timeout <= 0 or show < 0:
-        _usage("--timeout must be > 0 and --show >= 0")
+    if timeout <= 0 or show < 0 or wait < 0:
+        _usage("--timeout must be > 0, --wait and --show >= 0")
     try:
         acks: list[AckEntry] = [e for path in ledger for e in read_ack_ledger(path)]
         drop_entries: list[DropEntry] = [e for path in drops or [] for e in read_drop_ledger(path)]
@@ -262,7 +268,9 @@ def verify(
         ledger_classes={e.class_name for e in acks},
         isolation=isolation,  # type: ignore[arg-type]
     )
-    report = run_verification(acks, drop_entries, source, topic_classes, timeout_s=timeout)
+    report = run_verification(
+        acks, drop_entries, source, topic_classes, timeout_s=timeout, wait_s=wait
+    )
     print_verify_report(_out, report, show=show, strict=strict)
     if json_out is not None:
         json_out.write_text(json.dumps(report.to_json(strict=strict), indent=2) + "\n")
@@ -277,13 +285,28 @@ def run_verification(
     topic_classes: dict[str, str],
     *,
     timeout_s: float,
+    wait_s: float = 0.0,
+    on_retry: Callable[[VerifyReport], None] | None = None,
 ) -> VerifyReport:
-    """Read ``source`` into an :class:`Oracle`; exits 2 when Kafka cannot be read."""
-    oracle = Oracle(acks, drops, topic_classes=topic_classes)
-    try:
-        summary = asyncio.run(read_topics(source, oracle.add, timeout_s=timeout_s))
-    except KafkaError as exc:
-        _usage(str(exc))
-    report = oracle.finish()
-    report.notes.extend(summary.notes())
-    return report
+    """Read ``source`` into an :class:`Oracle`; exits 2 when Kafka cannot be read.
+
+    With ``wait_s``, a report with missing messages is taken as "the gateway is still
+    forwarding its backlog": the topics are read again from the start (a fresh end-offset
+    snapshot) until nothing is missing or ``wait_s`` has passed.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        oracle = Oracle(acks, drops, topic_classes=topic_classes)
+        try:
+            summary = asyncio.run(read_topics(source, oracle.add, timeout_s=timeout_s))
+        except KafkaError as exc:
+            _usage(str(exc))
+        report = oracle.finish()
+        report.notes.extend(summary.notes())
+        left = deadline - time.monotonic()
+        if not report.total.missing or left <= 0:
+            return report
+        _err.print(f"{report.total.missing} missing; reading again ({left:.0f} s of --wait left)")
+        if on_retry is not None:
+            on_retry(report)
+        time.sleep(min(2.0, left))

@@ -244,6 +244,7 @@ def _run_sharded(options: FleetOptions, progress: ProgressCallback | None) -> Fl
     snapshots: dict[int, FleetCounters] = {}
     results: dict[int, FleetResult] = {}
     errors: list[str] = []
+    last_progress = 0.0
     try:
         while len(results) + len(errors) < count and time.monotonic() < deadline:
             try:
@@ -260,7 +261,9 @@ def _run_sharded(options: FleetOptions, progress: ProgressCallback | None) -> Fl
                 continue
             if kind == "progress":
                 snapshots[index] = payload
-                if progress is not None:
+                # Every shard reports each second: print the sum once a second, not K times.
+                if progress is not None and time.monotonic() - last_progress >= 0.95:
+                    last_progress = time.monotonic()
                     total = FleetCounters()
                     for snap in snapshots.values():
                         total.merge(snap)

@@ -34,7 +34,7 @@ from device_sim.ledger import (
     read_drop_ledger,
 )
 from device_sim.options import FleetOptions, SimOptionsError, parse_classes, source_address
-from device_sim.stats import LatencyHistogram
+from device_sim.stats import FleetCounters, LatencyHistogram
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,6 +202,57 @@ async def test_refused_connects_are_counted_not_raised() -> None:
     assert time.monotonic() - started < 10
     c = result.counters
     assert (c.gave_up, c.ever_connected, c.sent, c.connect_failures) == (5, 0, 0, 15)
+
+
+@pytest.mark.timeout(120)
+async def test_broker_loss_is_counted_and_devices_reconnect(tmp_path: Path) -> None:
+    first = Broker(_broker_config(0))
+    await first.start()
+    port = first._servers["default"].instance.sockets[0].getsockname()[1]
+    enough_acks = asyncio.Event()
+
+    def progress(counters: FleetCounters) -> None:
+        if counters.acked >= 20:
+            enough_acks.set()
+
+    ledger = tmp_path / "acks.jsonl"
+    options = FleetOptions(
+        port=port,
+        devices=5,
+        count=None,
+        duration_s=8,
+        rate=10,
+        connect_attempts=30,
+        backoff_base_s=0.05,
+        backoff_max_s=0.3,
+        ledger=ledger,
+    )
+    fleet = asyncio.create_task(run_fleet(options, progress))
+    second: Broker | None = None
+    try:
+        async with asyncio.timeout(20):
+            await enough_acks.wait()
+        await first.shutdown()  # every device loses its connection
+        second = Broker(_broker_config(port))
+        await second.start()
+        async with asyncio.timeout(60):
+            result = await fleet
+    finally:
+        fleet.cancel()
+        if second is not None:
+            await second.shutdown()
+    c = result.counters
+    assert c.disconnects >= 5
+    assert (c.ever_connected, c.gave_up, c.unacked_at_end) == (5, 0, 0)
+    entries = list(read_ack_ledger(ledger))
+    assert len(entries) == c.acked > 20
+    assert len({e.msg_id for e in entries}) == len(entries)
+    # After the reconnect the devices went on publishing; their seqs had no gaps.
+    per_device: dict[str, list[int]] = {}
+    for entry in entries:
+        per_device.setdefault(entry.device_id, []).append(entry.seq)
+    for seqs in per_device.values():
+        assert sorted(seqs) == list(range(1, len(seqs) + 1))
 
 
 async def test_spread_source_addresses(broker_port: int) -> None:

@@ -478,3 +478,31 @@ def test_report_rendering_names_offenders() -> None:
     assert "worst streams" in text
     assert make_msg_id("dev-00001", RUN, "telemetry", 5) in text
     assert "FAIL" in text
+
+
+@pytest.mark.kafka
+def test_kafka_wait_reads_again_until_the_backlog_arrived(
+    kafka: Any, kafka_topic: str, kafka_ssl_context: ssl.SSLContext
+) -> None:
+    from device_sim.cli import run_verification
+
+    entries = _full(4)
+    first, late = entries[:10], entries[10:]
+    asyncio.run(_produce(kafka.bootstrap_servers, kafka_ssl_context, kafka_topic, _messages(first)))
+    retries: list[int] = []
+
+    def gateway_catches_up(report: VerifyReport) -> None:
+        # Called when a read found messages missing: the "gateway" forwards the rest now.
+        retries.append(report.total.missing)
+        if len(retries) == 1:
+            asyncio.run(
+                _produce(kafka.bootstrap_servers, kafka_ssl_context, kafka_topic, _messages(late))
+            )
+
+    source = KafkaSource(kafka.bootstrap_servers, kafka_ssl_context, [kafka_topic])
+    report = run_verification(
+        entries, [], source, {}, timeout_s=60, wait_s=60, on_retry=gateway_catches_up
+    )
+    assert retries == [len(late)]
+    assert report.ok(strict=True)
+    assert report.total.found == len(entries)
