@@ -189,14 +189,18 @@ async def test_stuck_producer_is_rebuilt_without_loss(
         request_timeout_s=2.0,
     )
     with running_gateway(config) as gateway:
-        publisher = Publisher(gateway.mqtt_port, _devices(5, "stuck")).start(per_device=300)
+        before = Publisher(gateway.mqtt_port, _devices(3, "pre")).start(per_device=100)
         gateway.wait_status(lambda s: s["kafka"]["forwarded"] >= 100, 60, "forwarding")
         with _frozen(kafka):
+            # Published while Kafka hangs: a batch is in flight when the deadline passes.
+            during = Publisher(gateway.mqtt_port, _devices(5, "stuck")).start(per_device=100)
             gateway.wait_status(
                 lambda s: s["kafka"]["producer_rebuilds"] >= 1, 60, "the producer rebuild"
             )
-        publisher.wait_done(60)
-        await _assert_delivered(kafka, kafka_topic, publisher, gateway)
+        before.wait_done(60)
+        during.wait_done(60)
+        await _assert_delivered(kafka, kafka_topic, before, gateway)
+        await _assert_delivered(kafka, kafka_topic, during, gateway)
 
 
 async def test_sigterm_with_kafka_down_exits_within_deadline(
