@@ -126,6 +126,10 @@ def sim(
         result = run_simulation(options, None if quiet else ProgressPrinter(_err))
     except (FleetError, LedgerError) as exc:
         _usage(str(exc))
+    except KeyboardInterrupt:
+        # The fleet's cleanup already ran (devices disconnected, ledger flushed and closed).
+        _err.print("interrupted: the ledger holds every PUBACK received so far")
+        raise typer.Exit(130) from None
     print_fleet_result(_out, result, qos)
     c = result.counters
     if json_out is not None:
