@@ -19,6 +19,8 @@ from typing import Annotated, Any
 
 import typer
 
+from device_sim.cli import sim as sim_command
+from device_sim.cli import verify as verify_command
 from gateway.config import load_config
 from gateway.dev.cli import certs_app, dev_app
 from gateway.errors import ConfigError, TidegateError
@@ -35,6 +37,8 @@ app = typer.Typer(
 
 app.add_typer(certs_app, name="certs")
 app.add_typer(dev_app, name="dev")
+app.command("sim")(sim_command)
+app.command("verify")(verify_command)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Gateway config file (TOML).", show_default=True)
