@@ -126,6 +126,21 @@ class BufferConfig(_Model):
     """Most publishes sharing one durable (synchronous=FULL) transaction."""
     lease_batch: Annotated[int, Field(ge=1, le=100_000)] = 2000
     """Most rows handed to the bridge at once."""
+    lease_min_share: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    """Share of every batch guaranteed to each lower-priority class with a backlog, so
+    higher classes go first but nothing starves."""
+    block_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    """A device whose publish waited this long for room (``block`` policy) is disconnected
+    without a PUBACK; it resends after reconnecting. Nothing is lost."""
+    max_file_bytes: Annotated[int | None, Field(ge=1 << 20)] = None
+    """Hard cap on the SQLite file (``PRAGMA max_page_count``), for small disks and tests:
+    past it SQLite reports "disk full" and acknowledgements stop until rows are released."""
+    dedup_window_s: Annotated[float, Field(ge=0, le=86_400)] = 600.0
+    """How long a device's message ids and in-flight packet ids are remembered to recognise
+    a retransmission (QoS1 DUP after a gateway crash, or a repeated envelope ``msg_id``)."""
+    keep_forwarded_dead_letters: bool = False
+    """Keep dead letters in the buffer after the Kafka dead-letter topic acked them (for
+    ``tidegate dlq replay``); they count toward the buffer bounds."""
 
 
 class ClassConfig(_Model):
@@ -142,12 +157,17 @@ class ClassConfig(_Model):
     on_full: Literal["block", "drop_oldest", "drop_newest"] = "block"
     """What happens when the buffer is full: withhold PUBACKs, or drop (lossy classes only)."""
     ttl_s: Annotated[float | None, Field(gt=0)] = None
-    """Expire messages older than this (lossy classes only)."""
+    """Expire messages older than this (lossy classes only). A CBOR envelope's ``ttl_s``
+    sets a per-message expiry in lossy classes too."""
+    expired_to_dead_letters: bool = False
+    """Send expired messages to the dead letters instead of only recording the drop."""
 
     @model_validator(mode="after")
     def _drops_need_lossy(self) -> ClassConfig:
-        if not self.lossy and (self.on_full != "block" or self.ttl_s is not None):
-            raise ValueError("on_full drop policies and ttl_s need lossy = true")
+        if not self.lossy and (
+            self.on_full != "block" or self.ttl_s is not None or self.expired_to_dead_letters
+        ):
+            raise ValueError("on_full drop policies and expiry (ttl_s) need lossy = true")
         return self
 
 

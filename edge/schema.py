@@ -1,0 +1,98 @@
+"""The buffer file's schema and its migrations.
+
+The version lives in ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file as a
+tidegate buffer. A newer gateway opening an older file migrates it in one transaction, so
+an interrupted migration leaves the old version intact. Each migration is a list of SQL
+statements that must keep every row: uplink rows are the promise.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_V1", "SCHEMA_VERSION", "create_statements"]
+
+APPLICATION_ID: Final = 0x54494447  # "TIDG"
+
+SCHEMA_V1: Final = (
+    """CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    """CREATE TABLE uplink (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,  -- message counter, never reused
+        device_id  TEXT    NOT NULL,
+        class      TEXT    NOT NULL,
+        topic      TEXT    NOT NULL,
+        qos        INTEGER NOT NULL,
+        payload    BLOB    NOT NULL,
+        ingest_ms  INTEGER NOT NULL,
+        priority   INTEGER NOT NULL DEFAULT 0,
+        expires_ms INTEGER                                  -- NULL: never expires
+    )""",
+    "CREATE INDEX uplink_forward_order ON uplink (priority DESC, id)",
+    """CREATE TABLE devices (
+        device_id        TEXT PRIMARY KEY,
+        first_seen_ms    INTEGER NOT NULL,
+        last_seen_ms     INTEGER NOT NULL,
+        connected        INTEGER NOT NULL DEFAULT 0,
+        peer             TEXT,
+        device_type      TEXT,
+        firmware_version TEXT,
+        info_updated_ms  INTEGER
+    ) WITHOUT ROWID""",
+)
+"""Version 1 exactly as it shipped (kept to test the migration from it)."""
+
+_V1_TO_V2: Final = (
+    # The envelope's msg_id (when the payload is a tidegate CBOR envelope): dedup and drops.
+    "ALTER TABLE uplink ADD COLUMN msg_id TEXT",
+    # Leasing goes class by class (priorities with a guaranteed share), FIFO inside a class.
+    "DROP INDEX uplink_forward_order",
+    "CREATE INDEX uplink_class_order ON uplink (class, id)",
+    """CREATE TABLE dead_letters (
+        id           INTEGER PRIMARY KEY,  -- the uplink row id: the message id survives
+        device_id    TEXT    NOT NULL,
+        class        TEXT    NOT NULL,
+        topic        TEXT    NOT NULL,
+        qos          INTEGER NOT NULL,
+        payload      BLOB    NOT NULL,
+        ingest_ms    INTEGER NOT NULL,
+        msg_id       TEXT,
+        reason       TEXT    NOT NULL,
+        dead_ms      INTEGER NOT NULL,
+        forwarded_ms INTEGER               -- when the Kafka dead-letter topic acked it
+    )""",
+    "CREATE INDEX dead_letters_unforwarded ON dead_letters (id) WHERE forwarded_ms IS NULL",
+    """CREATE TABLE drops (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id INTEGER,               -- uplink row id; NULL when never stored
+        device_id  TEXT    NOT NULL,
+        class      TEXT    NOT NULL,
+        topic      TEXT    NOT NULL,
+        msg_id     TEXT,
+        seq        INTEGER,
+        reason     TEXT    NOT NULL,
+        dropped_ms INTEGER NOT NULL
+    )""",
+    """CREATE TABLE inbound_dedup (
+        device_id TEXT    NOT NULL,
+        dedup_key TEXT    NOT NULL,       -- 'm:<envelope msg_id>' or 'p:<packet id>:<digest>'
+        seen_ms   INTEGER NOT NULL,
+        PRIMARY KEY (device_id, dedup_key)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX inbound_dedup_age ON inbound_dedup (seen_ms)",
+)
+
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _V1_TO_V2}
+"""``from_version -> statements`` that bring a file to ``from_version + 1``."""
+
+SCHEMA_VERSION: Final = 1 + len(MIGRATIONS)
+
+
+def create_statements() -> list[str]:
+    """Statements that create the current schema in an empty file."""
+    statements = list(SCHEMA_V1)
+    for version in range(1, SCHEMA_VERSION):
+        statements.extend(MIGRATIONS[version])
+    return statements
