@@ -228,6 +228,32 @@ class KafkaConfig(_Model):
     send_deadline_s: Annotated[float, Field(gt=0, le=600)] = 30.0
     """A batch not acknowledged within this is treated as stuck: the producer is rebuilt."""
     retry_backoff_max_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """Cap on retry delays and on the circuit breaker's cool-down."""
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """``at_least_once``: idempotent producer, duplicates possible after a restart or a
+    rebuilt producer (de-duplicate on ``tg-message-id``). ``exactly_once``: Kafka transactions
+    with a progress record per batch; ``read_committed`` consumers see each message once.
+    See docs/delivery-modes.md."""
+    progress_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = (
+        "iot.tidegate-progress"
+    )
+    """Exactly-once only: compacted topic holding each gateway's last committed batch."""
+    transaction_timeout_s: Annotated[float, Field(ge=1, le=900)] = 60.0
+    """Exactly-once only: the broker aborts a transaction left open longer than this."""
+    max_request_bytes: Annotated[int, Field(ge=16_384, le=64 << 20)] = 1 << 20
+    """Largest produce request, so largest record; a bigger record is dead-lettered before it
+    is sent. Keep it at or below the brokers' ``message.max.bytes``."""
+    breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    """Consecutive failed Kafka calls that open the circuit breaker."""
+    breaker_failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Also open the breaker when this share of the last 20 calls failed (1 disables)."""
+    breaker_open_s: Annotated[float, Field(gt=0, le=300)] = 1.0
+    """Cool-down after the first trip; doubles per consecutive trip up to
+    ``retry_backoff_max_s``, jittered."""
+    missing_topic_dead_letter_s: Annotated[float | None, Field(gt=0)] = 300.0
+    """A message whose Kafka topic does not exist for this long is dead-lettered (the rows
+    behind it keep flowing; ``tidegate dlq replay`` once the topic exists). None: wait
+    forever."""
 
     @field_validator("bootstrap_servers")
     @classmethod
