@@ -414,6 +414,8 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             retain=publish.retain,
             payload=publish.payload,
             received_at=time.time(),
+            packet_id=publish.packet_id,
+            dup=publish.dup,
         )
         self._edge.stats.publishes_submitted += 1
         try:

@@ -27,6 +27,10 @@ class InboundPublish:
     payload: bytes
     received_at: float
     """Wall-clock time (``time.time()``) when the packet was read."""
+    packet_id: int | None = None
+    """MQTT packet id (QoS 1/2); with ``dup`` it lets the sink recognise a retransmission."""
+    dup: bool = False
+    """The DUP flag: the device says it may have sent this PUBLISH before."""
 
 
 class IngestSink(Protocol):

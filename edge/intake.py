@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ class Intake:
         self._buffer = buffer
         self._router = router
         self._priority = {name: c.priority for name, c in classes.items()}
+        self._lossy = {name for name, c in classes.items() if c.lossy}
         self._ttl_ms = {
             name: int(c.ttl_s * 1000) for name, c in classes.items() if c.ttl_s is not None
         }
@@ -61,7 +63,22 @@ class Intake:
                 publish.topic,
                 route.reason,
             )
-        ttl = self._ttl_ms.get(route.class_name)
+        envelope = _envelope_fields(publish.payload)
+        msg_id = envelope[0] if envelope else None
+        expires_ms = None
+        if route.class_name in self._lossy:
+            ttl_ms = self._ttl_ms.get(route.class_name)
+            if envelope is not None and envelope[1] is not None:
+                ttl_ms = envelope[1]
+            expires_ms = None if ttl_ms is None else ingest_ms + ttl_ms
+        keys: list[str] = []
+        if msg_id is not None:
+            keys.append(f"m:{msg_id}")
+        if publish.qos > 0 and publish.packet_id is not None:
+            digest = hashlib.blake2b(
+                publish.topic.encode() + b"\0" + publish.payload, digest_size=8
+            ).hexdigest()
+            keys.append(f"p:{publish.packet_id}:{digest}")
         return self._buffer.enqueue(
             device_id=publish.device_id,
             class_name=route.class_name,
@@ -70,8 +87,31 @@ class Intake:
             payload=publish.payload,
             ingest_ms=ingest_ms,
             priority=self._priority.get(route.class_name, 0),
-            expires_ms=None if ttl is None else ingest_ms + ttl,
+            expires_ms=expires_ms,
+            msg_id=msg_id,
+            dedup_keys=tuple(keys),
+            # A DUP may repeat a message stored before a crash; an envelope msg_id is
+            # checked always (a device may resend on a new session without DUP).
+            check_dedup=publish.dup or msg_id is not None,
         )
+
+
+def _envelope_fields(payload: bytes) -> tuple[str, int | None] | None:
+    """``(msg_id, ttl_ms)`` of a tidegate CBOR envelope, or None for any other payload."""
+    if not payload or not 0xA0 <= payload[0] <= 0xBF:  # a CBOR map, cheap pre-check
+        return None
+    try:
+        data = cbor2.loads(payload)
+    except Exception:  # cbor2 raises several types on arbitrary bytes
+        return None
+    if not isinstance(data, dict):
+        return None
+    msg_id = data.get("msg_id")
+    if not isinstance(msg_id, str) or not msg_id or len(msg_id) > 256:
+        return None
+    ttl = data.get("ttl_s")
+    ttl_ms = int(ttl * 1000) if isinstance(ttl, int | float) and ttl > 0 else None
+    return msg_id, ttl_ms
 
 
 def _parse_device_info(payload: bytes) -> tuple[str | None, str | None] | None:

@@ -50,6 +50,7 @@ _V1_TO_V2: Final = (
     # Leasing goes class by class (priorities with a guaranteed share), FIFO inside a class.
     "DROP INDEX uplink_forward_order",
     "CREATE INDEX uplink_class_order ON uplink (class, id)",
+    "CREATE INDEX uplink_expiry ON uplink (expires_ms) WHERE expires_ms IS NOT NULL",
     """CREATE TABLE dead_letters (
         id           INTEGER PRIMARY KEY,  -- the uplink row id: the message id survives
         device_id    TEXT    NOT NULL,

@@ -60,12 +60,7 @@ class Gateway:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
-        self.buffer = Buffer(
-            config.buffer_path,
-            commit_max_batch=config.buffer.commit_max_batch,
-            max_rows=config.buffer.max_rows,
-            max_bytes=config.buffer.max_bytes,
-        )
+        self.buffer = Buffer(config.buffer_path, config.buffer, config.classes)
         router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
         self.intake = Intake(self.buffer, router, config.classes)
         self.forwarder = Forwarder(

@@ -1,42 +1,80 @@
-"""The SQLite buffer, on real files: durability settings, group commit, ids, corruption."""
+"""The SQLite buffer, on real files: durability settings, group commit, ids, bounds and
+policies, expiry, retransmission dedup, dead letters, migration, corruption."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
+import cbor2
 import pytest
 
 from edge.buffer import Buffer
-from gateway.errors import BufferCorruptError
+from edge.lease_plan import plan_lease
+from edge.schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION
+from gateway.config import BufferConfig, ClassConfig
+from gateway.errors import BufferCorruptError, BufferFullError
+
+CLASSES = {
+    "event": ClassConfig(kafka_topic="e", priority=8),
+    "telemetry": ClassConfig(kafka_topic="t", priority=5),
+    "bulk": ClassConfig(kafka_topic="b", priority=2),
+    "lossy_old": ClassConfig(kafka_topic="lo", priority=1, lossy=True, on_full="drop_oldest"),
+    "lossy_new": ClassConfig(kafka_topic="ln", priority=1, lossy=True, on_full="drop_newest"),
+    "ttl": ClassConfig(kafka_topic="x", priority=1, lossy=True, ttl_s=0.05),
+}
+
+
+def _buffer(path: Path, **limits: Any) -> Buffer:
+    return Buffer(path, BufferConfig(**limits), CLASSES)
 
 
 def _enqueue(
-    buffer: Buffer, device: str, n: int, class_name: str = "event"
+    buffer: Buffer,
+    device: str,
+    n: int,
+    class_name: str = "event",
+    *,
+    qos: int = 1,
+    payload: bytes | None = None,
+    **extra: Any,
 ) -> list[asyncio.Future[None]]:
     return [
         buffer.enqueue(
             device_id=device,
             class_name=class_name,
             topic=f"d/{device}/up/{class_name}",
-            qos=1,
-            payload=f"{device}-{i}".encode(),
+            qos=qos,
+            payload=payload if payload is not None else f"{device}-{i}".encode(),
             ingest_ms=1_000 + i,
             priority=5,
+            **extra,
         )
         for i in range(n)
     ]
 
 
+def _envelope(seq: int, msg_id: str, **more: Any) -> bytes:
+    return cbor2.dumps({"msg_id": msg_id, "seq": seq, "ts": 0, "body": b"x" * 10, **more})
+
+
+async def _settle(buffer: Buffer) -> None:
+    """The committer ran a full cycle after everything enqueued so far."""
+    async with asyncio.timeout(5):
+        await buffer.enqueue_marker()
+
+
 async def test_runs_with_wal_and_synchronous_full(tmp_path: Path) -> None:
-    async with Buffer(tmp_path / "b.sqlite3") as buffer:
+    async with _buffer(tmp_path / "b.sqlite3") as buffer:
         assert buffer.stats.journal_mode == "WAL"
         assert buffer.stats.synchronous == "FULL"
 
 
 async def test_concurrent_publishes_share_commits_and_keep_order(tmp_path: Path) -> None:
-    async with Buffer(tmp_path / "b.sqlite3") as buffer:
+    async with _buffer(tmp_path / "b.sqlite3") as buffer:
         futures = _enqueue(buffer, "a", 500) + _enqueue(buffer, "b", 500)
         async with asyncio.timeout(10):
             await asyncio.gather(*futures)
@@ -49,7 +87,7 @@ async def test_concurrent_publishes_share_commits_and_keep_order(tmp_path: Path)
 
 
 async def test_idle_publish_is_committed_at_once(tmp_path: Path) -> None:
-    async with Buffer(tmp_path / "b.sqlite3") as buffer:
+    async with _buffer(tmp_path / "b.sqlite3") as buffer:
         async with asyncio.timeout(1):
             await _enqueue(buffer, "a", 1)[0]
         assert buffer.stats.commits == 1
@@ -57,7 +95,7 @@ async def test_idle_publish_is_committed_at_once(tmp_path: Path) -> None:
 
 async def test_ids_never_reused_after_drain_and_restart(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
-    async with Buffer(path) as buffer:
+    async with _buffer(path) as buffer:
         await asyncio.gather(*_enqueue(buffer, "a", 3))
         first = await buffer.lease(10)
         await buffer.release(first)
@@ -66,7 +104,7 @@ async def test_ids_never_reused_after_drain_and_restart(tmp_path: Path) -> None:
         second = await buffer.lease(10)
         assert second[0].row_id > first[-1].row_id
         await buffer.release(second)
-    async with Buffer(path) as buffer:
+    async with _buffer(path) as buffer:
         await asyncio.gather(*_enqueue(buffer, "a", 1))
         third = await buffer.lease(10)
         assert third[0].row_id > second[0].row_id
@@ -74,56 +112,268 @@ async def test_ids_never_reused_after_drain_and_restart(tmp_path: Path) -> None:
 
 async def test_recreated_file_does_not_repeat_ids(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
-    async with Buffer(path) as buffer:
+    async with _buffer(path) as buffer:
         await asyncio.gather(*_enqueue(buffer, "a", 1))
         old = (await buffer.lease(1))[0].row_id
     for leftover in tmp_path.glob("b.sqlite3*"):
         leftover.unlink()
-    async with Buffer(path) as buffer:
+    async with _buffer(path) as buffer:
         await asyncio.gather(*_enqueue(buffer, "a", 1))
         assert (await buffer.lease(1))[0].row_id > old
 
 
-async def test_priority_first_then_fifo(tmp_path: Path) -> None:
-    async with Buffer(tmp_path / "b.sqlite3") as buffer:
-        low = buffer.enqueue(
-            device_id="a",
-            class_name="bulk",
-            topic="t",
-            qos=1,
-            payload=b"low",
-            ingest_ms=1,
-            priority=1,
-        )
-        high = buffer.enqueue(
-            device_id="a",
-            class_name="event",
-            topic="t",
-            qos=1,
-            payload=b"high",
-            ingest_ms=2,
-            priority=9,
-        )
-        await asyncio.gather(low, high)
-        assert [m.payload for m in await buffer.lease(10)] == [b"high", b"low"]
+# ------------------------------------------------------------- priorities, fairness
 
 
-async def test_full_buffer_withholds_commit_until_rows_are_released(tmp_path: Path) -> None:
-    async with Buffer(tmp_path / "b.sqlite3", max_rows=100) as buffer:
+def test_plan_lease_priority_first_with_a_guaranteed_share() -> None:
+    priority = {"event": 8, "telemetry": 5, "bulk": 2}
+    plan = plan_lease({"event": 10_000, "telemetry": 10_000, "bulk": 10_000}, priority, 1000, 0.1)
+    assert plan == {"event": 800, "telemetry": 100, "bulk": 100}
+    # Unused share flows to the next class by priority.
+    assert plan_lease({"event": 50, "telemetry": 10_000}, priority, 1000, 0.1) == {
+        "event": 50,
+        "telemetry": 950,
+    }
+    assert plan_lease({"bulk": 5}, priority, 1000, 0.1) == {"bulk": 5}
+    assert plan_lease({}, priority, 1000, 0.1) == {}
+    # No share configured: strict priority.
+    assert plan_lease({"event": 10_000, "bulk": 10}, priority, 100, 0.0) == {"event": 100}
+
+
+async def test_events_overtake_older_telemetry_which_still_progresses(tmp_path: Path) -> None:
+    async with _buffer(tmp_path / "b.sqlite3", lease_min_share=0.1) as buffer:
+        await asyncio.gather(*_enqueue(buffer, "a", 300, "telemetry"))
+        await asyncio.gather(*_enqueue(buffer, "a", 300, "event"))
+        batch = await buffer.lease(100)
+        classes = [m.class_name for m in batch]
+        assert classes.count("event") == 90
+        assert classes.count("telemetry") == 10
+        telemetry = [m.payload for m in batch if m.class_name == "telemetry"]
+        assert telemetry == [f"a-{i}".encode() for i in range(10)]  # FIFO inside a class
+
+
+# ------------------------------------------------------------------ bounds, policies
+
+
+async def test_full_buffer_blocks_then_resumes_when_rows_are_released(tmp_path: Path) -> None:
+    async with _buffer(tmp_path / "b.sqlite3", max_rows=100) as buffer:
         await asyncio.gather(*_enqueue(buffer, "a", 100))
         blocked = _enqueue(buffer, "a", 5)
-        async with asyncio.timeout(5):
-            await buffer.enqueue_marker()  # the committer ran a full cycle since
+        await _settle(buffer)
         assert not any(f.done() for f in blocked)
         assert buffer.is_full
         await buffer.release(await buffer.lease(10))
         async with asyncio.timeout(5):
             await asyncio.gather(*blocked)
         assert buffer.stats.rows == 95
+        assert not buffer.is_full
+
+
+async def test_blocked_device_is_disconnected_after_block_timeout(tmp_path: Path) -> None:
+    async with _buffer(tmp_path / "b.sqlite3", max_rows=100, block_timeout_s=0.3) as buffer:
+        await asyncio.gather(*_enqueue(buffer, "a", 100))
+        (blocked,) = _enqueue(buffer, "late", 1)
+        with pytest.raises(BufferFullError, match="disconnecting late"):
+            async with asyncio.timeout(5):
+                await blocked
+        assert buffer.stats.block_disconnects == 1
+        assert buffer.stats.rows == 100  # nothing stored, nothing lost: it was never acked
+
+
+async def test_lossy_classes_drop_by_policy_and_record_it(tmp_path: Path) -> None:
+    async with _buffer(tmp_path / "b.sqlite3", max_rows=100) as buffer:
+        olds = [
+            buffer.enqueue(
+                device_id="s",
+                class_name="lossy_old",
+                topic="d/s/up/lossy_old",
+                qos=1,
+                payload=_envelope(i, f"s:{i}"),
+                ingest_ms=i,
+                priority=1,
+                msg_id=f"s:{i}",
+            )
+            for i in range(1, 101)
+        ]
+        await asyncio.gather(*olds)
+        # Full: drop_oldest evicts the oldest row of its class to store the new one.
+        newer = buffer.enqueue(
+            device_id="s",
+            class_name="lossy_old",
+            topic="d/s/up/lossy_old",
+            qos=1,
+            payload=_envelope(101, "s:101"),
+            ingest_ms=101,
+            priority=1,
+            msg_id="s:101",
+        )
+        # drop_newest and QoS0 are dropped on arrival (acknowledged: the operator chose it).
+        (dropped_new,) = _enqueue(buffer, "n", 1, "lossy_new")
+        (dropped_q0,) = _enqueue(buffer, "q", 1, "event", qos=0)
+        async with asyncio.timeout(5):
+            await asyncio.gather(newer, dropped_new, dropped_q0)
+        assert buffer.stats.rows == 100
+        rows = await buffer.lease(200)
+        assert rows[0].msg_id == "s:2"
+        assert rows[-1].msg_id == "s:101"
+        drops = await buffer.list_drops()
+        assert [(d.reason, d.msg_id, d.seq) for d in drops] == [
+            ("buffer full: drop_oldest", "s:1", 1),
+            ("buffer full: drop_newest", None, None),
+            ("buffer full: qos0", None, None),
+        ]
+        assert drops[0].message_id is not None
+        assert buffer.stats.dropped == {
+            "buffer full: drop_oldest": 1,
+            "buffer full: drop_newest": 1,
+            "buffer full: qos0": 1,
+        }
+
+
+async def test_disk_full_stops_acks_without_corruption_and_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    payload = b"p" * 8000
+    async with _buffer(path, max_file_bytes=1 << 20, max_bytes=1 << 30) as buffer:
+        stored = 0
+        stuck: asyncio.Future[None] | None = None
+        for _ in range(400):  # bounded: the 1 MiB cap is hit long before
+            (future,) = _enqueue(buffer, "a", 1, payload=payload)
+            done, _ = await asyncio.wait([future], timeout=2)
+            if not done:
+                stuck = future
+                break
+            stored += 1
+        assert stuck is not None, "the 1 MiB file cap was never hit"
+        assert buffer.stats.disk_full
+        assert stored > 50
+        await buffer.release(await buffer.lease(20))
+        async with asyncio.timeout(10):
+            await stuck  # acknowledged once there is room again
+        assert not buffer.stats.disk_full
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT count(*) FROM uplink").fetchone() == (stored - 20 + 1,)
+
+
+# -------------------------------------------------------------------------- expiry
+
+
+async def test_expired_messages_of_lossy_classes_are_dropped_and_recorded(
+    tmp_path: Path,
+) -> None:
+    async with _buffer(tmp_path / "b.sqlite3") as buffer:
+        now = time.time_ns() // 1_000_000
+        futures = [
+            buffer.enqueue(
+                device_id="t",
+                class_name="ttl",
+                topic="d/t/up/ttl",
+                qos=1,
+                payload=_envelope(i, f"t:{i}"),
+                ingest_ms=now,
+                priority=1,
+                expires_ms=now - 1 if i < 3 else now + 60_000,
+                msg_id=f"t:{i}",
+            )
+            for i in range(1, 5)
+        ]
+        await asyncio.gather(*futures)
+        rows = await buffer.lease(10)
+        assert [m.msg_id for m in rows] == ["t:3", "t:4"]
+        drops = await buffer.list_drops()
+        assert [(d.msg_id, d.seq, d.reason) for d in drops] == [
+            ("t:1", 1, "expired"),
+            ("t:2", 2, "expired"),
+        ]
+
+
+# ------------------------------------------------------------------ retransmissions
+
+
+async def test_retransmission_is_stored_once(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    async with _buffer(path) as buffer:
+        (first,) = _enqueue(buffer, "a", 1, payload=b"\x00opaque", dedup_keys=("p:7:abcd",))
+        await first
+    # After a crash the device resends with DUP: same packet id and content.
+    async with _buffer(path) as buffer:
+        (again,) = _enqueue(
+            buffer, "a", 1, payload=b"\x00opaque", dedup_keys=("p:7:abcd",), check_dedup=True
+        )
+        (other,) = _enqueue(
+            buffer, "a", 1, payload=b"\x00other", dedup_keys=("p:8:ef01",), check_dedup=True
+        )
+        await asyncio.gather(again, other)
+        assert buffer.stats.duplicates_suppressed == 1
+        assert [m.payload for m in await buffer.lease(10)] == [b"\x00opaque", b"\x00other"]
+
+
+# --------------------------------------------------------------------- dead letters
+
+
+async def test_dead_letters_keep_their_id_and_can_be_replayed_or_purged(tmp_path: Path) -> None:
+    async with _buffer(tmp_path / "b.sqlite3", keep_forwarded_dead_letters=True) as buffer:
+        await asyncio.gather(*_enqueue(buffer, "a", 3))
+        rows = await buffer.lease(10)
+        await buffer.dead_letter(rows[:2], "too large for Kafka")
+        assert buffer.stats.rows == 1
+        dead = await buffer.list_dead_letters()
+        assert [(d.row_id, d.reason) for d in dead] == [
+            (rows[0].row_id, "too large for Kafka"),
+            (rows[1].row_id, "too large for Kafka"),
+        ]
+        assert [d.row_id for d in await buffer.lease_dead_letters(10)] == [d.row_id for d in dead]
+        await buffer.dead_letters_forwarded([dead[0].row_id])
+        assert [d.row_id for d in await buffer.lease_dead_letters(10)] == [dead[1].row_id]
+        assert await buffer.replay_dead_letters([dead[1].row_id]) == 1
+        assert sorted(m.row_id for m in await buffer.lease(10)) == sorted(
+            [rows[1].row_id, rows[2].row_id]
+        )
+        assert await buffer.purge_dead_letters(None) == 1
+        assert await buffer.list_dead_letters() == []
+
+
+# ------------------------------------------------------------------------ migration
+
+
+async def test_a_version_1_buffer_is_migrated_without_loss(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    with sqlite3.connect(path) as db:
+        for statement in SCHEMA_V1:
+            db.execute(statement)
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute("PRAGMA user_version=1")
+        db.executemany(
+            "INSERT INTO uplink (device_id, class, topic, qos, payload, ingest_ms, priority)"
+            " VALUES (?, 'event', 'd/x/up/event', 1, ?, 1, 8)",
+            [("x", f"v1-{i}".encode()) for i in range(50)],
+        )
+    db.close()
+    async with _buffer(path) as buffer:
+        rows = await buffer.lease(100)
+        assert [m.payload for m in rows] == [f"v1-{i}".encode() for i in range(50)]
+        await buffer.release(rows)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    db.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite3"
+    async with _buffer(path):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(BufferCorruptError, match="newer tidegate"):
+        await _buffer(path).open()
+
+
+# ------------------------------------------------------------------- registry, files
 
 
 async def test_registry_records_devices(tmp_path: Path) -> None:
-    async with Buffer(tmp_path / "b.sqlite3") as buffer:
+    async with _buffer(tmp_path / "b.sqlite3") as buffer:
         buffer.device_connected("dev-1", "127.0.0.1:5000")
         buffer.device_info("dev-1", device_type="thermo", firmware_version="1.2.3")
         await buffer.enqueue_marker()
@@ -142,22 +392,23 @@ async def test_refuses_a_file_that_is_not_a_buffer(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.sqlite3"
     garbage.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(BufferCorruptError, match="refusing to start"):
-        await Buffer(garbage).open()
+        await _buffer(garbage).open()
     assert garbage.read_bytes() == b"this is not sqlite" * 100  # never recreated silently
 
     foreign = tmp_path / "foreign.sqlite3"
     with sqlite3.connect(foreign) as db:
         db.execute("CREATE TABLE x (y)")
+    db.close()
     with pytest.raises(BufferCorruptError, match="not a tidegate buffer"):
-        await Buffer(foreign).open()
+        await _buffer(foreign).open()
 
 
-async def test_refuses_a_damaged_buffer(tmp_path: Path) -> None:
+async def test_refuses_a_damaged_buffer_and_says_how_to_recover(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
-    async with Buffer(path) as buffer:
+    async with _buffer(path) as buffer:
         await asyncio.gather(*_enqueue(buffer, "a", 2000))
     data = bytearray(path.read_bytes())
     data[8192:12288] = b"\xa5" * 4096  # trash pages in the middle of the file
     path.write_bytes(bytes(data))
-    with pytest.raises(BufferCorruptError):
-        await Buffer(path).open()
+    with pytest.raises(BufferCorruptError, match=r"\.recover"):
+        await _buffer(path).open()

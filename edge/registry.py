@@ -1,0 +1,116 @@
+"""The device registry: who this gateway has seen, written behind with the buffer's commits.
+
+Connects, disconnects and self-descriptions arrive as synchronous calls from the broker;
+they are coalesced per device in memory and written in the next group commit, so the
+registry never costs a transaction of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiosqlite
+
+__all__ = ["DeviceRecord", "RegistryChanges", "read_devices"]
+
+_UPSERT_SEEN = (
+    "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms) VALUES (?, ?, ?)"
+    " ON CONFLICT (device_id) DO UPDATE"
+    " SET last_seen_ms = max(devices.last_seen_ms, excluded.last_seen_ms)"
+)
+_UPDATE_CONNECTED = "UPDATE devices SET connected = ?, peer = coalesce(?, peer) WHERE device_id = ?"
+_UPDATE_INFO = (
+    "UPDATE devices SET device_type = coalesce(?, device_type),"
+    " firmware_version = coalesce(?, firmware_version), info_updated_ms = ?"
+    " WHERE device_id = ?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A row of the device registry."""
+
+    device_id: str
+    first_seen_ms: int
+    last_seen_ms: int
+    connected: bool
+    peer: str | None
+    device_type: str | None
+    firmware_version: str | None
+
+
+@dataclass(slots=True)
+class _DeviceSeen:
+    last_seen_ms: int
+    connected: int | None = None
+    peer: str | None = None
+    info: tuple[str | None, str | None] | None = None
+
+
+class RegistryChanges:
+    """Registry changes not yet written, coalesced per device."""
+
+    def __init__(self) -> None:
+        self._dirty: dict[str, _DeviceSeen] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._dirty)
+
+    def seen(self, device_id: str, now_ms: int) -> None:
+        self._touch(device_id, now_ms)
+
+    def connected(self, device_id: str, peer: str, now_ms: int) -> None:
+        seen = self._touch(device_id, now_ms)
+        seen.connected, seen.peer = 1, peer
+
+    def disconnected(self, device_id: str, now_ms: int) -> None:
+        self._touch(device_id, now_ms).connected = 0
+
+    def info(
+        self, device_id: str, device_type: str | None, firmware_version: str | None, now_ms: int
+    ) -> None:
+        self._touch(device_id, now_ms).info = (device_type, firmware_version)
+
+    def _touch(self, device_id: str, now_ms: int) -> _DeviceSeen:
+        seen = self._dirty.get(device_id)
+        if seen is None:
+            seen = self._dirty[device_id] = _DeviceSeen(now_ms)
+        else:
+            seen.last_seen_ms = max(seen.last_seen_ms, now_ms)
+        return seen
+
+    def take(self) -> RegistryChanges:
+        """Hand the pending changes over (for one commit) and start afresh."""
+        taken = RegistryChanges()
+        taken._dirty, self._dirty = self._dirty, {}
+        return taken
+
+    def put_back(self, failed: RegistryChanges) -> None:
+        """A commit failed: keep its changes unless newer ones replaced them."""
+        for device_id, seen in failed._dirty.items():
+            self._dirty.setdefault(device_id, seen)
+
+    async def write(self, db: aiosqlite.Connection) -> None:
+        """Write inside the caller's transaction."""
+        if not self._dirty:
+            return
+        items = self._dirty.items()
+        await db.executemany(_UPSERT_SEEN, [(d, s.last_seen_ms, s.last_seen_ms) for d, s in items])
+        changes = [(s.connected, s.peer, d) for d, s in items if s.connected is not None]
+        if changes:
+            await db.executemany(_UPDATE_CONNECTED, changes)
+        infos = [(s.info[0], s.info[1], s.last_seen_ms, d) for d, s in items if s.info]
+        if infos:
+            await db.executemany(_UPDATE_INFO, infos)
+
+
+async def read_devices(db: aiosqlite.Connection) -> list[DeviceRecord]:
+    """Every registered device, by id."""
+    cursor = await db.execute(
+        "SELECT device_id, first_seen_ms, last_seen_ms, connected, peer, device_type,"
+        " firmware_version FROM devices ORDER BY device_id"
+    )
+    return [
+        DeviceRecord(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6])
+        for r in await cursor.fetchall()
+    ]
