@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,3 +381,25 @@ def assert_all_acked_arrived(acked: Mapping[str, list[int]], records: list[ReadR
                 seen.add(seq)
                 first_seen.append(seq)
         assert first_seen == sorted(first_seen), f"{device}: out of order in Kafka"
+
+
+@contextlib.contextmanager
+def frozen_kafka(brokers: Iterable[Any]) -> Iterator[None]:
+    """SIGSTOP every broker: connections hang and nothing is acked (Kafka "down" without
+    losing its data); SIGCONT on exit, whatever happens."""
+    pids = [broker.pid for broker in brokers]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
