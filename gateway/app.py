@@ -171,19 +171,11 @@ class Gateway:
                 name: f"{host}:{port}" for name, (host, port) in self.broker.bound_addresses.items()
             },
             "buffer": {
+                **dataclasses.asdict(stats),
                 "path": str(self.config.buffer_path),
-                "rows": stats.rows,
-                "payload_bytes": stats.payload_bytes,
                 "oldest_age_s": None
                 if stats.oldest_ingest_ms is None
                 else round((now_ms - stats.oldest_ingest_ms) / 1000, 3),
-                "commits": stats.commits,
-                "rows_committed": stats.rows_committed,
-                "largest_commit": stats.largest_commit,
-                "commit_failures": stats.commit_failures,
-                "released": stats.released,
-                "synchronous": stats.synchronous,
-                "journal_mode": stats.journal_mode,
                 "full": self.buffer.is_full,
             },
             "kafka": {

@@ -189,6 +189,8 @@ class Publisher:
     port: int
     devices: list[str]
     topic_class: str = "event"
+    payload_padding: int = 0
+    """Extra bytes per payload (to fill a buffer faster)."""
     acked: dict[str, list[int]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -243,7 +245,10 @@ class Publisher:
             for seq in range(1, per_device + 1):
                 if self._stop.is_set():
                     break
-                payload = json.dumps({"device": device, "seq": seq}).encode()
+                body = {"device": device, "seq": seq}
+                if self.payload_padding:
+                    body["pad"] = "x" * self.payload_padding
+                payload = json.dumps(body).encode()
                 info = client.publish(f"d/{device}/up/{self.topic_class}", payload, qos=1)
                 with pending_lock:
                     acked_already = info.mid in early
@@ -288,6 +293,8 @@ class ReadRecord:
     key: bytes | None
     value: bytes
     headers: dict[str, bytes]
+    timestamp: int = 0
+    """Kafka record timestamp (ms; the producer's send time)."""
 
 
 async def read_topics(
@@ -328,6 +335,7 @@ async def read_topics(
                                     m.key,
                                     m.value,
                                     {k: bytes(v) for k, v in m.headers},
+                                    m.timestamp,
                                 )
                             )
                     if await consumer.position(tp) >= ends[tp]:
