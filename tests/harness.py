@@ -298,9 +298,16 @@ class ReadRecord:
 
 
 async def read_topics(
-    bootstrap: str, tls: KafkaTls, topics: list[str], deadline_s: float = 30.0
+    bootstrap: str,
+    tls: KafkaTls,
+    topics: list[str],
+    deadline_s: float = 30.0,
+    isolation: str = "read_uncommitted",
 ) -> list[ReadRecord]:
-    """Every record in ``topics`` up to the end offsets taken now, in partition order."""
+    """Every record in ``topics`` up to the end offsets taken now, in partition order.
+
+    ``isolation="read_committed"`` reads as an exactly-once consumer does (up to the last
+    stable offset, aborted transactions skipped)."""
     context = create_ssl_context(
         cafile=str(tls.cafile), certfile=str(tls.certfile), keyfile=str(tls.keyfile)
     )
@@ -310,6 +317,7 @@ async def read_topics(
         ssl_context=context,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level=isolation,
     )
     records: list[ReadRecord] = []
     async with asyncio.timeout(deadline_s):
