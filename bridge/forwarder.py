@@ -3,19 +3,41 @@
 One batch is in flight at a time. That keeps per-device order simple to prove: a batch is
 resent only before anything after it was sent. Throughput comes from large batches (the
 lease size) rather than from pipelining; the performance work may pipeline later.
+
+Each step decides in pure code (:mod:`bridge.outcomes`) which rows go, which can never go
+(dead letters: too large, not authorized, topic missing past its deadline, rejected by
+Kafka for good) and which wait; then does the I/O. A circuit breaker (:mod:`bridge.breaker`)
+guards every Kafka call: while it is open nothing is sent and the buffer just fills.
+
+Exactly-once mode sends each batch in one Kafka transaction together with a progress record
+(:mod:`bridge.progress`); after every new producer the last committed progress record is read
+back and the rows it names are released instead of resent. Dead letters go to the
+dead-letter topic in the same loop (one producer, one transaction at a time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
+import os
+import signal
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge.producer import KafkaProducerHandle
-from bridge.records import RecordBuilder
+from bridge.breaker import BreakerPolicy, CircuitBreaker
+from bridge.outcomes import (
+    TopicWatch,
+    classify_error,
+    narrow_to_suspects,
+    plan_batch,
+    releasable,
+)
+from bridge.producer import KafkaProducerHandle, SendOutcome
+from bridge.progress import Progress, to_ranges
+from bridge.records import KafkaRecord, RecordBuilder
+from bridge.transactional import read_last_progress
 from edge.buffer import Buffer, StoredMessage
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaError
@@ -24,25 +46,20 @@ __all__ = ["Forwarder", "ForwarderStatus", "releasable"]
 
 log = logging.getLogger(__name__)
 
+_DEAD_LETTER_BATCH = 200
+_HOLD_WAIT_S = 0.5
+"""Pause when a whole batch waits for missing topics (nothing to send, nothing to wait on)."""
+_DLQ_IDLE_CHECK_S = 1.0
 
-def releasable(
-    batch: Sequence[StoredMessage], acked: Sequence[bool], topics: Sequence[str]
-) -> list[StoredMessage]:
-    """The rows of a batch that may be deleted after a partly failed send.
+CRASH_AFTER_COMMIT_ENV = "TIDEGATE_TEST_CRASH_AFTER_COMMIT"
+"""Test fault injection: SIGKILL this process right after the N-th successful batch commit
+to Kafka, before its rows are deleted (the window exactly-once recovery exists for)."""
 
-    A row is released only if it was acked and every earlier row of the same device and
-    Kafka topic (one partition stream) was acked too: releasing a later row while an
-    earlier one is resent would put the stream out of order.
-    """
-    blocked: set[tuple[str, str]] = set()
-    out: list[StoredMessage] = []
-    for message, ok, topic in zip(batch, acked, topics, strict=True):
-        stream = (message.device_id, topic)
-        if ok and stream not in blocked:
-            out.append(message)
-        else:
-            blocked.add(stream)
-    return out
+_SELECT_BY_IDS = (
+    "SELECT id, device_id, class, topic, qos, payload, ingest_ms, priority, msg_id"
+    " FROM uplink WHERE id IN ({marks})"
+)
+_UNFORWARDED_DEAD = "SELECT id FROM dead_letters WHERE forwarded_ms IS NULL AND id IN ({marks})"
 
 
 @dataclass(slots=True)
@@ -56,6 +73,11 @@ class ForwarderStatus:
     batches: int = 0
     failed_batches: int = 0
     producer_rebuilds: int = 0
+    dead_lettered: int = 0
+    dead_letters_forwarded: int = 0
+    recovered_rows: int = 0
+    """Exactly-once: rows found committed in Kafka at recovery and released, not resent."""
+    recoveries: int = 0
 
 
 class Forwarder:
@@ -68,61 +90,283 @@ class Forwarder:
         kafka: KafkaConfig,
         *,
         lease_batch: int,
+        gateway_id: str = "tidegate",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._buffer = buffer
         self._builder = builder
         self._kafka = kafka
         self._lease_batch = lease_batch
-        self._producer = KafkaProducerHandle(kafka)
+        self._gateway_id = gateway_id
+        self._clock = clock
+        self.exactly_once = kafka.delivery == "exactly_once"
+        self._producer = KafkaProducerHandle(
+            kafka, transactional_id=f"tidegate-{gateway_id}" if self.exactly_once else None
+        )
+        self.breaker = CircuitBreaker(
+            BreakerPolicy(
+                failure_threshold=kafka.breaker_failures,
+                failure_rate=kafka.breaker_failure_rate,
+                open_base_s=kafka.breaker_open_s,
+                open_max_s=kafka.retry_backoff_max_s,
+                retry_base_s=min(0.2, kafka.retry_backoff_max_s),
+            ),
+            clock=clock,
+        )
+        self._topics = TopicWatch()
+        self._suspects: set[int] = set()
+        self._recovered_generation = 0
+        self._batch_seq = 0
+        self._next_dlq_check = 0.0
+        self._crash_after = int(os.environ.get(CRASH_AFTER_COMMIT_ENV, "0") or 0)
         self.status = ForwarderStatus()
 
-    async def run(self) -> None:
-        """Forward forever (until cancelled). Errors are logged and retried with backoff."""
-        failures = 0
-        while True:
-            batch = await self._buffer.lease(self._lease_batch)
-            if not batch:
-                await self._buffer.wait_for_rows(max_wait=1.0)
-                continue
-            try:
-                await self._producer.ensure_started()
-            except KafkaError as exc:
-                failures += 1
-                self._note_error(exc)
-                await asyncio.sleep(self._backoff(failures))
-                continue
-            self.status.kafka_connected = True
-            records = [self._builder.build(m) for m in batch]
-            outcome = await self._producer.send(records)
-            done = releasable(batch, outcome.acked, [r.topic for r in records])
-            # Release what was acked even when the rest failed: fewer duplicates on resend.
-            await self._buffer.release(done)
-            self.status.forwarded += len(done)
-            self.status.batches += 1
-            self.status.producer_rebuilds = self._producer.rebuilds
-            if outcome.error is None:
-                failures = 0
-                continue
-            failures += 1
-            self.status.failed_batches += 1
-            if outcome.stuck:
-                self.status.kafka_connected = False
-            self._note_error(outcome.error)
-            await asyncio.sleep(self._backoff(failures))
+    # ------------------------------------------------------------------ the loop
 
-    def _note_error(self, exc: KafkaError) -> None:
+    async def run(self) -> None:
+        """Forward forever (until cancelled). Errors are logged and retried by the breaker."""
+        while True:
+            await self.step()
+
+    async def step(self) -> None:
+        """One round: lease, decide, send, settle; or wait. Tests may drive it directly."""
+        batch = await self._buffer.lease(self._lease_batch)
+        dlq_due = self._dead_letters_due()
+        if not batch and not dlq_due:
+            await self._buffer.wait_for_rows(max_wait=_DLQ_IDLE_CHECK_S)
+            return
+        if not self.breaker.allow():
+            # Open (or backing off): no Kafka call at all. Rows keep buffering.
+            await asyncio.sleep(max(0.01, min(self.breaker.delay(), 1.0)))
+            return
+        try:
+            await self._producer.ensure_started()
+            if self.exactly_once and self._producer.generation != self._recovered_generation:
+                await self._recover()
+            self.status.kafka_connected = True
+            sent = False
+            if batch:
+                sent = await self._forward(batch)
+            if dlq_due:
+                sent = await self._forward_dead_letters() or sent
+        except KafkaError as exc:
+            self._failed(exc)
+            return
+        finally:
+            self.status.producer_rebuilds = self._producer.rebuilds
+        if batch and not sent:
+            await asyncio.sleep(_HOLD_WAIT_S)
+
+    # ------------------------------------------------------------------- uplink
+
+    async def _forward(self, leased: list[StoredMessage]) -> bool:
+        """Send one batch; False when nothing could be sent (all held back)."""
+        batch = narrow_to_suspects(leased, self._suspects)
+        records = [self._builder.build(m) for m in batch]
+        missing, unauthorized = await self._check_topics({r.topic for r in records})
+        plan = plan_batch(
+            records,
+            max_record_bytes=self._kafka.max_request_bytes,
+            missing_for=missing,
+            missing_deadline_s=self._kafka.missing_topic_dead_letter_s,
+            unauthorized=unauthorized,
+        )
+        dead: dict[str, list[StoredMessage]] = defaultdict(list)
+        for index, reason in plan.dead:
+            dead[reason].append(batch[index])
+        to_send = [batch[i] for i in plan.send]
+        send_records = [records[i] for i in plan.send]
+        outcome: SendOutcome | None = None
+        verdicts = 0
+        if to_send:
+            outcome = await self._send(to_send, send_records)
+            verdicts = self._judge(to_send, outcome, dead)
+        dead_ids = {m.row_id for ms in dead.values() for m in ms}
+        for reason, messages in dead.items():
+            await self._buffer.dead_letter(messages, reason)
+            self.status.dead_lettered += len(messages)
+            self._suspects.difference_update(m.row_id for m in messages)
+        if dead:
+            self._next_dlq_check = 0.0
+        if outcome is None:
+            if plan.held:
+                self.breaker.record_success()  # Kafka answered; the topics are missing
+            return bool(dead)
+        done = releasable(to_send, outcome.acked, [r.topic for r in send_records], dead_ids)
+        if self._crash_after and done and self.status.batches + 1 >= self._crash_after:
+            log.error("%s: killing the process after a commit", CRASH_AFTER_COMMIT_ENV)
+            os.kill(os.getpid(), signal.SIGKILL)
+        await self._buffer.release(done)
+        if self.exactly_once and outcome.error is None:
+            self._batch_seq += 1
+        self.status.forwarded += len(done)
+        self.status.batches += 1
+        self._suspects.difference_update(m.row_id for m in done)
+        # A batch whose failures are all explained by poison records is not a Kafka failure:
+        # Kafka answered, the poison is out of the way, the rest goes again at once.
+        if outcome.stuck or (outcome.error is not None and verdicts == 0):
+            self.status.failed_batches += 1
+            assert outcome.error is not None
+            self._failed(outcome.error, stuck=outcome.stuck)
+        else:
+            self.breaker.record_success()
+        return True
+
+    async def _send(self, batch: list[StoredMessage], records: list[KafkaRecord]) -> SendOutcome:
+        if not self.exactly_once:
+            return await self._producer.send(records)
+        marker = self._progress_record(rows=[m.row_id for m in batch], dead=[])
+        return await self._producer.send_transaction(records, marker)
+
+    def _judge(
+        self,
+        batch: Sequence[StoredMessage],
+        outcome: SendOutcome,
+        dead: dict[str, list[StoredMessage]],
+    ) -> int:
+        """Per-record verdicts: dead letters, size suspects; the rest is retried. Returns
+        how many records got a verdict."""
+        verdicts = 0
+        for message, err in zip(batch, outcome.errors, strict=True):
+            if err is None:
+                continue
+            verdict = classify_error(err)
+            if verdict.dead_reason is not None:
+                dead[verdict.dead_reason].append(message)
+            elif verdict.size_suspect:
+                if len(batch) == 1 or message.row_id in self._suspects:
+                    dead[f"Kafka rejected the record as too large ({type(err).__name__})"].append(
+                        message
+                    )
+                else:
+                    self._suspects.add(message.row_id)
+            else:
+                continue
+            verdicts += 1
+        return verdicts
+
+    async def _check_topics(self, topics: set[str]) -> tuple[dict[str, float], set[str]]:
+        missing: dict[str, float] = {}
+        unauthorized: set[str] = set()
+        now = self._clock()
+        for topic in sorted(topics):
+            state = await self._producer.topic_state(topic)
+            waited = self._topics.seen(topic, state != "missing", now)
+            if state == "missing":
+                if waited == 0.0:
+                    log.error("Kafka topic %r does not exist; holding its messages", topic)
+                missing[topic] = waited
+            elif state == "unauthorized":
+                unauthorized.add(topic)
+        return missing, unauthorized
+
+    # ------------------------------------------------------------- dead letters
+
+    def _dead_letters_due(self) -> bool:
+        if self._buffer.stats.dead_letters <= 0:
+            return False
+        return self._clock() >= self._next_dlq_check
+
+    async def _forward_dead_letters(self) -> bool:
+        """Send a batch of dead letters to the dead-letter topic; True if any went."""
+        letters = await self._buffer.lease_dead_letters(_DEAD_LETTER_BATCH)
+        if not letters:
+            self._next_dlq_check = self._clock() + _DLQ_IDLE_CHECK_S
+            return False
+        max_bytes = self._kafka.max_request_bytes
+        records = [self._builder.build_dead_letter(d, max_bytes) for d in letters]
+        if self.exactly_once:
+            marker = self._progress_record(rows=[], dead=[d.row_id for d in letters])
+            outcome = await self._producer.send_transaction(records, marker)
+        else:
+            outcome = await self._producer.send(records)
+        acked = [d.row_id for d, ok in zip(letters, outcome.acked, strict=True) if ok]
+        await self._buffer.dead_letters_forwarded(acked)
+        self.status.dead_letters_forwarded += len(acked)
+        if outcome.error is not None:
+            self._failed(outcome.error, stuck=outcome.stuck)
+        else:
+            self.breaker.record_success()
+            if len(letters) < _DEAD_LETTER_BATCH:
+                self._next_dlq_check = self._clock() + _DLQ_IDLE_CHECK_S
+        return bool(acked)
+
+    # ------------------------------------------------------------ exactly-once
+
+    def _progress_record(self, *, rows: list[int], dead: list[int]) -> KafkaRecord:
+        progress = Progress(
+            gateway_id=self._gateway_id,
+            batch_seq=self._batch_seq,
+            ranges=tuple(to_ranges(rows)),
+            committed_ms=time.time_ns() // 1_000_000,
+            dead_ranges=tuple(to_ranges(dead)),
+        )
+        return KafkaRecord(
+            topic=self._kafka.progress_topic,
+            key=self._gateway_id.encode(),
+            value=progress.encode(),
+            headers=[("tg-gateway-id", self._gateway_id.encode())],
+        )
+
+    async def _recover(self) -> None:
+        """Release what the last committed transaction delivered (still in the buffer after a
+        crash between commit and delete), so it is not sent twice."""
+        generation = self._producer.generation
+        progress = await read_last_progress(self._kafka, self._gateway_id)
+        self.status.recoveries += 1
+        if progress is not None:
+            self._batch_seq = progress.batch_seq + 1
+            rows = await self._rows_by_id(progress.row_ids)
+            await self._buffer.release(rows)
+            dead = await self._unforwarded_dead_letters(progress.dead_letter_ids)
+            await self._buffer.dead_letters_forwarded(dead)
+            self.status.recovered_rows += len(rows)
+            if rows or dead:
+                log.warning(
+                    "exactly-once recovery: batch %d was committed to Kafka; released %d rows"
+                    " and %d dead letters instead of resending them",
+                    progress.batch_seq,
+                    len(rows),
+                    len(dead),
+                )
+        self._recovered_generation = generation
+
+    async def _rows_by_id(self, ids: list[int]) -> list[StoredMessage]:
+        out: list[StoredMessage] = []
+        async with self._buffer.read() as db:
+            for chunk in _chunks(ids, 500):
+                cursor = await db.execute(
+                    _SELECT_BY_IDS.format(marks=",".join("?" * len(chunk))), chunk
+                )
+                out.extend(StoredMessage(*r) for r in await cursor.fetchall())
+        return out
+
+    async def _unforwarded_dead_letters(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        async with self._buffer.read() as db:
+            for chunk in _chunks(ids, 500):
+                cursor = await db.execute(
+                    _UNFORWARDED_DEAD.format(marks=",".join("?" * len(chunk))), chunk
+                )
+                out.extend(int(r[0]) for r in await cursor.fetchall())
+        return out
+
+    # ------------------------------------------------------------------ errors
+
+    def _failed(self, exc: KafkaError, *, stuck: bool = False) -> None:
+        self.breaker.record_failure()
         message = str(exc)
         if message != self.status.last_error:
             log.error("Kafka: %s (buffering continues, retrying with backoff)", message)
-        self.status.kafka_connected = self._producer.connected
+        self.status.kafka_connected = self._producer.connected and not stuck
         self.status.last_error = message
         self.status.last_error_at = time.time()
-
-    def _backoff(self, failures: int) -> float:
-        ceiling = min(self._kafka.retry_backoff_max_s, 0.2 * 2 ** min(failures, 10))
-        return random.uniform(ceiling / 2, ceiling)  # jitter, not crypto
 
     async def close(self, deadline: float) -> None:
         """Stop the producer within ``deadline`` (aiokafka's stop can hang while Kafka is down)."""
         await self._producer.close(deadline)
         self.status.kafka_connected = False
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -16,11 +16,12 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AioKafkaError
 
+from bridge.outcomes import classify_error
 from bridge.records import KafkaRecord
 from bridge.tls import build_ssl_context
 from gateway.config import KafkaConfig
@@ -40,16 +41,25 @@ class SendOutcome:
     """The first failure, if any."""
     stuck: bool
     """True when the batch missed its deadline: the producer must be rebuilt."""
+    errors: list[BaseException | None] = field(default_factory=list)
+    """Per record: the aiokafka error it failed with (None: acked, or not attempted)."""
 
 
 class KafkaProducerHandle:
     """Owns at most one live aiokafka producer and rebuilds it on demand."""
 
-    def __init__(self, config: KafkaConfig) -> None:
+    def __init__(self, config: KafkaConfig, *, transactional_id: str | None = None) -> None:
         self._config = config
+        self._transactional_id = transactional_id
         self._producer: AIOKafkaProducer | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self.rebuilds = 0
+        self.generation = 0
+        """Incremented for every producer started (exactly-once recovery runs per producer)."""
+
+    @property
+    def transactional(self) -> bool:
+        return self._transactional_id is not None
 
     @property
     def connected(self) -> bool:
@@ -69,19 +79,53 @@ class KafkaProducerHandle:
             acks="all",
             enable_idempotence=True,
             linger_ms=cfg.linger_ms,
-            max_batch_size=cfg.max_batch_bytes,
-            max_request_size=max(cfg.max_batch_bytes, 1 << 20),
+            max_batch_size=min(cfg.max_batch_bytes, cfg.max_request_bytes),
+            max_request_size=cfg.max_request_bytes,
             compression_type=None if cfg.compression == "none" else cfg.compression,
             request_timeout_ms=int(cfg.request_timeout_s * 1000),
+            transactional_id=self._transactional_id,
+            transaction_timeout_ms=int(cfg.transaction_timeout_s * 1000),
         )
         try:
             async with asyncio.timeout(cfg.request_timeout_s + 5):
                 await producer.start()
+                if self._transactional_id is not None:
+                    # An empty transaction completes locally once the producer id is known.
+                    # Getting the id fences any older producer with our transactional id and
+                    # makes the coordinator finish (commit or abort) its open transaction, so
+                    # after this the progress topic tells the truth about the last batch.
+                    await producer.begin_transaction()
+                    await producer.commit_transaction()
         except (AioKafkaError, OSError, TimeoutError) as exc:
             self._retire(producer)
             reason = await diagnose_connection(cfg, context)
             raise KafkaUnavailableError(f"cannot start Kafka producer: {reason or exc!r}") from exc
         self._producer = producer
+        self.generation += 1
+
+    async def topic_state(self, topic: str) -> str:
+        """``"ok"``, ``"missing"`` or ``"unauthorized"``, from metadata, within a deadline.
+
+        aiokafka's ``send()`` waits ``request_timeout`` for an unknown topic on every record;
+        asking once per batch and topic keeps a missing topic from stalling everything.
+        """
+        await self.ensure_started()
+        producer = self._producer
+        assert producer is not None
+        client = producer.client
+        if client.cluster.partitions_for_topic(topic):
+            return "ok"
+        client.add_topic(topic)
+        try:
+            async with asyncio.timeout(self._config.request_timeout_s):
+                await client.force_metadata_update()
+        except (AioKafkaError, OSError, TimeoutError) as exc:
+            raise KafkaUnavailableError(f"Kafka metadata request failed: {exc!r}") from exc
+        if client.cluster.partitions_for_topic(topic):
+            return "ok"
+        if topic in client.cluster.unauthorized_topics:
+            return "unauthorized"
+        return "missing"
 
     async def send(self, records: Sequence[KafkaRecord]) -> SendOutcome:
         """Send a batch and wait for every ack, within ``send_deadline_s``."""
@@ -89,55 +133,140 @@ class KafkaProducerHandle:
         producer = self._producer
         assert producer is not None
         deadline = self._config.send_deadline_s
-        futures: list[asyncio.Future[object]] = []
+        if self._transactional_id is not None:
+            raise RuntimeError("a transactional producer sends with send_transaction()")
+        futures: list[asyncio.Future[object] | None] = []
+        early: dict[int, BaseException] = {}
         try:
             async with asyncio.timeout(deadline):
-                for record in records:
-                    futures.append(
-                        await producer.send(
-                            record.topic, record.value, key=record.key, headers=record.headers
+                for index, record in enumerate(records):
+                    try:
+                        futures.append(
+                            await producer.send(
+                                record.topic, record.value, key=record.key, headers=record.headers
+                            )
                         )
-                    )
+                    except AioKafkaError as exc:
+                        # Not enqueued. A record that can never go is skipped (the forwarder
+                        # dead-letters it); anything else stops the batch here, in order.
+                        futures.append(None)
+                        early[index] = exc
+                        verdict = classify_error(exc)
+                        if verdict.dead_reason is None and not verdict.size_suspect:
+                            break
         except TimeoutError:
             self.discard("enqueueing a batch missed its deadline")
-            return self._outcome(futures, len(records), stuck=True)
-        except AioKafkaError as exc:
-            # Not enqueued at all (e.g. unknown topic, record too large): fail this batch.
-            return self._outcome(futures, len(records), stuck=False, first=exc)
-        if futures:
-            _, pending = await asyncio.wait(futures, timeout=deadline)
+            return self._outcome(futures, len(records), stuck=True, early=early)
+        live = [f for f in futures if f is not None]
+        if live:
+            _, pending = await asyncio.wait(live, timeout=deadline)
             if pending:
                 self.discard(f"{len(pending)} of {len(records)} records not acked in {deadline}s")
-                return self._outcome(futures, len(records), stuck=True)
-        return self._outcome(futures, len(records), stuck=False)
+                return self._outcome(futures, len(records), stuck=True, early=early)
+        return self._outcome(futures, len(records), stuck=False, early=early)
+
+    async def send_transaction(
+        self, records: Sequence[KafkaRecord], marker: KafkaRecord
+    ) -> SendOutcome:
+        """Send ``records`` and ``marker`` (the progress record) in one transaction.
+
+        All or nothing: ``acked`` is all True only when the commit returned. Any failure
+        aborts the transaction; a missed deadline or a failed abort discards the producer
+        (a stuck transaction, aiokafka #1101/#1145), and the next one fences it.
+        """
+        await self.ensure_started()
+        producer = self._producer
+        assert producer is not None
+        deadline = self._config.send_deadline_s
+        futures: list[asyncio.Future[object] | None] = []
+        early: dict[int, BaseException] = {}
+        failure: BaseException | None = None
+        try:
+            async with asyncio.timeout(deadline):
+                await producer.begin_transaction()
+                try:
+                    for index, record in enumerate(records):
+                        try:
+                            futures.append(
+                                await producer.send(
+                                    record.topic,
+                                    record.value,
+                                    key=record.key,
+                                    headers=record.headers,
+                                )
+                            )
+                        except AioKafkaError as exc:
+                            futures.append(None)
+                            early[index] = exc
+                            raise
+                    await producer.send(
+                        marker.topic, marker.value, key=marker.key, headers=marker.headers
+                    )
+                    await producer.commit_transaction()
+                except AioKafkaError as exc:
+                    failure = exc
+                    await producer.abort_transaction()
+        except TimeoutError:
+            self.discard(f"a transaction did not complete within {deadline}s")
+            return self._outcome(futures, len(records), stuck=True, early=early, all_or_none=True)
+        except AioKafkaError as exc:
+            self.discard(f"aborting a failed transaction failed: {exc!r}")
+            return self._outcome(
+                futures,
+                len(records),
+                stuck=True,
+                early=early,
+                first=failure or exc,
+                all_or_none=True,
+            )
+        if failure is not None:
+            # Let the aborted records' futures settle so each one's own error is known.
+            live = [f for f in futures if f is not None and not f.done()]
+            if live:
+                await asyncio.wait(live, timeout=1.0)
+            return self._outcome(
+                futures, len(records), stuck=False, early=early, first=failure, all_or_none=True
+            )
+        return SendOutcome(
+            acked=[True] * len(records), error=None, stuck=False, errors=[None] * len(records)
+        )
 
     def _outcome(
         self,
-        futures: list[asyncio.Future[object]],
+        futures: Sequence[asyncio.Future[object] | None],
         total: int,
         *,
         stuck: bool,
+        early: dict[int, BaseException],
         first: BaseException | None = None,
+        all_or_none: bool = False,
     ) -> SendOutcome:
         acked = [False] * total
-        error: KafkaError | None = None
+        errors: list[BaseException | None] = [None] * total
+        for index, exc in early.items():
+            errors[index] = exc
+            first = first or exc
         for index, future in enumerate(futures):
+            if future is None:
+                continue
             if not future.done():
                 future.cancel()
                 continue
             if future.cancelled():
                 continue
-            exc = future.exception()
-            if exc is None:
-                acked[index] = True
-            elif first is None:
-                first = exc
+            failed = future.exception()
+            if failed is None:
+                acked[index] = not all_or_none
+            else:
+                errors[index] = failed
+                first = first or failed
+        error: KafkaError | None = None
         if first is not None:
             error = KafkaUnavailableError(f"Kafka send failed: {first!r}")
             error.__cause__ = first
         elif stuck:
             error = KafkaUnavailableError("Kafka did not acknowledge in time (producer rebuilt)")
-        return SendOutcome(acked=acked, error=error, stuck=stuck)
+        return SendOutcome(acked=acked, error=error, stuck=stuck, errors=errors)
 
     def discard(self, why: str) -> None:
         """Throw the current producer away (its stop() runs in the background, bounded)."""

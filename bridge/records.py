@@ -5,13 +5,50 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
+
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from edge.buffer import StoredMessage
 from edge.routing import UNROUTED_CLASS
 
-__all__ = ["HEADER_PREFIX", "KafkaRecord", "RecordBuilder", "message_id"]
+__all__ = [
+    "HEADER_PREFIX",
+    "DeadLetterLike",
+    "KafkaRecord",
+    "RecordBuilder",
+    "message_id",
+    "record_size",
+]
 
 HEADER_PREFIX = "tg-"
+
+_SIZE_MARGIN = 512
+"""Bytes kept free below the request limit for the batch header when a dead letter's
+payload is truncated to fit."""
+
+
+class DeadLetterLike(Protocol):
+    """What the dead-letter record needs from a dead-letter row."""
+
+    @property
+    def row_id(self) -> int: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def class_name(self) -> str: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def qos(self) -> int: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def ingest_ms(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def dead_ms(self) -> int: ...
 
 
 def message_id(gateway_id: str, row_id: int) -> str:
@@ -82,3 +119,45 @@ class RecordBuilder:
         return KafkaRecord(
             topic=topic, key=message.device_id.encode(), value=message.payload, headers=headers
         )
+
+    def build_dead_letter(self, dead: DeadLetterLike, max_record_bytes: int) -> KafkaRecord:
+        """The dead-letter topic's record for a dead-letter row.
+
+        Same key and headers as the record the message would have had, plus
+        ``tg-dead-letter-reason`` and ``tg-dead-letter-ts``. A payload too large for Kafka is
+        truncated to fit and ``tg-dead-letter-truncated`` carries its original length (the
+        full payload stays in the buffer only with ``buffer.keep_forwarded_dead_letters``).
+        """
+        headers = [
+            ("tg-message-id", message_id(self._gateway_id, dead.row_id).encode()),
+            ("tg-device-id", dead.device_id.encode()),
+            ("tg-gateway-id", self._gateway_header),
+            ("tg-mqtt-topic", dead.topic.encode()),
+            ("tg-class", dead.class_name.encode()),
+            (
+                "tg-content-type",
+                self._content_types.get(dead.class_name, "application/octet-stream").encode(),
+            ),
+            ("tg-ingest-ts", str(dead.ingest_ms).encode()),
+            ("tg-qos", str(dead.qos).encode()),
+            ("tg-dead-letter-reason", dead.reason.encode()),
+            ("tg-dead-letter-ts", str(dead.dead_ms).encode()),
+        ]
+        key = dead.device_id.encode()
+        value = dead.payload
+        record = KafkaRecord(self._dead_letter_topic, key, value, headers)
+        if record_size(record) > max_record_bytes:
+            headers.append(("tg-dead-letter-truncated", str(len(value)).encode()))
+            overhead = record_size(KafkaRecord(self._dead_letter_topic, key, b"", headers))
+            value = value[: max(0, max_record_bytes - overhead - _SIZE_MARGIN)]
+            record = KafkaRecord(self._dead_letter_topic, key, value, headers)
+        return record
+
+
+def record_size(record: KafkaRecord) -> int:
+    """Bytes the record takes in a produce request, as aiokafka estimates it before sending
+    (it refuses records above ``max_request_size``)."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        record.key, record.value, record.headers
+    )
+    return size

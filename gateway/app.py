@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from edge.broker import EdgeBroker
 from edge.buffer import Buffer
 from edge.intake import Intake
 from edge.routing import TopicRouter
-from gateway.admin import AdminServer
+from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
 
@@ -73,6 +74,7 @@ class Gateway:
             ),
             config.kafka,
             lease_batch=config.buffer.lease_batch,
+            gateway_id=config.gateway.id,
         )
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
@@ -82,7 +84,7 @@ class Gateway:
             uplink_prefix=router.device_topic_prefix(),
             allow_anonymous=config.broker.allow_anonymous,
         )
-        self.admin = AdminServer(config.admin.host, config.admin.port, self.status, self.devices)
+        self.admin = AdminServer(config.admin.host, config.admin.port, self)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -96,6 +98,7 @@ class Gateway:
         data_dir = self.config.gateway.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(data_dir)
+        self.admin.token = write_token(data_dir)
         try:
             async with self.buffer:
                 await self.buffer.mark_all_disconnected()
@@ -159,6 +162,50 @@ class Gateway:
         """The device registry (``GET /devices``)."""
         return [dataclasses.asdict(d) for d in await self.buffer.devices()]
 
+    async def dead_letters(self, limit: int, after_id: int) -> list[dict[str, Any]]:
+        """``GET /dead-letters``: payloads base64, message ids as on Kafka."""
+        gateway_id = self.config.gateway.id
+        out = []
+        for dead in await self.buffer.list_dead_letters(limit=limit, after_id=after_id):
+            item = dataclasses.asdict(dead)
+            item["payload"] = encode_payload(dead.payload)
+            item["payload_bytes"] = len(dead.payload)
+            item["message_id"] = f"{gateway_id}:{dead.row_id}"
+            out.append(item)
+        return out
+
+    async def replay_dead_letters(self, ids: Sequence[int] | None) -> int:
+        """``POST /dead-letters/replay``: back into the uplink queue, same message ids."""
+        count = await self.buffer.replay_dead_letters(ids)
+        log.warning("admin: replayed %d dead letters (%s)", count, "all" if ids is None else ids)
+        return count
+
+    async def purge_dead_letters(self, ids: Sequence[int] | None) -> int:
+        """``POST /dead-letters/purge``: delete for good."""
+        count = await self.buffer.purge_dead_letters(ids)
+        log.warning("admin: purged %d dead letters (%s)", count, "all" if ids is None else ids)
+        return count
+
+    async def drops(self, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """``GET /drops``: the drop ledger in the verifier's format (docs/simulator.md)."""
+        gateway_id = self.config.gateway.id
+        return [
+            {
+                "id": d.id,
+                "device_id": d.device_id,
+                "class": d.class_name,
+                "reason": d.reason,
+                "msg_id": d.msg_id,
+                "seq": d.seq,
+                "gateway_message_id": None
+                if d.message_id is None
+                else f"{gateway_id}:{d.message_id}",
+                "topic": d.topic,
+                "dropped_ms": d.dropped_ms,
+            }
+            for d in await self.buffer.list_drops(after_id=after_id, limit=limit)
+        ]
+
     def status(self) -> dict[str, Any]:
         """The facts ``tidegate status`` prints."""
         stats = self.buffer.stats
@@ -189,6 +236,12 @@ class Gateway:
                 "batches": fwd.batches,
                 "failed_batches": fwd.failed_batches,
                 "producer_rebuilds": fwd.producer_rebuilds,
+                "delivery": self.config.kafka.delivery,
+                "breaker": self.forwarder.breaker.snapshot(),
+                "dead_lettered": fwd.dead_lettered,
+                "dead_letters_forwarded": fwd.dead_letters_forwarded,
+                "recoveries": fwd.recoveries,
+                "recovered_rows": fwd.recovered_rows,
             },
             "intake": {"unrouted": self.intake.unrouted},
         }

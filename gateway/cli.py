@@ -143,6 +143,129 @@ def status(
     render_status(data)
 
 
+def _admin_call(cfg: Any, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to the running gateway's admin API (loopback), with its token."""
+    from gateway.admin import read_token
+    from gateway.app import read_runtime
+
+    runtime = read_runtime(cfg.gateway.data_dir)
+    if runtime is None or not runtime.get("admin"):
+        raise _fail(f"no running gateway found (no runtime file in {cfg.gateway.data_dir})", 1)
+    token = read_token(cfg.gateway.data_dir)
+    if token is None:
+        raise _fail(f"cannot read the admin token in {cfg.gateway.data_dir}", 1)
+    admin = runtime["admin"]
+    url = f"http://{admin['host']}:{admin['port']}{path}"
+    request = urllib.request.Request(
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # loopback admin API
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        raise _fail(f"{method} {url}: HTTP {exc.code}: {detail}", 1) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise _fail(f"no running gateway answers at {url}: {exc}", 1) from None
+
+
+dlq_app = typer.Typer(
+    help="Dead letters: messages Kafka can never take. Goes through the running gateway.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+drops_app = typer.Typer(help="The drop ledger (drops by policy).", no_args_is_help=True)
+app.add_typer(drops_app, name="drops")
+
+IdsArgument = Annotated[
+    list[int] | None, typer.Argument(help="Dead-letter ids.", show_default=False)
+]
+AllOption = Annotated[bool, typer.Option("--all", help="Every dead letter.")]
+
+
+def _ids_body(ids: list[int] | None, all_: bool) -> dict[str, Any]:
+    if all_ == bool(ids):
+        raise _fail("give dead-letter ids or --all (not both)")
+    return {"all": True} if all_ else {"ids": list(ids or [])}
+
+
+@dlq_app.command("list")
+def dlq_list(
+    config: ConfigOption = Path("configs/dev.toml"),
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    after: Annotated[int, typer.Option(min=0, help="Only ids above this.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, payloads base64.")] = False,
+) -> None:
+    """List dead letters: id, device, class, size, reason, whether Kafka's DLQ topic has it."""
+    cfg = _load(config)
+    items = _admin_call(cfg, "GET", f"/dead-letters?limit={limit}&after={after}")["dead_letters"]
+    if as_json:
+        for item in items:
+            typer.echo(json.dumps(item))
+        return
+    if not items:
+        typer.echo("no dead letters")
+        return
+    for item in items:
+        forwarded = "in DLQ topic" if item["forwarded_ms"] else "not yet in DLQ topic"
+        typer.echo(
+            f"{item['row_id']}  {item['device_id']}  {item['class_name']}  "
+            f"{item['payload_bytes']} B  {forwarded}  {item['reason']}"
+        )
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: IdsArgument = None,
+    all_: AllOption = False,
+    config: ConfigOption = Path("configs/dev.toml"),
+) -> None:
+    """Put dead letters back into the uplink queue (same message ids) to be sent again."""
+    cfg = _load(config)
+    result = _admin_call(cfg, "POST", "/dead-letters/replay", _ids_body(ids, all_))
+    typer.echo(f"replayed {result['replayed']} dead letters")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    ids: IdsArgument = None,
+    all_: AllOption = False,
+    config: ConfigOption = Path("configs/dev.toml"),
+) -> None:
+    """Delete dead letters from the gateway for good."""
+    cfg = _load(config)
+    result = _admin_call(cfg, "POST", "/dead-letters/purge", _ids_body(ids, all_))
+    typer.echo(f"purged {result['purged']} dead letters")
+
+
+@drops_app.command("export")
+def drops_export(
+    out: Annotated[Path, typer.Option("--out", help="JSON lines file to write ('-': stdout).")],
+    config: ConfigOption = Path("configs/dev.toml"),
+) -> None:
+    """Write the drop ledger as JSON lines in the verifier's format (``verify --drops``)."""
+    cfg = _load(config)
+    lines: list[str] = []
+    after = 0
+    while True:
+        page = _admin_call(cfg, "GET", f"/drops?after={after}&limit=10000")["drops"]
+        if not page:
+            break
+        lines.extend(json.dumps(d) for d in page)
+        after = int(page[-1]["id"])
+    text = "".join(line + "\n" for line in lines)
+    if str(out) == "-":
+        sys.stdout.write(text)
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    typer.echo(f"{len(lines)} drops written to {out}", err=True)
+
+
 @app.command("demo")
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo keeps its files.")] = Path(

@@ -43,6 +43,22 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     state = "[green]connected[/green]" if kafka["connected"] else "[red]not connected[/red]"
     table.add_row("kafka", f"{state} {','.join(kafka['bootstrap'])}")
     table.add_row("forwarded", f"{kafka['forwarded']} ({kafka['producer_rebuilds']} rebuilds)")
+    breaker = kafka.get("breaker")
+    if breaker:
+        colour = {"closed": "green", "half_open": "yellow"}.get(breaker["state"], "red")
+        probe = breaker.get("next_probe_in_s")
+        table.add_row(
+            "breaker",
+            f"[{colour}]{breaker['state']}[/{colour}], "
+            f"{breaker['consecutive_failures']} consecutive failures"
+            + ("" if probe is None else f", next probe in {probe} s"),
+        )
+    if "delivery" in kafka:
+        table.add_row(
+            "delivery",
+            f"{kafka['delivery']}, {kafka.get('dead_lettered', 0)} dead-lettered, "
+            f"{buffer.get('dead_letters', 0)} dead letters held",
+        )
     if kafka["last_error"]:
         table.add_row("last error", f"{kafka['last_error']} ({kafka['last_error_age_s']} s ago)")
     console.print(table)
