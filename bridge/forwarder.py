@@ -126,13 +126,24 @@ class Forwarder:
     async def run(self) -> None:
         """Forward forever (until cancelled). Errors are logged and retried by the breaker."""
         while True:
-            await self.step()
+            try:
+                await self.step()
+            except (KafkaError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                # A bug or a buffer error must not end forwarding for good (the gateway would
+                # keep acknowledging into a buffer nobody drains): log, back off, go on.
+                log.exception("forwarder step failed; retrying with backoff")
+                self._failed(KafkaError(f"forwarder error: {exc!r}"))
+                await asyncio.sleep(max(0.05, min(self.breaker.delay(), 5.0)))
 
     async def step(self) -> None:
         """One round: lease, decide, send, settle; or wait. Tests may drive it directly."""
         batch = await self._buffer.lease(self._lease_batch)
         dlq_due = self._dead_letters_due()
-        if not batch and not dlq_due:
+        # Exactly-once: recover as soon as the gateway starts, not only once rows arrive.
+        recovery_due = self.exactly_once and self._recovered_generation == 0
+        if not batch and not dlq_due and not recovery_due:
             await self._buffer.wait_for_rows(max_wait=_DLQ_IDLE_CHECK_S)
             return
         if not self.breaker.allow():
@@ -142,7 +153,12 @@ class Forwarder:
         try:
             await self._producer.ensure_started()
             if self.exactly_once and self._producer.generation != self._recovered_generation:
+                # A new producer: settle the last transaction first. The batch leased above
+                # may hold rows recovery just released, so it is dropped and leased anew.
                 await self._recover()
+                self.status.kafka_connected = True
+                self.breaker.record_success()
+                return
             self.status.kafka_connected = True
             sent = False
             if batch:

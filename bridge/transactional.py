@@ -73,7 +73,7 @@ async def _read(config: KafkaConfig, gateway_id: str) -> Progress | None:
                 f"exactly-once: the progress topic {topic!r} does not exist"
                 " (create it with cleanup.policy=compact; see docs/delivery-modes.md)"
             )
-        partitions = sorted(raw.partitions_for_topic(topic) or ())
+        partitions = await _partitions(raw, topic)
         # The producer's default partitioner picked the partition from the key.
         tp = TopicPartition(topic, DefaultPartitioner()(key, partitions, partitions))
         high = (await raw.end_offsets([tp]))[tp]
@@ -91,6 +91,17 @@ async def _read(config: KafkaConfig, gateway_id: str) -> Progress | None:
         for consumer in (committed, raw):
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    """The topic's partitions; the consumer learns them only once it asked for the topic."""
+    client = consumer._client  # aiokafka: a consumer has no public "metadata for topic"
+    client.add_topic(topic)
+    while True:
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return sorted(found)
+        await client.force_metadata_update()  # bounded by the caller's deadline
 
 
 async def _last_in(
