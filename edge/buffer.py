@@ -123,8 +123,8 @@ class PendingWrite:
     priority: int
     expires_ms: int | None
     msg_id: str | None
-    dedup_keys: tuple[str, ...]
-    """Keys remembered for this device (``m:`` msg id, ``p:`` packet id + digest)."""
+    dedup_keys: tuple[tuple[str, str], ...]
+    """``(slot, fingerprint)`` pairs remembered for this device (see ``inbound_dedup``)."""
     check_dedup: bool
     """Whether to look the keys up first (a DUP retransmission, or an envelope msg id)."""
     future: asyncio.Future[None]
@@ -150,6 +150,7 @@ class BufferStats:
     oldest_ingest_ms: int | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     duplicates_suppressed: int = 0
+    drops_trimmed: int = 0
     dead_letters: int = 0
     blocked_writes: int = 0
     block_disconnects: int = 0
@@ -188,6 +189,7 @@ class Buffer:
         self._last_expiry_sweep = 0.0
         self._last_dedup_cleanup = 0.0
         self._drop_log_at: dict[str, float] = {}
+        self._drop_rows = 0
         self.stats = BufferStats()
 
     # ----------------------------------------------------------------- lifecycle
@@ -255,6 +257,7 @@ class Buffer:
         cursor = await db.execute("SELECT class, count(*) FROM uplink GROUP BY class")
         self.stats.class_rows = {c: int(n) for c, n in await cursor.fetchall()}
         self.stats.dead_letters = int(await _scalar(db, "SELECT count(*) FROM dead_letters"))
+        self._drop_rows = int(await _scalar(db, "SELECT count(*) FROM drops"))
         await self._refresh_used_bytes(db)
         await db.execute("UPDATE devices SET connected = 0 WHERE connected != 0")
 
@@ -351,7 +354,7 @@ class Buffer:
         priority: int,
         expires_ms: int | None = None,
         msg_id: str | None = None,
-        dedup_keys: tuple[str, ...] = (),
+        dedup_keys: tuple[tuple[str, str], ...] = (),
         check_dedup: bool = False,
     ) -> asyncio.Future[None]:
         """Queue one publish for the next group commit; the future resolves when durable."""
@@ -448,6 +451,14 @@ class Buffer:
                     return
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception as exc:
+                # A bug, not the disk: fail this batch (its devices are disconnected without
+                # PUBACK and resend) rather than let the committer die and stall every device.
+                log.exception("buffer commit crashed; failing %d publishes", len(batch))
+                for future in [w.future for w in batch] + barriers:
+                    if not future.done():
+                        future.set_exception(BufferStoreError(f"commit failed: {exc!r}"))
                 continue
             backoff = 0.05
             self.stats.disk_full = False
@@ -568,7 +579,7 @@ class Buffer:
         now = _now_ms()
         duplicates = await self._find_duplicates(db, batch)
         inserts: list[tuple[Any, ...]] = []
-        keys: list[tuple[str, str, int]] = []
+        keys: list[tuple[str, str, str, int]] = []
         drops: list[tuple[Any, ...]] = []
         for write in batch:
             if write.action == "drop_newest":
@@ -589,7 +600,7 @@ class Buffer:
                 outcome.evicted.append(evicted)
                 outcome.dropped.append("buffer full: drop_oldest")
             inserts.append(sql.insert_row(write))
-            keys.extend((write.device_id, key, now) for key in write.dedup_keys)
+            keys.extend((write.device_id, slot, fp, now) for slot, fp in write.dedup_keys)
             outcome.inserted.append(write)
         if inserts:
             await db.executemany(sql.INSERT_UPLINK, inserts)
@@ -597,7 +608,21 @@ class Buffer:
             await db.executemany(sql.REMEMBER_KEY, keys)
         if drops:
             await db.executemany(sql.INSERT_DROP, drops)
+            await self._trim_drop_ledger(db, len(drops))
         return outcome
+
+    async def _trim_drop_ledger(self, db: aiosqlite.Connection, added: int) -> None:
+        """Keep the ledger bounded (it lives inside the bounded file too)."""
+        self._drop_rows += added
+        cap = min(self._config.drop_ledger_max_rows, max(100, self._config.max_bytes // 1024))
+        if self._drop_rows <= cap:
+            return
+        excess = self._drop_rows - cap
+        await db.execute(
+            "DELETE FROM drops WHERE id IN (SELECT id FROM drops ORDER BY id LIMIT ?)", (excess,)
+        )
+        self._drop_rows = cap
+        self.stats.drops_trimmed += excess
 
     async def _find_duplicates(
         self, db: aiosqlite.Connection, batch: Sequence[PendingWrite]
@@ -606,23 +631,23 @@ class Buffer:
         checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action != "drop_newest"]
         if not checked:
             return set()
-        pairs = sorted({(w.device_id, k) for w in checked for k in w.dedup_keys})
-        known: set[tuple[str, str]] = set()
+        pairs = sorted({(w.device_id, slot) for w in checked for slot, _ in w.dedup_keys})
+        remembered: dict[tuple[str, str], str] = {}
         for start in range(0, len(pairs), 400):
             chunk = pairs[start : start + 400]
             values = ",".join("(?,?)" for _ in chunk)
             cursor = await db.execute(
-                "SELECT device_id, dedup_key FROM inbound_dedup"
-                f" WHERE (device_id, dedup_key) IN (VALUES {values})",
+                "SELECT device_id, slot, fingerprint FROM inbound_dedup"
+                f" WHERE (device_id, slot) IN (VALUES {values})",
                 [x for pair in chunk for x in pair],
             )
-            known.update((r[0], r[1]) for r in await cursor.fetchall())
+            remembered.update(((r[0], r[1]), r[2]) for r in await cursor.fetchall())
         duplicates: set[int] = set()
         for write in batch:
-            mine = {(write.device_id, k) for k in write.dedup_keys}
-            if write.check_dedup and mine & known:
+            slots = [((write.device_id, slot), fp) for slot, fp in write.dedup_keys]
+            if write.check_dedup and any(remembered.get(key) == fp for key, fp in slots):
                 duplicates.add(id(write))
-            known |= mine
+            remembered.update(slots)
         return duplicates
 
     async def _evict_oldest(self, db: aiosqlite.Connection, class_name: str) -> _Evicted | None:

@@ -34,7 +34,8 @@ INSERT_UPLINK = (
 )
 
 REMEMBER_KEY = (
-    "INSERT OR REPLACE INTO inbound_dedup (device_id, dedup_key, seen_ms) VALUES (?, ?, ?)"
+    "INSERT OR REPLACE INTO inbound_dedup (device_id, slot, fingerprint, seen_ms)"
+    " VALUES (?, ?, ?, ?)"
 )
 
 INSERT_DROP = (

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Mapping
 
 import cbor2
@@ -71,14 +72,16 @@ class Intake:
             if envelope is not None and envelope[1] is not None:
                 ttl_ms = envelope[1]
             expires_ms = None if ttl_ms is None else ingest_ms + ttl_ms
-        keys: list[str] = []
-        if msg_id is not None:
-            keys.append(f"m:{msg_id}")
+        keys: list[tuple[str, str]] = []
+        if envelope is not None:
+            seq = envelope[2]
+            slot = seq % 64 if seq is not None else f"h{zlib.crc32(envelope[0].encode()) % 64}"
+            keys.append((f"m{route.class_name}:{slot}", envelope[0]))
         if publish.qos > 0 and publish.packet_id is not None:
             digest = hashlib.blake2b(
                 publish.topic.encode() + b"\0" + publish.payload, digest_size=8
             ).hexdigest()
-            keys.append(f"p:{publish.packet_id}:{digest}")
+            keys.append((f"p{publish.packet_id % 128}", f"{publish.packet_id}:{digest}"))
         return self._buffer.enqueue(
             device_id=publish.device_id,
             class_name=route.class_name,
@@ -96,8 +99,8 @@ class Intake:
         )
 
 
-def _envelope_fields(payload: bytes) -> tuple[str, int | None] | None:
-    """``(msg_id, ttl_ms)`` of a tidegate CBOR envelope, or None for any other payload."""
+def _envelope_fields(payload: bytes) -> tuple[str, int | None, int | None] | None:
+    """``(msg_id, ttl_ms, seq)`` of a tidegate CBOR envelope, or None for other payloads."""
     if not payload or not 0xA0 <= payload[0] <= 0xBF:  # a CBOR map, cheap pre-check
         return None
     try:
@@ -111,7 +114,8 @@ def _envelope_fields(payload: bytes) -> tuple[str, int | None] | None:
         return None
     ttl = data.get("ttl_s")
     ttl_ms = int(ttl * 1000) if isinstance(ttl, int | float) and ttl > 0 else None
-    return msg_id, ttl_ms
+    seq = data.get("seq")
+    return msg_id, ttl_ms, seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 def _parse_device_info(payload: bytes) -> tuple[str | None, str | None] | None:

@@ -138,6 +138,9 @@ class BufferConfig(_Model):
     dedup_window_s: Annotated[float, Field(ge=0, le=86_400)] = 600.0
     """How long a device's message ids and in-flight packet ids are remembered to recognise
     a retransmission (QoS1 DUP after a gateway crash, or a repeated envelope ``msg_id``)."""
+    drop_ledger_max_rows: Annotated[int, Field(ge=100)] = 100_000
+    """The drop ledger keeps at most this many entries (and at most one per KiB of
+    ``max_bytes``), trimming the oldest; drop counters are never trimmed."""
     keep_forwarded_dead_letters: bool = False
     """Keep dead letters in the buffer after the Kafka dead-letter topic acked them (for
     ``tidegate dlq replay``); they count toward the buffer bounds."""

@@ -293,15 +293,15 @@ async def test_expired_messages_of_lossy_classes_are_dropped_and_recorded(
 async def test_retransmission_is_stored_once(tmp_path: Path) -> None:
     path = tmp_path / "b.sqlite3"
     async with _buffer(path) as buffer:
-        (first,) = _enqueue(buffer, "a", 1, payload=b"\x00opaque", dedup_keys=("p:7:abcd",))
+        (first,) = _enqueue(buffer, "a", 1, payload=b"\x00opaque", dedup_keys=(("p7", "7:abcd"),))
         await first
     # After a crash the device resends with DUP: same packet id and content.
     async with _buffer(path) as buffer:
         (again,) = _enqueue(
-            buffer, "a", 1, payload=b"\x00opaque", dedup_keys=("p:7:abcd",), check_dedup=True
+            buffer, "a", 1, payload=b"\x00opaque", dedup_keys=(("p7", "7:abcd"),), check_dedup=True
         )
         (other,) = _enqueue(
-            buffer, "a", 1, payload=b"\x00other", dedup_keys=("p:8:ef01",), check_dedup=True
+            buffer, "a", 1, payload=b"\x00other", dedup_keys=(("p8", "8:ef01"),), check_dedup=True
         )
         await asyncio.gather(again, other)
         assert buffer.stats.duplicates_suppressed == 1
