@@ -1,0 +1,300 @@
+"""Group commit: pending publishes → one durable transaction, with the bounds and the
+drop policies applied on the way (see docs/buffer.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+
+from edge import buffer_sql as sql
+from edge.buffer_core import BufferCore
+from edge.buffer_types import (
+    ROW_OVERHEAD,
+    Evicted,
+    Outcome,
+    PendingWrite,
+    first_of,
+    now_ms,
+)
+from edge.registry import RegistryChanges
+from gateway.errors import BufferFullError, BufferStoreError
+
+log = logging.getLogger("edge.buffer")
+
+__all__ = ["GroupCommitter"]
+
+
+class GroupCommitter(BufferCore):
+    """The committer task and everything it decides for a batch."""
+
+    # ----------------------------------------------------------------- committer
+
+    async def _commit_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            if not self._pending and not self._registry and not self._barriers:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self._check_disk()
+            self._fail_timed_out_blocks()
+            batch = self._take_batch()
+            changes = self._registry.take()
+            barriers, self._barriers = self._barriers, []
+            if not batch and not changes and not barriers:
+                if self._closing or not self._pending:
+                    continue
+                # Everything pending waits for room. Wake on a release, a new publish, or
+                # after a second to enforce block_timeout_s.
+                self._space_freed.clear()
+                self._wakeup.clear()
+                await first_of(self._space_freed.wait(), self._wakeup.wait(), max_wait=1.0)
+                continue
+            try:
+                async with self.transaction() as db:
+                    outcome = await self._write(db, batch)
+                    await changes.write(db)
+            except sqlite3.Error as exc:
+                # Disk full or I/O error: nothing of this batch is acknowledged; keep it at
+                # the head of the queue and retry with backoff. PUBACKs stop meanwhile.
+                self._commit_failed(exc, batch, changes, barriers)
+                if self._closing:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            except Exception as exc:
+                # A bug, not the disk: fail this batch (its devices are disconnected without
+                # PUBACK and resend) rather than let the committer die and stall every device.
+                log.exception("buffer commit crashed; failing %d publishes", len(batch))
+                for future in [w.future for w in batch] + barriers:
+                    if not future.done():
+                        future.set_exception(BufferStoreError(f"commit failed: {exc!r}"))
+                continue
+            backoff = 0.05
+            self.stats.disk_full = False
+            self._after_commit(batch, outcome)
+            for future in [w.future for w in batch] + barriers:
+                if not future.done():
+                    future.set_result(None)
+            await self._refresh_used_bytes(self.db)
+            await self._maybe_cleanup_dedup()
+
+    def _commit_failed(
+        self,
+        exc: sqlite3.Error,
+        batch: list[PendingWrite],
+        changes: RegistryChanges,
+        barriers: list[asyncio.Future[None]],
+    ) -> None:
+        self.stats.commit_failures += 1
+        self.stats.last_error = str(exc)
+        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
+        self.stats.disk_full = full
+        if self._should_log("commit-failed"):
+            log.error(
+                "buffer commit of %d publishes failed (%s); acknowledgements stop until it"
+                " succeeds%s",
+                len(batch),
+                exc,
+                ": the disk or buffer file is full" if full else "",
+            )
+        for write in batch:
+            write.action = "insert"
+        self._pending[:0] = batch
+        self._registry.put_back(changes)
+        self._barriers[:0] = barriers
+
+    def _check_disk(self) -> None:
+        now = time.monotonic()
+        if now - self._free_disk_checked < 0.25:
+            return
+        self._free_disk_checked = now
+        try:
+            free = shutil.disk_usage(self._path.parent).free
+        except OSError:
+            return
+        low = free < self._config.min_free_disk_bytes
+        if low and not self.stats.low_disk and self._should_log("low-disk"):
+            log.error(
+                "free disk %d bytes below buffer.min_free_disk_bytes; acknowledgements stop", free
+            )
+        self.stats.low_disk = low
+
+    def _fail_timed_out_blocks(self) -> None:
+        """Disconnect devices whose publish waited longer than ``block_timeout_s`` for room."""
+        if not self.stats.blocked_writes:
+            return
+        limit = time.monotonic() - self._config.block_timeout_s
+        expired = {w.device_id for w in self._pending if w.enqueued < limit}
+        if not expired:
+            return
+        keep: list[PendingWrite] = []
+        for write in self._pending:
+            if write.device_id in expired:
+                if not write.future.done():
+                    write.future.set_exception(
+                        BufferFullError(
+                            f"buffer full for {self._config.block_timeout_s:.0f} s:"
+                            f" disconnecting {write.device_id} without acknowledgement"
+                        )
+                    )
+            else:
+                keep.append(write)
+        self._pending = keep
+        self.stats.block_disconnects += len(expired)
+        log.warning("buffer full: disconnecting %d blocked devices", len(expired))
+
+    def _take_batch(self) -> list[PendingWrite]:
+        """The writes for the next commit, with each one's fate when the buffer is full."""
+        batch: list[PendingWrite] = []
+        keep: list[PendingWrite] = []
+        blocked: set[tuple[str, str]] = set()
+        rows, extra = self.stats.rows, 0
+        no_room_at_all = self.stats.low_disk
+        limit_rows, limit_bytes = self._config.max_rows, self._config.max_bytes
+        for write in self._pending:
+            stream = (write.device_id, write.class_name)
+            if len(batch) >= self._config.commit_max_batch or stream in blocked:
+                keep.append(write)
+                continue
+            size = len(write.payload) + ROW_OVERHEAD
+            if (
+                not no_room_at_all
+                and rows < limit_rows
+                and self.stats.used_bytes + extra + size <= limit_bytes
+            ):
+                write.action = "insert"
+                batch.append(write)
+                rows += 1
+                extra += size
+                continue
+            policy = self._classes.get(write.class_name)
+            if write.qos == 0 or (policy is not None and policy.on_full == "drop_newest"):
+                write.action = "drop_newest"
+                batch.append(write)
+            elif policy is not None and policy.on_full == "drop_oldest" and not no_room_at_all:
+                write.action = "evict_oldest"
+                batch.append(write)
+            else:
+                blocked.add(stream)
+                keep.append(write)
+        self._pending = keep
+        self.stats.blocked_writes = len(keep) if blocked else 0
+        return batch
+
+    async def _write(self, db: aiosqlite.Connection, batch: Sequence[PendingWrite]) -> Outcome:
+        outcome = Outcome()
+        if not batch:
+            return outcome
+        now = now_ms()
+        duplicates = await self._find_duplicates(db, batch)
+        inserts: list[tuple[Any, ...]] = []
+        keys: list[tuple[str, str, str, int]] = []
+        drops: list[tuple[Any, ...]] = []
+        for write in batch:
+            if write.action == "drop_newest":
+                reason = "buffer full: qos0" if write.qos == 0 else "buffer full: drop_newest"
+                drops.append(sql.drop_row(None, write, reason, now))
+                outcome.dropped.append(reason)
+                continue
+            if id(write) in duplicates:
+                outcome.duplicates += 1
+                continue
+            if write.action == "evict_oldest":
+                evicted = await self._evict_oldest(db, write.class_name)
+                if evicted is None:
+                    drops.append(sql.drop_row(None, write, "buffer full: drop_oldest", now))
+                    outcome.dropped.append("buffer full: drop_oldest")
+                    continue
+                drops.append(evicted.as_drop(now))
+                outcome.evicted.append(evicted)
+                outcome.dropped.append("buffer full: drop_oldest")
+            inserts.append(sql.insert_row(write))
+            keys.extend((write.device_id, slot, fp, now) for slot, fp in write.dedup_keys)
+            outcome.inserted.append(write)
+        if inserts:
+            await db.executemany(sql.INSERT_UPLINK, inserts)
+        if keys:
+            await db.executemany(sql.REMEMBER_KEY, keys)
+        if drops:
+            await db.executemany(sql.INSERT_DROP, drops)
+            await self._trim_drop_ledger(db, len(drops))
+        return outcome
+
+    async def _trim_drop_ledger(self, db: aiosqlite.Connection, added: int) -> None:
+        """Keep the ledger bounded (it lives inside the bounded file too)."""
+        self._drop_rows += added
+        cap = min(self._config.drop_ledger_max_rows, max(100, self._config.max_bytes // 1024))
+        if self._drop_rows <= cap:
+            return
+        excess = self._drop_rows - cap
+        await db.execute(
+            "DELETE FROM drops WHERE id IN (SELECT id FROM drops ORDER BY id LIMIT ?)", (excess,)
+        )
+        self._drop_rows = cap
+        self.stats.drops_trimmed += excess
+
+    async def _find_duplicates(
+        self, db: aiosqlite.Connection, batch: Sequence[PendingWrite]
+    ) -> set[int]:
+        """Writes that repeat a remembered (or earlier in this batch) message of their device."""
+        checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action != "drop_newest"]
+        if not checked:
+            return set()
+        pairs = sorted({(w.device_id, slot) for w in checked for slot, _ in w.dedup_keys})
+        remembered: dict[tuple[str, str], str] = {}
+        for start in range(0, len(pairs), 400):
+            chunk = pairs[start : start + 400]
+            values = ",".join("(?,?)" for _ in chunk)
+            cursor = await db.execute(
+                "SELECT device_id, slot, fingerprint FROM inbound_dedup"
+                f" WHERE (device_id, slot) IN (VALUES {values})",
+                [x for pair in chunk for x in pair],
+            )
+            remembered.update(((r[0], r[1]), r[2]) for r in await cursor.fetchall())
+        duplicates: set[int] = set()
+        for write in batch:
+            slots = [((write.device_id, slot), fp) for slot, fp in write.dedup_keys]
+            if write.check_dedup and any(remembered.get(key) == fp for key, fp in slots):
+                duplicates.add(id(write))
+            remembered.update(slots)
+        return duplicates
+
+    async def _evict_oldest(self, db: aiosqlite.Connection, class_name: str) -> Evicted | None:
+        floor = self._in_flight_max.get(class_name, 0)
+        cursor = await db.execute(sql.EVICT_OLDEST, (class_name, floor))
+        row = await cursor.fetchone()
+        await cursor.close()
+        return None if row is None else Evicted.from_row(row, class_name)
+
+    def _after_commit(self, batch: Sequence[PendingWrite], outcome: Outcome) -> None:
+        stats = self.stats
+        if outcome.inserted:
+            stats.commits += 1
+            stats.rows_committed += len(outcome.inserted)
+            stats.largest_commit = max(stats.largest_commit, len(outcome.inserted))
+            self._rows_committed.set()
+        for write in outcome.inserted:
+            self._count_rows(write.class_name, +1, len(write.payload))
+            if stats.oldest_ingest_ms is None:
+                stats.oldest_ingest_ms = write.ingest_ms
+        for evicted in outcome.evicted:
+            self._count_rows(evicted.class_name, -1, evicted.size)
+        stats.duplicates_suppressed += outcome.duplicates
+        for reason in outcome.dropped:
+            stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
+            if self._should_log(reason):
+                log.warning(
+                    "dropping by policy (%s); total so far %d", reason, stats.dropped[reason]
+                )
+        del batch

@@ -1,0 +1,124 @@
+"""Shared state of the buffer: the one connection and its lock, counters, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import aiosqlite
+
+from edge.buffer_types import (
+    BufferStats,
+    PendingWrite,
+    now_ms,
+    scalar,
+)
+from edge.registry import RegistryChanges
+from gateway.config import BufferConfig, ClassConfig
+from gateway.errors import BufferStoreError
+
+log = logging.getLogger("edge.buffer")
+
+__all__ = ["BufferCore"]
+
+
+class BufferCore:
+    """State and primitives the buffer's parts share (see :class:`edge.buffer.Buffer`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        config: BufferConfig | None = None,
+        classes: Mapping[str, ClassConfig] | None = None,
+    ) -> None:
+        self._path = path
+        self._config = config or BufferConfig()
+        self._classes = dict(classes or {})
+        self._db: aiosqlite.Connection | None = None
+        self._pending: list[PendingWrite] = []
+        self._registry = RegistryChanges()
+        self._barriers: list[asyncio.Future[None]] = []
+        self._wakeup = asyncio.Event()
+        self._space_freed = asyncio.Event()
+        self._rows_committed = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._closing = False
+        # One connection, one transaction at a time: the committer, the bridge's calls and
+        # admin calls take turns. (A lease must not see rows of an uncommitted transaction.)
+        self._txn_lock = asyncio.Lock()
+        self._in_flight_max: dict[str, int] = {}
+        self._free_disk_checked = 0.0
+        self._last_expiry_sweep = 0.0
+        self._last_dedup_cleanup = 0.0
+        self._drop_log_at: dict[str, float] = {}
+        self._drop_rows = 0
+        self.stats = BufferStats()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise BufferStoreError("buffer is not open")
+        return self._db
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer connection, under the buffer lock."""
+        async with self._txn_lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection for reads, under the buffer lock (sees only committed rows)."""
+        async with self._txn_lock:
+            yield self.db
+
+    def _count_rows(self, class_name: str, delta: int, nbytes: int) -> None:
+        rows = self.stats.class_rows
+        rows[class_name] = max(0, rows.get(class_name, 0) + delta)
+        if not rows[class_name]:
+            del rows[class_name]
+        self.stats.rows = max(0, self.stats.rows + delta)
+        self.stats.payload_bytes = max(0, self.stats.payload_bytes + delta * nbytes)
+
+    async def _refresh_used_bytes(self, db: aiosqlite.Connection) -> None:
+        pages = int(await scalar(db, "PRAGMA page_count"))
+        free = int(await scalar(db, "PRAGMA freelist_count"))
+        size = int(await scalar(db, "PRAGMA page_size"))
+        self.stats.used_bytes = (pages - free) * size
+
+    async def _maybe_cleanup_dedup(self) -> None:
+        now = time.monotonic()
+        if now - self._last_dedup_cleanup < 30:
+            return
+        self._last_dedup_cleanup = now
+        horizon = now_ms() - int(self._config.dedup_window_s * 1000)
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM inbound_dedup WHERE seen_ms < ?", (horizon,))
+
+    def _should_log(self, reason: str) -> bool:
+        """Rate limit: one log line per reason every 5 seconds."""
+        now = time.monotonic()
+        if now - self._drop_log_at.get(reason, -1e9) < 5:
+            return False
+        self._drop_log_at[reason] = now
+        return True
+
+    async def _after_removal(self) -> None:
+        async with self.read() as db:
+            oldest = await scalar(db, "SELECT min(ingest_ms) FROM uplink")
+            await self._refresh_used_bytes(db)
+        self.stats.oldest_ingest_ms = None if oldest is None else int(oldest)
+        self._space_freed.set()

@@ -1,0 +1,193 @@
+"""Row and counter types of the buffer, and small helpers its modules share."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+
+from edge import buffer_sql as sql
+
+__all__ = [
+    "ROW_OVERHEAD",
+    "BufferStats",
+    "DeadLetter",
+    "DropRecord",
+    "Evicted",
+    "Outcome",
+    "PendingWrite",
+    "StoredMessage",
+    "first_of",
+    "id_filter",
+    "now_ms",
+    "scalar",
+]
+
+ROW_OVERHEAD = 96
+"""Bytes a row costs beyond its payload (row header, columns, index entries), estimated."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One uplink row as the bridge sees it."""
+
+    row_id: int
+    device_id: str
+    class_name: str
+    topic: str
+    qos: int
+    payload: bytes
+    ingest_ms: int
+    priority: int
+    msg_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be delivered, with why."""
+
+    row_id: int
+    device_id: str
+    class_name: str
+    topic: str
+    qos: int
+    payload: bytes
+    ingest_ms: int
+    msg_id: str | None
+    reason: str
+    dead_ms: int
+    forwarded_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DropRecord:
+    """One entry of the drop ledger."""
+
+    id: int
+    message_id: int | None
+    device_id: str
+    class_name: str
+    topic: str
+    msg_id: str | None
+    seq: int | None
+    reason: str
+    dropped_ms: int
+
+
+@dataclass(slots=True)
+class PendingWrite:
+    """A publish waiting for the next group commit."""
+
+    device_id: str
+    class_name: str
+    topic: str
+    qos: int
+    payload: bytes
+    ingest_ms: int
+    priority: int
+    expires_ms: int | None
+    msg_id: str | None
+    dedup_keys: tuple[tuple[str, str], ...]
+    """``(slot, fingerprint)`` pairs remembered for this device (see ``inbound_dedup``)."""
+    check_dedup: bool
+    """Whether to look the keys up first (a DUP retransmission, or an envelope msg id)."""
+    future: asyncio.Future[None]
+    enqueued: float = field(default_factory=time.monotonic)
+    action: str = "insert"
+    """``insert``, ``drop_newest`` (dropped on arrival) or ``evict_oldest``."""
+
+
+@dataclass(slots=True)
+class BufferStats:
+    """Counters an operator (and the durability tests) look at."""
+
+    rows: int = 0
+    payload_bytes: int = 0
+    used_bytes: int = 0
+    commits: int = 0
+    rows_committed: int = 0
+    largest_commit: int = 0
+    commit_failures: int = 0
+    released: int = 0
+    synchronous: str = ""
+    journal_mode: str = ""
+    oldest_ingest_ms: int | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    duplicates_suppressed: int = 0
+    drops_trimmed: int = 0
+    dead_letters: int = 0
+    blocked_writes: int = 0
+    block_disconnects: int = 0
+    disk_full: bool = False
+    low_disk: bool = False
+    last_error: str | None = None
+    class_rows: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Outcome:
+    inserted: list[PendingWrite] = field(default_factory=list)
+    evicted: list[Evicted] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+
+@dataclass(slots=True)
+class Evicted:
+    """A row removed by policy, with what the drop ledger needs."""
+
+    row_id: int
+    device_id: str
+    topic: str
+    msg_id: str | None
+    payload: bytes
+    size: int
+    class_name: str = ""
+
+    @classmethod
+    def from_row(cls, row: Any, class_name: str) -> Evicted:
+        return cls(row[0], row[1], row[2], row[3], bytes(row[4]), int(row[5]), class_name)
+
+    def as_drop(self, now_ms: int, reason: str = "buffer full: drop_oldest") -> tuple[Any, ...]:
+        return (
+            self.row_id,
+            self.device_id,
+            self.class_name,
+            self.topic,
+            self.msg_id,
+            sql.envelope_seq(self.payload),
+            reason,
+            now_ms,
+        )
+
+
+def id_filter(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
+    if ids is None:
+        return "", ()
+    if not ids:
+        return " WHERE 0", ()
+    return f" WHERE id IN ({','.join('?' for _ in ids)})", tuple(ids)
+
+
+async def scalar(db: aiosqlite.Connection, query: str) -> Any:
+    cursor = await db.execute(query)
+    row = await cursor.fetchone()
+    await cursor.close()
+    return None if row is None else row[0]
+
+
+async def first_of(*aws: Any, max_wait: float) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, timeout=max_wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
