@@ -163,6 +163,13 @@ class KafkaProducerHandle:
             if pending:
                 self.discard(f"{len(pending)} of {len(records)} records not acked in {deadline}s")
                 return self._outcome(futures, len(records), stuck=True, early=early)
+            failed = next((f.exception() for f in live if f.exception() is not None), None)
+            if failed is not None:
+                # A batch the broker refused leaves the idempotent producer's sequence numbers
+                # ahead of the broker's: every later batch of that partition then fails with
+                # OutOfOrderSequenceNumber until a restart (aiokafka #1017). A fresh producer
+                # (new producer id) starts clean; rows are resent only if not acked.
+                self.discard(f"a batch failed at the broker ({failed!r})")
         return self._outcome(futures, len(records), stuck=False, early=early)
 
     async def send_transaction(

@@ -19,8 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from aiokafka.admin import NewTopic
 
 from gateway.dev.kafka import KafkaState, create_topics
+from gateway.dev.kafka_admin import open_admin
+from tests.fixtures_kafka import topic_name_for
 from tests.harness import (
     REPO,
     KafkaTls,
@@ -211,3 +214,46 @@ async def test_dlq_cli_lists_replays_and_purges_through_the_running_gateway(
         export = _cli(config, "drops", "export", "--out", str(out))
         assert export.returncode == 0, export.stderr
         assert out.read_text() == ""
+
+
+async def test_a_record_the_broker_rejects_as_too_large_is_found_and_dead_lettered(
+    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Callable[..., str]
+) -> None:
+    """The topic's ``max.message.bytes`` is below the producer's limit: the broker rejects a
+    whole produce batch, the gateway narrows it down to the one record and dead-letters only
+    that; the small messages of the same device around it arrive, in order."""
+    dlq = kafka_topic_factory("dlq")
+    events = topic_name_for("broker-limit", "events")
+    admin = await open_admin(kafka)
+    try:
+        await admin.create_topics(
+            [NewTopic(events, 1, 1, topic_configs={"max.message.bytes": "20000"})]
+        )
+    finally:
+        await admin.close()
+    create_topics(kafka, [events], partitions=1)
+    config = _config(tmp_path, kafka, {"event": events, "dlq": dlq}, "linger_ms = 200")
+    with running_gateway(config) as gateway:
+        _publish(
+            gateway.mqtt_port,
+            "dev-r",
+            [("d/dev-r/up/event", f"small-{i}".encode()) for i in range(5)]
+            + [("d/dev-r/up/event", b"R" * 40_000)]
+            + [("d/dev-r/up/event", f"after-{i}".encode()) for i in range(5)],
+        )
+        status = gateway.wait_status(
+            lambda s: s["buffer"]["rows"] == 0 and s["kafka"]["dead_letters_forwarded"] == 1,
+            60,
+            "the buffer to drain and one dead letter forwarded",
+        )
+        assert status["kafka"]["dead_lettered"] == 1
+    records = await read_topics(kafka.bootstrap, _tls(kafka), [events])
+    values = [r.value for r in records]
+    expected = [f"small-{i}".encode() for i in range(5)] + [f"after-{i}".encode() for i in range(5)]
+    # At-least-once: a narrowed batch may resend a few small records; order holds.
+    assert set(values) == set(expected)
+    first = list(dict.fromkeys(values))
+    assert first == expected
+    dead = await read_topics(kafka.bootstrap, _tls(kafka), [dlq])
+    assert len(dead) == 1
+    assert b"too large" in dead[0].headers["tg-dead-letter-reason"]
