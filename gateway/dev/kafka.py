@@ -4,7 +4,8 @@ Used by the test session, CI and the demo; never by the gateway in production. T
 jars come from Maven Central (``kafka_dist``), the config is rendered by pure functions
 (``kafka_props``), the chosen ports and pids go to a state file (``kafka_state``), the JVMs
 are run by ``kafka_proc`` and topics are made through ``kafka_admin``; this module holds the
-lifecycle and re-exports the names callers need.
+lifecycle and re-exports the names callers need; ``kafka_ops`` stops, kills, freezes and
+restarts single brokers with their data kept (the chaos harness's faults).
 
 Version pin: Kafka 4.4.0, the newest on Maven Central here (4.0.0 … 4.4.0 are served).
 Nothing had to be given up for it: aiokafka 0.14 works against it for idempotent produce
@@ -46,6 +47,15 @@ from gateway.dev.kafka_admin import (
     run_sync,
 )
 from gateway.dev.kafka_dist import ensure_kafka_libs
+from gateway.dev.kafka_ops import (
+    broker_alive,
+    freeze_brokers,
+    partition_leaders,
+    restart_broker,
+    stop_broker,
+    thaw_brokers,
+    under_replicated,
+)
 from gateway.dev.kafka_proc import (
     format_storage,
     is_alive,
@@ -84,14 +94,21 @@ __all__ = [
     "KafkaState",
     "KafkaStatus",
     "LocalKafka",
+    "broker_alive",
     "client_ssl_context",
     "create_topics",
     "create_topics_async",
+    "freeze_brokers",
     "kafka_status",
+    "partition_leaders",
     "read_state",
+    "restart_broker",
     "start_kafka",
     "state_path",
+    "stop_broker",
     "stop_kafka",
+    "thaw_brokers",
+    "under_replicated",
 ]
 
 _log = logging.getLogger(__name__)
@@ -120,6 +137,7 @@ def start_kafka(
     topics: Sequence[str] = DEFAULT_TOPICS,
     partitions: int = DEFAULT_PARTITIONS,
     ready_timeout_s: float = 180.0,
+    proxy_ports: Sequence[int] | None = None,
 ) -> KafkaState:
     """Start a fresh local cluster in ``data_dir`` and return its state (also written to
     ``<data_dir>/state.json``).
@@ -130,9 +148,18 @@ def start_kafka(
     ``topics``. Each start wipes the previous node directories: data does not survive.
     Raises :class:`LocalKafkaError` if a cluster is already running in ``data_dir`` or the
     start fails; on failure nothing is left running.
+
+    ``proxy_ports`` (one per broker, ports of TCP proxies the caller already listens on) adds
+    a second mutual-TLS client listener ``PROXIED`` on each node, advertised as that proxy
+    port: a client bootstrapping through ``state.proxy_bootstrap`` reaches every broker only
+    through the proxies (the chaos harness cuts them). The proxies forward to each broker's
+    ``proxied_port``. ``state.bootstrap`` stays direct.
     """
     if not 1 <= brokers <= 5:
         raise LocalKafkaError(f"brokers must be between 1 and 5, got {brokers}")
+    if proxy_ports is not None and len(proxy_ports) != brokers:
+        raise LocalKafkaError(f"proxy_ports: {len(proxy_ports)} ports for {brokers} brokers")
+    per_node = 3 if proxy_ports is None else 4
     data_dir = data_dir.resolve()
     existing = kafka_status(data_dir)
     if existing.state is not None:
@@ -156,14 +183,16 @@ def start_kafka(
     cluster_id = new_cluster_id()
 
     for attempt in range(1, _PORT_ATTEMPTS + 1):
-        ports = pick_free_ports(3 * brokers)
+        ports = pick_free_ports(per_node * brokers)
         nodes = [
             NodeLayout(
                 node_id=i + 1,
-                ssl_port=ports[3 * i],
-                internal_port=ports[3 * i + 1],
-                controller_port=ports[3 * i + 2],
+                ssl_port=ports[per_node * i],
+                internal_port=ports[per_node * i + 1],
+                controller_port=ports[per_node * i + 2],
                 node_dir=data_dir / f"node-{i + 1}",
+                proxied_port=None if proxy_ports is None else ports[per_node * i + 3],
+                proxy_advertised_port=None if proxy_ports is None else proxy_ports[i],
             )
             for i in range(brokers)
         ]
@@ -200,6 +229,8 @@ def start_kafka(
                     controller_port=node.controller_port,
                     log=node.log_path,
                     properties=node.properties_path,
+                    proxied_port=node.proxied_port,
+                    proxy_port=node.proxy_advertised_port,
                 )
                 for node, proc in zip(nodes, procs, strict=True)
             ),

@@ -19,6 +19,7 @@ __all__ = [
     "bootstrap_string",
     "cluster_settings",
     "new_cluster_id",
+    "proxy_bootstrap_string",
     "render_log4j2",
     "render_pom",
     "render_properties",
@@ -61,6 +62,12 @@ class NodeLayout:
     """Plaintext loopback listener for the KRaft quorum."""
     node_dir: Path
     """Per-node directory: properties, log file, and ``data/`` (the log dir)."""
+    proxied_port: int | None = None
+    """Optional second mutual-TLS client listener (``PROXIED``) bound here, for a TCP proxy
+    the chaos harness controls: clients that bootstrap through the proxy get metadata naming
+    ``proxy_advertised_port``, so all their traffic keeps going through the proxy."""
+    proxy_advertised_port: int | None = None
+    """The proxy's own port, advertised for the ``PROXIED`` listener (set with the above)."""
 
     @property
     def log_dir(self) -> Path:
@@ -90,6 +97,14 @@ def new_cluster_id() -> str:
 def bootstrap_string(nodes: Sequence[NodeLayout]) -> str:
     """``127.0.0.1:PORT,...`` over the mutual-TLS listeners."""
     return ",".join(f"127.0.0.1:{node.ssl_port}" for node in nodes)
+
+
+def proxy_bootstrap_string(nodes: Sequence[NodeLayout]) -> str | None:
+    """``127.0.0.1:PROXY_PORT,...`` when every node has a proxied listener, else None."""
+    ports = [node.proxy_advertised_port for node in nodes]
+    if not ports or any(port is None for port in ports):
+        return None
+    return ",".join(f"127.0.0.1:{port}" for port in ports)
 
 
 def cluster_settings(brokers: int) -> dict[str, str]:
@@ -128,21 +143,29 @@ def server_properties(
     plaintext loopback listeners, which no client is given.
     """
     voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in nodes)
+    listeners = (
+        f"SSL://127.0.0.1:{node.ssl_port},"
+        f"INTERNAL://127.0.0.1:{node.internal_port},"
+        f"CONTROLLER://127.0.0.1:{node.controller_port}"
+    )
+    advertised = f"SSL://127.0.0.1:{node.ssl_port},INTERNAL://127.0.0.1:{node.internal_port}"
+    protocols = "SSL:SSL,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    if node.proxied_port is not None:
+        if node.proxy_advertised_port is None:
+            raise ValueError(f"node {node.node_id}: proxied_port needs proxy_advertised_port")
+        # Same TLS settings as SSL (listener configs fall back to the top-level ssl.*).
+        listeners += f",PROXIED://127.0.0.1:{node.proxied_port}"
+        advertised += f",PROXIED://127.0.0.1:{node.proxy_advertised_port}"
+        protocols += ",PROXIED:SSL"
     settings: dict[str, str] = {
         "process.roles": "broker,controller",
         "node.id": str(node.node_id),
         # A static voter set: it is not written into the formatted storage, so a node whose
         # port was taken can be rendered again with new ports and started without reformat.
         "controller.quorum.voters": voters,
-        "listeners": (
-            f"SSL://127.0.0.1:{node.ssl_port},"
-            f"INTERNAL://127.0.0.1:{node.internal_port},"
-            f"CONTROLLER://127.0.0.1:{node.controller_port}"
-        ),
-        "advertised.listeners": (
-            f"SSL://127.0.0.1:{node.ssl_port},INTERNAL://127.0.0.1:{node.internal_port}"
-        ),
-        "listener.security.protocol.map": "SSL:SSL,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listeners": listeners,
+        "advertised.listeners": advertised,
+        "listener.security.protocol.map": protocols,
         "inter.broker.listener.name": "INTERNAL",
         "controller.listener.names": "CONTROLLER",
         "log.dirs": str(node.log_dir),

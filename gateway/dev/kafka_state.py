@@ -13,7 +13,11 @@ Format (JSON, ``<data_dir>/state.json``)::
               "cert": ".../gateway.pem", "key": ".../gateway-key.pem"},
       "brokers": [{"node_id": 1, "pid": 1234, "ssl_port": 40001, "internal_port": 40002,
                    "controller_port": 40003, "log": ".../node-1/kafka.log",
-                   "properties": ".../node-1/server.properties"}]
+                   "properties": ".../node-1/server.properties",
+                   "proxied_port": 40010, "proxy_port": 40011}]
+
+``proxied_port``/``proxy_port`` are present only for clusters started with proxy ports
+(the chaos harness's TCP proxy); ``pid`` is updated when a single broker is restarted.
     }
 """
 
@@ -53,6 +57,10 @@ class BrokerState:
     controller_port: int
     log: Path
     properties: Path
+    proxied_port: int | None = None
+    """The ``PROXIED`` client listener's own port (None: the cluster has no proxy listener)."""
+    proxy_port: int | None = None
+    """The proxy port advertised for ``PROXIED``: what clients using the proxy connect to."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,21 @@ class KafkaState:
     def bootstrap_servers(self) -> list[str]:
         """The bootstrap string split into ``host:port`` items."""
         return self.bootstrap.split(",")
+
+    @property
+    def proxy_bootstrap(self) -> str | None:
+        """``127.0.0.1:PROXY_PORT,...`` if every broker has a proxied listener, else None."""
+        ports = [b.proxy_port for b in self.brokers]
+        if not ports or any(port is None for port in ports):
+            return None
+        return ",".join(f"127.0.0.1:{port}" for port in ports)
+
+    def broker(self, node_id: int) -> BrokerState:
+        """The broker with ``node_id``; raises :class:`LocalKafkaError` if there is none."""
+        for broker in self.brokers:
+            if broker.node_id == node_id:
+                return broker
+        raise LocalKafkaError(f"no broker with node id {node_id} in {self.data_dir}")
 
     @property
     def state_file(self) -> Path:
@@ -103,20 +126,32 @@ def state_to_json(state: KafkaState) -> str:
             "cert": str(state.cert_file),
             "key": str(state.key_file),
         },
-        "brokers": [
-            {
-                "node_id": b.node_id,
-                "pid": b.pid,
-                "ssl_port": b.ssl_port,
-                "internal_port": b.internal_port,
-                "controller_port": b.controller_port,
-                "log": str(b.log),
-                "properties": str(b.properties),
-            }
-            for b in state.brokers
-        ],
+        "brokers": [_broker_to_json(b) for b in state.brokers],
     }
     return json.dumps(doc, indent=2) + "\n"
+
+
+def _broker_to_json(b: BrokerState) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "node_id": b.node_id,
+        "pid": b.pid,
+        "ssl_port": b.ssl_port,
+        "internal_port": b.internal_port,
+        "controller_port": b.controller_port,
+        "log": str(b.log),
+        "properties": str(b.properties),
+    }
+    # Optional keys, written only when set: state files of clusters without a proxy
+    # listener stay exactly as before.
+    if b.proxied_port is not None:
+        doc["proxied_port"] = b.proxied_port
+    if b.proxy_port is not None:
+        doc["proxy_port"] = b.proxy_port
+    return doc
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def state_from_json(text: str, *, source: str = "state") -> KafkaState:
@@ -147,6 +182,8 @@ def state_from_json(text: str, *, source: str = "state") -> KafkaState:
                     controller_port=int(b["controller_port"]),
                     log=Path(b["log"]),
                     properties=Path(b["properties"]),
+                    proxied_port=_optional_int(b.get("proxied_port")),
+                    proxy_port=_optional_int(b.get("proxy_port")),
                 )
                 for b in doc["brokers"]
             ),
