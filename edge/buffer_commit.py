@@ -30,9 +30,17 @@ log = logging.getLogger("edge.buffer")
 
 __all__ = ["GroupCommitter"]
 
+_LEDGER_ROW_BYTES = 128
+"""Bytes set aside per drop-ledger entry (row, topic, msg id, reason)."""
+
 
 class GroupCommitter(BufferCore):
     """The committer task and everything it decides for a batch."""
+
+    @property
+    def drop_ledger_cap(self) -> int:
+        """Most entries the drop ledger keeps (also bounded by ``max_bytes``)."""
+        return min(self._config.drop_ledger_max_rows, max(100, self._config.max_bytes // 1024))
 
     # ----------------------------------------------------------------- committer
 
@@ -161,7 +169,9 @@ class GroupCommitter(BufferCore):
         blocked: set[tuple[str, str]] = set()
         rows, extra = self.stats.rows, 0
         no_room_at_all = self.stats.low_disk
-        limit_rows, limit_bytes = self._config.max_rows, self._config.max_bytes
+        # The drop ledger lives in the same bounded file: its room is set aside up front.
+        limit_rows = self._config.max_rows
+        limit_bytes = self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES
         for write in self._pending:
             stream = (write.device_id, write.class_name)
             if len(batch) >= self._config.commit_max_batch or stream in blocked:
@@ -211,14 +221,24 @@ class GroupCommitter(BufferCore):
                 outcome.duplicates += 1
                 continue
             if write.action == "evict_oldest":
-                evicted = await self._evict_oldest(db, write.class_name)
-                if evicted is None:
+                # Free as many payload bytes as the new row brings. Bytes freed beyond that
+                # are the class's credit for its next row, so the room a lossy class frees
+                # never leaks to other classes (a blocked class stays blocked).
+                credit = self._evict_credit.get(write.class_name, 0)
+                freed, need = 0, len(write.payload) - credit
+                while freed < need:
+                    evicted = await self._evict_oldest(db, write.class_name)
+                    if evicted is None:
+                        break
+                    drops.append(evicted.as_drop(now))
+                    outcome.evicted.append(evicted)
+                    outcome.dropped.append("buffer full: drop_oldest")
+                    freed += evicted.size
+                if freed < need:
                     drops.append(sql.drop_row(None, write, "buffer full: drop_oldest", now))
                     outcome.dropped.append("buffer full: drop_oldest")
                     continue
-                drops.append(evicted.as_drop(now))
-                outcome.evicted.append(evicted)
-                outcome.dropped.append("buffer full: drop_oldest")
+                self._evict_credit[write.class_name] = freed - need
             inserts.append(sql.insert_row(write))
             keys.extend((write.device_id, slot, fp, now) for slot, fp in write.dedup_keys)
             outcome.inserted.append(write)
@@ -234,7 +254,7 @@ class GroupCommitter(BufferCore):
     async def _trim_drop_ledger(self, db: aiosqlite.Connection, added: int) -> None:
         """Keep the ledger bounded (it lives inside the bounded file too)."""
         self._drop_rows += added
-        cap = min(self._config.drop_ledger_max_rows, max(100, self._config.max_bytes // 1024))
+        cap = self.drop_ledger_cap
         if self._drop_rows <= cap:
             return
         excess = self._drop_rows - cap

@@ -57,6 +57,7 @@ class BufferCore:
         self._last_dedup_cleanup = 0.0
         self._drop_log_at: dict[str, float] = {}
         self._drop_rows = 0
+        self._evict_credit: dict[str, int] = {}
         self.stats = BufferStats()
 
     @property
