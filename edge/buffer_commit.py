@@ -172,6 +172,7 @@ class GroupCommitter(BufferCore):
         # The drop ledger lives in the same bounded file: its room is set aside up front.
         limit_rows = self._config.max_rows
         limit_bytes = self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES
+        self._reclaim = max(0, self.stats.used_bytes - self._config.max_bytes)
         for write in self._pending:
             stream = (write.device_id, write.class_name)
             if len(batch) >= self._config.commit_max_batch or stream in blocked:
@@ -225,7 +226,10 @@ class GroupCommitter(BufferCore):
                 # are the class's credit for its next row, so the room a lossy class frees
                 # never leaks to other classes (a blocked class stays blocked).
                 credit = self._evict_credit.get(write.class_name, 0)
-                freed, need = 0, len(write.payload) - credit
+                # Pages left half-empty by deletes can push the file past its bound: give
+                # back that overshoot too, so the file converges under max_bytes.
+                freed, need = 0, len(write.payload) - credit + self._reclaim
+                self._reclaim = 0
                 while freed < need:
                     evicted = await self._evict_oldest(db, write.class_name)
                     if evicted is None:

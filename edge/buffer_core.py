@@ -58,6 +58,7 @@ class BufferCore:
         self._drop_log_at: dict[str, float] = {}
         self._drop_rows = 0
         self._evict_credit: dict[str, int] = {}
+        self._reclaim = 0
         self.stats = BufferStats()
 
     @property

@@ -85,7 +85,8 @@ block_timeout_s = 600            # keep blocked devices connected for this test
             assert status["buffer"]["full"]
             # Lossy telemetry keeps flowing by dropping its oldest, and says so.
             assert status["buffer"]["dropped"].get("buffer full: drop_oldest", 0) > 0
-            assert status["buffer"]["used_bytes"] <= 3_145_728 + 64 * 1024  # one commit's slack
+            # Page-level accounting: allow one commit's worth of estimate error.
+            assert status["buffer"]["used_bytes"] <= 3_145_728 + 128 * 1024
         assert peak <= baseline + 64 * 1024 * 1024, f"RSS grew {(peak - baseline) >> 20} MiB"
         # Kafka is back: everything retained drains and acknowledgements resume.
         events.wait_done(240)
