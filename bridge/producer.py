@@ -206,9 +206,22 @@ class KafkaProducerHandle:
                             futures.append(None)
                             early[index] = exc
                             raise
-                    await producer.send(
+                    marker_future = await producer.send(
                         marker.topic, marker.value, key=marker.key, headers=marker.headers
                     )
+                    # Commit only once every record is acked. aiokafka lets a commit through
+                    # although a record of the transaction failed at the broker when the
+                    # failure lands after the commit started (seen with MessageSizeTooLarge):
+                    # the rest would be committed, the progress record would name the lost
+                    # row, and recovery would delete it. Waiting first closes that window.
+                    outstanding = [f for f in futures if f is not None] + [marker_future]
+                    await asyncio.wait(outstanding)
+                    refused = next(
+                        (f.exception() for f in outstanding if not f.cancelled() and f.exception()),
+                        None,
+                    )
+                    if refused is not None:
+                        raise refused
                     await producer.commit_transaction()
                 except AioKafkaError as exc:
                     failure = exc
@@ -231,6 +244,9 @@ class KafkaProducerHandle:
             live = [f for f in futures if f is not None and not f.done()]
             if live:
                 await asyncio.wait(live, timeout=1.0)
+            # As for the idempotent producer (aiokafka #1017): do not trust sequence state
+            # after a refused batch. The next producer fences this one and recovery runs.
+            self.discard(f"a transaction failed ({failure!r})")
             return self._outcome(
                 futures, len(records), stuck=False, early=early, first=failure, all_or_none=True
             )

@@ -216,8 +216,9 @@ async def test_dlq_cli_lists_replays_and_purges_through_the_running_gateway(
         assert out.read_text() == ""
 
 
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
 async def test_a_record_the_broker_rejects_as_too_large_is_found_and_dead_lettered(
-    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Callable[..., str]
+    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Callable[..., str], delivery: str
 ) -> None:
     """The topic's ``max.message.bytes`` is below the producer's limit: the broker rejects a
     whole produce batch, the gateway narrows it down to the one record and dead-letters only
@@ -232,7 +233,10 @@ async def test_a_record_the_broker_rejects_as_too_large_is_found_and_dead_letter
     finally:
         await admin.close()
     create_topics(kafka, [events], partitions=1)
-    config = _config(tmp_path, kafka, {"event": events, "dlq": dlq}, "linger_ms = 200")
+    settings = f'linger_ms = 200\ndelivery = "{delivery}"\nprogress_topic = "{events}.progress"'
+    if delivery == "exactly_once":
+        create_topics(kafka, [f"{events}.progress"], partitions=1)
+    config = _config(tmp_path, kafka, {"event": events, "dlq": dlq}, settings)
     with running_gateway(config) as gateway:
         _publish(
             gateway.mqtt_port,
@@ -247,13 +251,16 @@ async def test_a_record_the_broker_rejects_as_too_large_is_found_and_dead_letter
             "the buffer to drain and one dead letter forwarded",
         )
         assert status["kafka"]["dead_lettered"] == 1
-    records = await read_topics(kafka.bootstrap, _tls(kafka), [events])
+    isolation = "read_committed" if delivery == "exactly_once" else "read_uncommitted"
+    records = await read_topics(kafka.bootstrap, _tls(kafka), [events], isolation=isolation)
     values = [r.value for r in records]
+    if delivery == "exactly_once":
+        assert len(values) == len(set(values)), "exactly-once: no record twice"
     expected = [f"small-{i}".encode() for i in range(5)] + [f"after-{i}".encode() for i in range(5)]
     # At-least-once: a narrowed batch may resend a few small records; order holds.
     assert set(values) == set(expected)
     first = list(dict.fromkeys(values))
     assert first == expected
-    dead = await read_topics(kafka.bootstrap, _tls(kafka), [dlq])
+    dead = await read_topics(kafka.bootstrap, _tls(kafka), [dlq], isolation=isolation)
     assert len(dead) == 1
     assert b"too large" in dead[0].headers["tg-dead-letter-reason"]
