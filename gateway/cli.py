@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from device_sim.chaos_cli import chaos as chaos_command
 from device_sim.cli import sim as sim_command
 from device_sim.cli import verify as verify_command
 from gateway.config import load_config
@@ -39,6 +40,7 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(dev_app, name="dev")
 app.command("sim")(sim_command)
 app.command("verify")(verify_command)
+app.command("chaos")(chaos_command)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Gateway config file (TOML).", show_default=True)
