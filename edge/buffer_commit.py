@@ -77,6 +77,8 @@ class GroupCommitter(BufferCore):
                 self._commit_failed(exc, batch, changes, barriers)
                 if self._closing:
                     return
+                if self.stats.disk_full:
+                    await self._shed_bookkeeping()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -121,6 +123,30 @@ class GroupCommitter(BufferCore):
         self._pending[:0] = batch
         self._registry.put_back(changes)
         self._barriers[:0] = barriers
+
+    async def _shed_bookkeeping(self) -> None:
+        """The file is full: bookkeeping yields to data. Forget the older half of the
+        retransmission memory (only weakens duplicate suppression) and trim the drop ledger
+        by half (its counters stay), so acknowledgements can resume once rows are released
+        instead of the bookkeeping itself keeping the file full."""
+        try:
+            async with self.transaction() as db:
+                await db.execute(
+                    "DELETE FROM inbound_dedup WHERE seen_ms <= (SELECT seen_ms FROM"
+                    " inbound_dedup ORDER BY seen_ms LIMIT 1 OFFSET"
+                    " (SELECT count(*) / 2 FROM inbound_dedup))"
+                )
+                cursor = await db.execute(
+                    "DELETE FROM drops WHERE id IN (SELECT id FROM drops ORDER BY id LIMIT"
+                    " (SELECT count(*) / 2 FROM drops))"
+                )
+                trimmed = max(0, cursor.rowcount)
+        except sqlite3.Error as exc:
+            log.error("could not shed bookkeeping rows in a full buffer: %s", exc)
+            return
+        self._drop_rows = max(0, self._drop_rows - trimmed)
+        self.stats.drops_trimmed += trimmed
+        await self._refresh_used_bytes(self.db)
 
     def _check_disk(self) -> None:
         now = time.monotonic()

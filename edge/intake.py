@@ -75,13 +75,13 @@ class Intake:
         keys: list[tuple[str, str]] = []
         if envelope is not None:
             seq = envelope[2]
-            slot = seq % 64 if seq is not None else f"h{zlib.crc32(envelope[0].encode()) % 64}"
+            slot = seq % 32 if seq is not None else f"h{zlib.crc32(envelope[0].encode()) % 32}"
             keys.append((f"m{route.class_name}:{slot}", envelope[0]))
         if publish.qos > 0 and publish.packet_id is not None:
             digest = hashlib.blake2b(
                 publish.topic.encode() + b"\0" + publish.payload, digest_size=8
             ).hexdigest()
-            keys.append((f"p{publish.packet_id % 128}", f"{publish.packet_id}:{digest}"))
+            keys.append((f"p{publish.packet_id % 64}", f"{publish.packet_id}:{digest}"))
         return self._buffer.enqueue(
             device_id=publish.device_id,
             class_name=route.class_name,

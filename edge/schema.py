@@ -77,12 +77,12 @@ _V1_TO_V2: Final = (
         dropped_ms INTEGER NOT NULL
     )""",
     # Bounded memory of recent messages per device, to recognise retransmissions: a ring of
-    # slots per device (packet id modulo 128; envelope class + seq modulo 64), so its size is
+    # slots per device (packet id modulo 64; envelope class + seq modulo 32), so its size is
     # devices x a constant however long the gateway runs. A collision overwrites a slot and
     # can only let a duplicate through, never drop a message.
     """CREATE TABLE inbound_dedup (
         device_id   TEXT    NOT NULL,
-        slot        TEXT    NOT NULL,     -- 'p<packet id % 128>' or 'm<class>:<seq % 64>'
+        slot        TEXT    NOT NULL,     -- 'p<packet id % 64>' or 'm<class>:<seq % 32>'
         fingerprint TEXT    NOT NULL,     -- '<packet id>:<digest>' or the envelope msg_id
         seen_ms     INTEGER NOT NULL,
         PRIMARY KEY (device_id, slot)

@@ -414,3 +414,29 @@ async def test_refuses_a_damaged_buffer_and_says_how_to_recover(tmp_path: Path) 
     path.write_bytes(bytes(data))
     with pytest.raises(BufferCorruptError, match=r"\.recover"):
         await _buffer(path).open()
+
+
+async def test_bookkeeping_that_fills_a_capped_file_yields_to_data(tmp_path: Path) -> None:
+    """Retransmission memory filling the file while the queue is empty must not wedge acks."""
+    now = time.time_ns() // 1_000_000
+    async with _buffer(tmp_path / "b.sqlite3", max_file_bytes=1 << 20) as buffer:
+        n = 0
+        for size in (500, 50, 5, 1):  # fill the 1 MiB cap to the last page, bounded
+            for _ in range(300):
+                try:
+                    async with buffer.transaction() as db:
+                        await db.executemany(
+                            "INSERT INTO inbound_dedup (device_id, slot, fingerprint, seen_ms)"
+                            " VALUES (?, ?, ?, ?)",
+                            [(f"d{n + i}", "p0", "x" * 40, now) for i in range(size)],
+                        )
+                    n += size
+                except sqlite3.OperationalError as exc:
+                    if "full" not in str(exc):
+                        raise
+                    break
+        (first,) = _enqueue(buffer, "a", 1, payload=b"y" * 9000)
+        async with asyncio.timeout(10):
+            await first
+        assert buffer.stats.commit_failures >= 1  # it was full ...
+        assert not buffer.stats.disk_full  # ... and recovered without any row released
