@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge.breaker import BreakerPolicy, CircuitBreaker
+from bridge.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from bridge.outcomes import (
     TopicWatch,
     classify_error,
@@ -370,7 +370,12 @@ class Forwarder:
     # ------------------------------------------------------------------ errors
 
     def _failed(self, exc: KafkaError, *, stuck: bool = False) -> None:
+        was_open = self.breaker.state is BreakerState.OPEN
         self.breaker.record_failure()
+        if self.breaker.state is BreakerState.OPEN and not was_open:
+            # An idle aiokafka producer keeps reconnecting in the background (dozens of TLS
+            # handshakes a second while Kafka refuses): while the circuit is open, have none.
+            self._producer.discard("circuit open")
         message = str(exc)
         if message != self.status.last_error:
             log.error("Kafka: %s (buffering continues, retrying with backoff)", message)

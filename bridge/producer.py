@@ -73,6 +73,8 @@ class KafkaProducerHandle:
         cfg = self._config
         producer = AIOKafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers,
+            # aiokafka's 100 ms default retries metadata ten times a second during outages.
+            retry_backoff_ms=500,
             client_id=cfg.client_id,
             security_protocol="SSL",
             ssl_context=context,
