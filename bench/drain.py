@@ -1,0 +1,206 @@
+"""Backlog drain: a buffer holding N messages (default 1,000,000) drains into Kafka while live
+traffic keeps flowing.
+
+    .venv/bin/python -m bench.drain [--rows 1000000] [--live-devices 100] [--live-rate 10]
+
+The backlog is written straight into a fresh buffer file (telemetry class, 1,000 devices,
+100-byte payloads) before the gateway starts, as if Kafka had been away for a long time. Live
+devices publish QoS1 events (a higher class) through the gateway during the drain. Reported:
+backlog drain rate (msg/s), live PUBACK latency, gateway CPU and RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from edge.buffer import Buffer
+from gateway.config import BufferConfig
+from gateway.dev.kafka import create_topics, read_state, start_kafka, stop_kafka
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fill(path: Path, rows: int, devices: int) -> None:
+    asyncio.run(_create(path))
+    payload = b"x" * 100
+    now = time.time_ns() // 1_000_000
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        batch = 50_000
+        for start in range(0, rows, batch):
+            db.executemany(
+                "INSERT INTO uplink (device_id, class, topic, qos, payload, ingest_ms, priority)"
+                " VALUES (?, 'telemetry', ?, 1, ?, ?, 5)",
+                [
+                    (f"bk-{i % devices:04d}", f"d/bk-{i % devices:04d}/up/telemetry", payload, now)
+                    for i in range(start, min(rows, start + batch))
+                ],
+            )
+            db.commit()
+    db.close()
+
+
+async def _create(path: Path) -> None:
+    async with Buffer(path, BufferConfig(max_rows=10_000_000, max_bytes=1 << 33)):
+        pass
+
+
+def _status(runtime: dict[str, Any]) -> dict[str, Any]:
+    admin = runtime["admin"]
+    with urllib.request.urlopen(f"http://{admin['host']}:{admin['port']}/status", timeout=5) as r:
+        data: dict[str, Any] = json.loads(r.read())
+    return data
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--live-devices", type=int, default=100)
+    parser.add_argument("--live-rate", type=float, default=10.0)
+    parser.add_argument("--kafka-state", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tidegate-drain-"))
+    kafka = read_state(args.kafka_state) if args.kafka_state else None
+    if kafka is None:
+        kafka = start_kafka(work / "kafka", work / "pki", topics=())
+    try:
+        suffix = os.urandom(3).hex()
+        topics = {"telemetry": f"drain.telemetry.{suffix}", "event": f"drain.event.{suffix}"}
+        create_topics(kafka, list(topics.values()), partitions=6)
+        data = work / "gateway"
+        data.mkdir()
+        started = time.monotonic()
+        _fill(data / "buffer.sqlite3", args.rows, args.devices)
+        fill_s = time.monotonic() - started
+        config = work / "gateway.toml"
+        config.write_text(
+            f"""
+[gateway]
+id = "drain-bench"
+data_dir = "{data}"
+[[broker.listeners]]
+port = 0
+[buffer]
+max_rows = 10_000_000
+max_bytes = 8_589_934_592
+[classes.event]
+kafka_topic = "{topics["event"]}"
+priority = 8
+[classes.telemetry]
+kafka_topic = "{topics["telemetry"]}"
+priority = 5
+[kafka]
+bootstrap_servers = ["{kafka.bootstrap}"]
+[kafka.tls]
+cafile = "{kafka.ca_file}"
+certfile = "{kafka.cert_file}"
+keyfile = "{kafka.key_file}"
+[admin]
+port = 0
+"""
+        )
+        log = (work / "gateway.log").open("wb")
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        try:
+            result = _measure(gateway, data, args, work)
+        finally:
+            gateway.terminate()
+            gateway.wait(timeout=30)
+        result.update(rows=args.rows, fill_s=round(fill_s, 1), command=" ".join(sys.argv))
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if args.kafka_state is None:
+            stop_kafka(kafka.state_file)
+
+
+def _measure(
+    gateway: subprocess.Popen[bytes], data: Path, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while not (data / "runtime.json").exists():
+        if gateway.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"gateway did not start; see {work / 'gateway.log'}")
+        time.sleep(0.2)
+    runtime = json.loads((data / "runtime.json").read_text())
+    port = runtime["mqtt"][0]["port"]
+    started, cpu0 = time.monotonic(), _cpu_s(gateway.pid)
+    # Live traffic for about as long as the drain should take (bounded by --max-time).
+    live_s = max(20, args.rows // 15_000)
+    sim = subprocess.Popen(
+        [
+            sys.executable, "-m", "gateway.cli", "sim", "--port", str(port),
+            "--devices", str(args.live_devices), "--rate", str(args.live_rate),
+            "--duration", str(live_s), "--max-time", "900", "--classes", "event",
+            "--prefix", "live-", "--quiet", "--json", str(work / "live.json"),
+        ],
+        cwd=REPO,
+    )  # fmt: skip
+    peak_rss = 0
+    samples: list[tuple[float, int]] = []
+    try:
+        while True:
+            status = _status(runtime)
+            backlog = status["buffer"]["class_rows"].get("telemetry", 0)
+            elapsed = time.monotonic() - started
+            samples.append((round(elapsed, 1), backlog))
+            rss = int(Path(f"/proc/{gateway.pid}/statm").read_text().split()[1]) * os.sysconf(
+                "SC_PAGE_SIZE"
+            )
+            peak_rss = max(peak_rss, rss)
+            if backlog == 0:
+                break
+            if elapsed > 1800:
+                raise SystemExit("backlog not drained in 30 minutes")
+            time.sleep(1.0)
+    finally:
+        drained_s = time.monotonic() - started
+        cpu = _cpu_s(gateway.pid) - cpu0
+        try:
+            sim.wait(timeout=live_s + 120)
+        except subprocess.TimeoutExpired:
+            sim.send_signal(signal.SIGINT)
+            sim.wait(timeout=60)
+    live = json.loads((work / "live.json").read_text()) if (work / "live.json").exists() else {}
+    return {
+        "drain_s": round(drained_s, 1),
+        "drain_msgs_per_s": round(args.rows / drained_s),
+        "gateway_cpu_s": round(cpu, 1),
+        "gateway_peak_rss_mb": round(peak_rss / 2**20, 1),
+        "live": {
+            "devices": args.live_devices,
+            "rate_per_device": args.live_rate,
+            "summary": live,
+        },
+        "backlog_samples": samples[:: max(1, len(samples) // 30)],
+    }
+
+
+if __name__ == "__main__":
+    main()
