@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import cbor2
 
@@ -43,11 +43,27 @@ class Intake:
             name: int(c.ttl_s * 1000) for name, c in classes.items() if c.ttl_s is not None
         }
         self._meta_prefix = router.device_topic_prefix()
+        self._result_topic: str | None = None
+        self._results: Callable[[str, bytes], asyncio.Future[None]] | None = None
         self.unrouted = 0
+
+    def route_command_results(
+        self, topic_pattern: str, handler: Callable[[str, bytes], asyncio.Future[None]]
+    ) -> None:
+        """Publishes on ``topic_pattern`` (``{device_id}`` is the publisher's id) go to
+        ``handler(device_id, payload)`` (the command store) instead of the uplink; the
+        PUBACK waits for its future like for any other publish."""
+        self._result_topic, self._results = topic_pattern, handler
 
     def submit(self, publish: InboundPublish) -> asyncio.Future[None]:
         """Route and enqueue; see :class:`edge.ingest.IngestSink`."""
         ingest_ms = int(publish.received_at * 1000)
+        if (
+            self._results is not None
+            and self._result_topic is not None
+            and publish.topic == self._result_topic.replace("{device_id}", publish.device_id)
+        ):
+            return self._results(publish.device_id, publish.payload)
         if publish.topic == f"{self._meta_prefix}{publish.device_id}{_META_SUFFIX}":
             info = _parse_device_info(publish.payload)
             if info is not None:

@@ -89,7 +89,42 @@ _V1_TO_V2: Final = (
     ) WITHOUT ROWID""",
 )
 
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _V1_TO_V2}
+_V2_TO_V3: Final = (
+    # Downlink commands (docs/commands.md). The row is also the memory of seen command ids:
+    # terminal rows are trimmed to ``commands.remember_ids``, so a duplicate from Kafka is
+    # accepted once for as long as its row is remembered.
+    """CREATE TABLE commands (
+        command_id    TEXT    PRIMARY KEY,
+        seq           INTEGER NOT NULL,       -- arrival order (gateway counter)
+        device_id     TEXT    NOT NULL,
+        name          TEXT    NOT NULL,
+        params        TEXT    NOT NULL,       -- JSON object
+        priority      INTEGER NOT NULL,
+        ttl_s         REAL    NOT NULL,
+        expires_ms    INTEGER NOT NULL,
+        not_before_ms INTEGER,
+        state         TEXT    NOT NULL,       -- pending delivered executed failed expired rejected
+        received_ms   INTEGER NOT NULL,
+        updated_ms    INTEGER NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID""",
+    "CREATE INDEX commands_pending ON commands (device_id, priority DESC, seq)"
+    " WHERE state = 'pending'",
+    "CREATE INDEX commands_terminal ON commands (updated_ms)"
+    " WHERE state IN ('executed', 'failed', 'expired', 'rejected')",
+    # Results outbox: a row per state change, deleted once the results topic acked it.
+    """CREATE TABLE command_results (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        command_id TEXT    NOT NULL,
+        device_id  TEXT    NOT NULL,
+        status     TEXT    NOT NULL,
+        reason     TEXT,
+        output     TEXT,                      -- JSON, as the device reported it
+        at_ms      INTEGER NOT NULL
+    )""",
+)
+
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _V1_TO_V2, 2: _V2_TO_V3}
 """``from_version -> statements`` that bring a file to ``from_version + 1``."""
 
 SCHEMA_VERSION: Final = 1 + len(MIGRATIONS)

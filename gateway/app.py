@@ -29,6 +29,7 @@ from edge.buffer import Buffer
 from edge.intake import Intake
 from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
+from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
 
@@ -64,6 +65,11 @@ class Gateway:
         self.buffer = Buffer(config.buffer_path, config.buffer, config.classes)
         router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
         self.intake = Intake(self.buffer, router, config.classes)
+        self.commands = (
+            None
+            if config.commands is None
+            else CommandService(config, config.commands, self.buffer)
+        )
         self.forwarder = Forwarder(
             self.buffer,
             RecordBuilder(
@@ -79,11 +85,13 @@ class Gateway:
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
             sink=self.intake,
-            observer=self.buffer,
+            observer=self.buffer if self.commands is None else self.commands.observer(self.buffer),
             max_inflight_per_session=config.broker.max_inflight_per_session,
             uplink_prefix=router.device_topic_prefix(),
             allow_anonymous=config.broker.allow_anonymous,
         )
+        if self.commands is not None:
+            self.commands.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
@@ -104,6 +112,11 @@ class Gateway:
                 await self.buffer.mark_all_disconnected()
                 async with asyncio.TaskGroup() as tasks:
                     forwarder = tasks.create_task(self.forwarder.run(), name="forwarder")
+                    commands = (
+                        None
+                        if self.commands is None
+                        else tasks.create_task(self.commands.run(), name="commands")
+                    )
                     try:
                         async with self.broker, self.admin:
                             self._write_runtime(data_dir)
@@ -120,6 +133,9 @@ class Gateway:
                         # The broker is closed: nothing new is acknowledged. Rows that are
                         # not yet in Kafka stay in the buffer for the next start.
                         forwarder.cancel()
+                        if commands is not None and self.commands is not None:
+                            commands.cancel()
+                            await self.commands.close(deadline=max(1.0, deadline / 4))
                         await self.forwarder.close(deadline=max(1.0, deadline / 2))
         finally:
             with contextlib.suppress(OSError):
@@ -244,4 +260,5 @@ class Gateway:
                 "recovered_rows": fwd.recovered_rows,
             },
             "intake": {"unrouted": self.intake.unrouted},
+            "commands": None if self.commands is None else self.commands.status(),
         }

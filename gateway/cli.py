@@ -22,6 +22,7 @@ import typer
 from device_sim.chaos_cli import chaos as chaos_command
 from device_sim.cli import sim as sim_command
 from device_sim.cli import verify as verify_command
+from gateway.commands_cli import cmd_app
 from gateway.config import load_config
 from gateway.dev.cli import certs_app, dev_app
 from gateway.errors import ConfigError, TidegateError
@@ -38,6 +39,7 @@ app = typer.Typer(
 
 app.add_typer(certs_app, name="certs")
 app.add_typer(dev_app, name="dev")
+app.add_typer(cmd_app, name="cmd")
 app.command("sim")(sim_command)
 app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)

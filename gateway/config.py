@@ -32,6 +32,7 @@ __all__ = [
     "BrokerConfig",
     "BufferConfig",
     "ClassConfig",
+    "CommandsConfig",
     "GatewayConfig",
     "GatewayIdentity",
     "KafkaConfig",
@@ -268,6 +269,52 @@ class KafkaConfig(_Model):
         return value
 
 
+class CommandsConfig(_Model):
+    """Downlink commands from Kafka to devices (docs/commands.md). Absent section: off."""
+
+    topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._{}-]{1,249}$")] = "iot.commands.{gateway_id}"
+    """Kafka topic this gateway consumes commands from; ``{gateway_id}`` is replaced. One
+    topic per gateway: a gateway only ever sees its own devices' commands."""
+    results_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.command-results"
+    """Kafka topic for result records (accepted, delivered, executed, failed, expired,
+    rejected), key = device id."""
+    group_id: Annotated[str, Field(min_length=1)] = "tidegate-{gateway_id}"
+    """Kafka consumer group; ``{gateway_id}`` is replaced."""
+    device_topic: str = "d/{device_id}/cmd"
+    """MQTT topic a command is published on (QoS 1); results come back on it plus
+    ``/result``."""
+    remember_ids: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    """Finished commands remembered to recognise a command id seen again (duplicates are
+    accepted once); the oldest finished ones are forgotten past this count."""
+    max_params_bytes: Annotated[int, Field(ge=64, le=1 << 20)] = 16_384
+    """Commands whose JSON ``params`` is larger are rejected."""
+    max_ttl_s: Annotated[float, Field(gt=0)] = 30 * 86_400.0
+    """Largest accepted ``ttl_s``."""
+    reject_unknown_devices: bool = True
+    """Reject commands for devices this gateway has never seen (not in its registry)."""
+    poll_interval_s: Annotated[float, Field(gt=0, le=5)] = 0.25
+    """How often scheduled (``not_before``) and expired commands are looked at."""
+    retry_interval_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """A connected device that did not PUBACK a command gets it again after this."""
+    max_commands_per_poll: Annotated[int, Field(ge=1, le=100_000)] = 500
+    """Most Kafka records taken (and stored in one transaction) at a time."""
+
+    @field_validator("device_topic")
+    @classmethod
+    def _device_level(cls, value: str) -> str:
+        if value.split("/").count("{device_id}") != 1 or any(c in value for c in "+#"):
+            raise ValueError("must contain {device_id} once as a whole level, no wildcards")
+        return value
+
+    def kafka_topic(self, gateway_id: str) -> str:
+        """The command topic of a gateway."""
+        return self.topic.replace("{gateway_id}", gateway_id)
+
+    def kafka_group(self, gateway_id: str) -> str:
+        """The consumer group of a gateway."""
+        return self.group_id.replace("{gateway_id}", gateway_id)
+
+
 class AdminConfig(_Model):
     """The local admin API (status, later operations)."""
 
@@ -286,6 +333,8 @@ class GatewayConfig(_Model):
     routing: RoutingConfig = RoutingConfig()
     kafka: KafkaConfig
     admin: AdminConfig = AdminConfig()
+    commands: CommandsConfig | None = None
+    """Downlink commands; None (no ``[commands]`` section) turns them off."""
 
     @field_validator("classes")
     @classmethod

@@ -1,0 +1,127 @@
+"""The downlink consumer: commands from this gateway's Kafka topic into SQLite.
+
+Ordering of durability: a batch of records is parsed, stored (commands and their
+``accepted``/``rejected`` results, one transaction, synchronous=FULL), and only then are
+the offsets committed. A crash between the two re-reads the batch; the command ids already
+stored are recognised and accepted once. A record that is not a valid command becomes a
+``rejected`` result: it never stops the consumer.
+
+The consumer group is per gateway (``commands.group_id``) and so is the topic
+(``commands.topic``, ``iot.commands.{gateway_id}`` by default): see docs/commands.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError as AioKafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from bridge.tls import build_ssl_context
+from edge.commands_model import Command, Rejection, parse_command
+from edge.commands_store import CommandStore
+from gateway.config import CommandsConfig, KafkaConfig
+from gateway.errors import KafkaError
+
+__all__ = ["CommandConsumer"]
+
+log = logging.getLogger(__name__)
+
+
+class CommandConsumer:
+    """Consumes commands for one gateway. ``run()`` until cancelled."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        config: CommandsConfig,
+        *,
+        gateway_id: str,
+        store: CommandStore,
+        on_stored: Callable[[list[str]], None],
+    ) -> None:
+        self._kafka = kafka
+        self._config = config
+        self._topic = config.kafka_topic(gateway_id)
+        self._group = config.kafka_group(gateway_id)
+        self._store = store
+        self._on_stored = on_stored
+        self.consumed = 0
+        self.last_error: str | None = None
+
+    async def run(self) -> None:
+        """Consume forever; on a Kafka failure rebuild the consumer after a capped backoff."""
+        failures = 0
+        while True:
+            consumer = self._build()
+            try:
+                await self._consume(consumer)
+            except Exception as exc:
+                # Kafka errors, and a store that failed (disk full, I/O): the offsets were not
+                # committed, so a fresh consumer reads the batch again. Never a crash.
+                failures += 1
+                self.last_error = repr(exc)
+                if not isinstance(exc, AioKafkaError | OSError | TimeoutError | KafkaError):
+                    log.exception("command intake failed")
+                delay = min(self._kafka.retry_backoff_max_s, 0.2 * 2**failures)
+                log.warning(
+                    "command consumer on %s failed (%r); retrying in %.1fs", self._topic, exc, delay
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            finally:
+                await self._stop(consumer)
+
+    def _build(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            self._topic,
+            bootstrap_servers=self._kafka.bootstrap_servers,
+            client_id=f"{self._kafka.client_id}-commands",
+            group_id=self._group,
+            security_protocol="SSL",
+            ssl_context=build_ssl_context(self._kafka.tls),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            request_timeout_ms=int(self._kafka.request_timeout_s * 1000) + 30_000,
+        )
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        async with asyncio.timeout(self._kafka.request_timeout_s + 5):
+            await consumer.start()
+        log.info("consuming commands from %s (group %s)", self._topic, self._group)
+        while True:
+            batch = await consumer.getmany(
+                timeout_ms=500, max_records=self._config.max_commands_per_poll
+            )
+            if not batch:
+                continue
+            items: list[Command | Rejection] = []
+            offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+            for tp, records in batch.items():
+                for record in records:
+                    items.append(
+                        parse_command(
+                            record.key,
+                            record.value,
+                            timestamp_ms=record.timestamp,
+                            max_params_bytes=self._config.max_params_bytes,
+                            max_ttl_s=self._config.max_ttl_s,
+                        )
+                    )
+                offsets[tp] = OffsetAndMetadata(records[-1].offset + 1, "")
+            woken = await self._store.accept(items)  # durable before the offsets move
+            self.consumed += len(items)
+            self._on_stored(woken)
+            async with asyncio.timeout(self._kafka.request_timeout_s + 5):
+                await consumer.commit(offsets)
+            self.last_error = None
+
+    async def _stop(self, consumer: AIOKafkaConsumer) -> None:
+        # stop() can hang while Kafka is away (it tries to leave the group): bounded.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await consumer.stop()

@@ -1,0 +1,106 @@
+"""The results outbox to Kafka: send the oldest results, delete them only after the acks.
+
+Its own producer (at-least-once, idempotent, every wait bounded by
+:class:`bridge.producer.KafkaProducerHandle`), so command results never queue behind an
+uplink backlog. A result may be sent twice after a crash or a rebuilt producer; each carries
+a stable ``result_id`` (gateway id plus the outbox row id, never reused) to de-duplicate on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from bridge.producer import KafkaProducerHandle
+from bridge.records import KafkaRecord
+from edge.commands_model import result_value
+from edge.commands_store import CommandStore
+from gateway.config import KafkaConfig
+from gateway.errors import KafkaError
+
+__all__ = ["ResultSender"]
+
+log = logging.getLogger(__name__)
+
+_BATCH = 500
+
+
+class ResultSender:
+    """``run()`` until cancelled; ``close()`` stops the producer within a deadline."""
+
+    def __init__(
+        self, kafka: KafkaConfig, *, topic: str, gateway_id: str, store: CommandStore
+    ) -> None:
+        self._producer = KafkaProducerHandle(kafka)
+        self._kafka = kafka
+        self._topic = topic
+        self._gateway_id = gateway_id
+        self._store = store
+        self.sent = 0
+        self.last_error: str | None = None
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._run()
+            except Exception:
+                # The store failed (disk, I/O): nothing was deleted that Kafka did not ack.
+                log.exception("command results outbox failed; retrying")
+                await asyncio.sleep(self._kafka.retry_backoff_max_s)
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            results = await self._store.outbox(_BATCH)
+            if not results:
+                await self._store.wait_outbox(1.0)
+                continue
+            records = [
+                KafkaRecord(
+                    self._topic,
+                    r.device_id.encode(),
+                    result_value(
+                        gateway_id=self._gateway_id,
+                        command_id=r.command_id,
+                        device_id=r.device_id,
+                        status=r.status,
+                        reason=r.reason,
+                        output_json=r.output_json,
+                        at_ms=r.at_ms,
+                        result_id=r.id,
+                    ),
+                    [
+                        ("tg-gateway-id", self._gateway_id.encode()),
+                        ("tg-command-id", r.command_id.encode()),
+                        ("tg-result-id", f"{self._gateway_id}:{r.id}".encode()),
+                    ],
+                )
+                for r in results
+            ]
+            try:
+                outcome = await self._producer.send(records)
+            except KafkaError as exc:
+                outcome = None
+                self.last_error = str(exc)
+            # Delete only an acked prefix: results of one command keep their order on Kafka.
+            prefix = 0
+            for ok in [] if outcome is None else outcome.acked:
+                if not ok:
+                    break
+                prefix += 1
+            await self._store.sent([r.id for r in results[:prefix]])
+            self.sent += prefix
+            if prefix == len(results):
+                failures = 0
+                self.last_error = None
+                continue
+            if outcome is not None and outcome.error is not None:
+                self.last_error = str(outcome.error)
+            failures += 1
+            delay = min(self._kafka.retry_backoff_max_s, 0.2 * 2**failures)
+            log.warning("command results not acked (%s); retry in %.1fs", self.last_error, delay)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+
+    async def close(self, deadline: float) -> None:
+        await self._producer.close(deadline=deadline)

@@ -1,0 +1,195 @@
+"""``tidegate cmd send | status``: produce a command to a gateway's Kafka topic, read its
+results back from the results topic (docs/commands.md).
+
+Both talk to Kafka directly with the config's mutual TLS; neither touches the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError as AioKafkaError
+
+from bridge.tls import build_ssl_context
+from gateway.config import CommandsConfig, GatewayConfig, load_config
+from gateway.errors import ConfigError, TidegateError
+
+__all__ = ["build_command", "cmd_app", "parse_at"]
+
+cmd_app = typer.Typer(help="Downlink commands: send one, show its history.", no_args_is_help=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Gateway config file (TOML).")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"tidegate: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _load(path: Path) -> tuple[GatewayConfig, CommandsConfig]:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    return cfg, cfg.commands or CommandsConfig()
+
+
+def parse_at(value: str) -> int:
+    """``--at``: epoch milliseconds, or an ISO 8601 time (UTC unless it names a zone)."""
+    if value.isdigit():
+        return int(value)
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"--at: not epoch ms or ISO 8601: {value!r}") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def build_command(
+    device: str,
+    name: str,
+    params: list[str],
+    *,
+    ttl_s: float,
+    priority: int,
+    at: str | None,
+    command_id: str | None,
+) -> dict[str, Any]:
+    """The command record's value (``--param k=v``: v is JSON when it parses, else text)."""
+    parsed: dict[str, Any] = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected key=value")
+        try:
+            parsed[key] = json.loads(raw)
+        except ValueError:
+            parsed[key] = raw
+    command: dict[str, Any] = {
+        "command_id": command_id or uuid.uuid4().hex,
+        "device_id": device,
+        "name": name,
+        "params": parsed,
+        "priority": priority,
+        "ttl_s": ttl_s,
+    }
+    if at is not None:
+        command["not_before"] = parse_at(at)
+    return command
+
+
+@cmd_app.command("send")
+def send(  # noqa: PLR0917  # typer maps parameters to options
+    device: str,
+    name: str,
+    param: Annotated[list[str] | None, typer.Option("--param", help="key=value")] = None,
+    ttl: Annotated[float, typer.Option("--ttl", help="Seconds the command stays valid.")] = 3600,
+    at: Annotated[str | None, typer.Option("--at", help="Not before: ISO 8601 or ms.")] = None,
+    priority: Annotated[int, typer.Option(min=0, max=9)] = 5,
+    command_id: Annotated[str | None, typer.Option("--id", help="Default: random.")] = None,
+    config: ConfigOption = Path("configs/dev.toml"),
+) -> None:
+    """Produce a command for DEVICE to this gateway's command topic; print its id."""
+    cfg, commands = _load(config)
+    try:
+        command = build_command(
+            device, name, param or [], ttl_s=ttl, priority=priority, at=at, command_id=command_id
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    topic = commands.kafka_topic(cfg.gateway.id)
+    try:
+        asyncio.run(_produce(cfg, topic, device, json.dumps(command).encode()))
+    except (AioKafkaError, OSError, TimeoutError, TidegateError) as exc:
+        raise _fail(f"cannot send to Kafka topic {topic}: {exc!r}", code=1) from None
+    typer.echo(command["command_id"])
+
+
+@cmd_app.command("status")
+def status(
+    command_id: str,
+    config: ConfigOption = Path("configs/dev.toml"),
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """The result records of a command, oldest first (scans the results topic)."""
+    cfg, commands = _load(config)
+    try:
+        found = asyncio.run(_history(cfg, commands.results_topic, command_id))
+    except (AioKafkaError, OSError, TimeoutError, TidegateError) as exc:
+        raise _fail(f"cannot read {commands.results_topic}: {exc!r}", code=1) from None
+    if not found:
+        typer.echo(f"no results for {command_id}")
+        raise typer.Exit(1)
+    for item in found:
+        if as_json:
+            typer.echo(json.dumps(item))
+            continue
+        when = dt.datetime.fromtimestamp(item["at_ms"] / 1000, dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
+        extra = item.get("reason") or ("" if "output" not in item else json.dumps(item["output"]))
+        typer.echo(f"{when}  {item['device_id']}  {item['status']:<9}  {extra}".rstrip())
+
+
+async def _produce(cfg: GatewayConfig, topic: str, key: str, value: bytes) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=cfg.kafka.bootstrap_servers,
+        security_protocol="SSL",
+        ssl_context=build_ssl_context(cfg.kafka.tls),
+        acks="all",
+        request_timeout_ms=int(cfg.kafka.request_timeout_s * 1000),
+    )
+    async with asyncio.timeout(cfg.kafka.request_timeout_s + 10):
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, value, key=key.encode())
+        finally:
+            await producer.stop()
+
+
+async def _history(cfg: GatewayConfig, topic: str, command_id: str) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=cfg.kafka.bootstrap_servers,
+        security_protocol="SSL",
+        ssl_context=build_ssl_context(cfg.kafka.tls),
+        enable_auto_commit=False,
+    )
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    async with asyncio.timeout(cfg.kafka.request_timeout_s + 30):
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                await consumer._client.force_metadata_update()  # a topic not yet in metadata
+                parts = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=500)
+                for tp, records in batch.items():
+                    for record in records:
+                        if record.offset >= ends[tp] or record.value is None:
+                            continue
+                        item = json.loads(record.value)
+                        if item.get("command_id") == command_id and item["result_id"] not in seen:
+                            seen.add(item["result_id"])  # at-least-once: skip repeats
+                            found.append(item)
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+        finally:
+            await consumer.stop()
+    return sorted(found, key=lambda r: (r["at_ms"], r["result_id"]))
