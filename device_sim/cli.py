@@ -88,6 +88,16 @@ def sim(
         Path | None, typer.Option("--json", help="Write the summary as JSON here.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
+    commands: Annotated[
+        bool, typer.Option(help="Receive commands on d/{id}/cmd, apply, report, then PUBACK.")
+    ] = False,
+    command_delay: Annotated[float, typer.Option(help="Seconds to apply a command.")] = 0.0,
+    command_failure_rate: Annotated[
+        float, typer.Option(help="Share of commands reported failed (0..1).")
+    ] = 0.0,
+    linger: Annotated[
+        float, typer.Option(help="Stay connected this long after publishing (s).")
+    ] = 0.0,
 ) -> None:
     """Run a fleet of simulated MQTT devices against a gateway and record every PUBACK."""
     if count is not None and duration is not None:
@@ -117,6 +127,10 @@ def sim(
             max_time_s=max_time,
             drain_timeout_s=drain_timeout,
             seed=seed,
+            commands=commands,
+            command_delay_s=command_delay,
+            command_failure_rate=command_failure_rate,
+            linger_s=linger,
         ).validated()
     except SimOptionsError as exc:
         _usage(str(exc))

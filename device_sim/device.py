@@ -17,6 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from device_sim.commands import CommandApplier
 from device_sim.envelope import encode_envelope, make_msg_id
 from device_sim.ledger import AckEntry, AckLedgerWriter
 from device_sim.link import PahoLoopDriver
@@ -78,17 +79,22 @@ class SimDevice:
         self._closing = False
         self._lost = asyncio.Event()
         self.sent = 0
+        self.commands = CommandApplier(failure_rate=opts.command_failure_rate, rng=self._rng)
+        self._applying: set[asyncio.Task[None]] = set()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.device_id,
             clean_session=True,
             protocol=mqtt.MQTTv311,
+            manual_ack=opts.commands,  # PUBACK a command only after applying it
         )
         client.connect_timeout = opts.connect_timeout_s
         client.max_inflight_messages_set(opts.inflight)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        if opts.commands:
+            client.on_message = self._on_message
         ctx.driver.attach(client)
         self.client = client
 
@@ -112,6 +118,10 @@ class SimDevice:
             except TimeoutError:
                 pass  # duration reached, or --max-time cut a count run short
             await self._drain()
+            if opts.linger_s:
+                await asyncio.sleep(opts.linger_s)  # connected, receiving commands
+            if self._applying:
+                await asyncio.wait(self._applying, timeout=opts.command_delay_s + 5)
         finally:
             await self._disconnect()
 
@@ -279,6 +289,8 @@ class SimDevice:
             return
         self._connected = True
         self.ctx.counters.connected += 1
+        if self.ctx.options.commands:
+            self.client.subscribe(f"d/{self.device_id}/cmd", qos=1)
         if fut is not None and not fut.done():
             fut.set_result(None)
 
@@ -301,6 +313,33 @@ class SimDevice:
             self._pending.clear()
             self._idle.set()
         self._lost.set()
+
+    def _on_message(self, client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Runs on the loop thread (the driver reads there): a task per command, tracked.
+        task = asyncio.get_running_loop().create_task(
+            self._apply(client, msg.mid, msg.qos, bytes(msg.payload)),
+            name=f"apply:{self.device_id}",
+        )
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+
+    async def _apply(self, client: mqtt.Client, mid: int, qos: int, payload: bytes) -> None:
+        counters = self.ctx.counters
+        outcome = self.commands.receive(payload)
+        if outcome is None:
+            counters.errors += 1
+        elif outcome.repeat:
+            counters.commands_repeated += 1
+        else:
+            if self.ctx.options.command_delay_s:
+                await asyncio.sleep(self.ctx.options.command_delay_s)
+            if outcome.status == "executed":
+                counters.commands_executed += 1
+            else:
+                counters.commands_failed += 1
+        if outcome is not None:
+            client.publish(f"d/{self.device_id}/cmd/result", outcome.report(), qos=1)
+        client.ack(mid, qos)  # after applying and reporting
 
     def _on_publish(
         self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any

@@ -116,6 +116,14 @@ class FleetOptions:
     seed: int | None = None
     """Seed for class choice and jitter (None: random)."""
     run_id: str | None = None
+    commands: bool = False
+    """Subscribe to ``d/{id}/cmd``, apply commands, report, PUBACK after applying."""
+    command_delay_s: float = 0.0
+    """Time a command takes to apply."""
+    command_failure_rate: float = 0.0
+    """Share of commands reported ``failed``."""
+    linger_s: float = 0.0
+    """Stay connected this long after the last PUBACK (to receive commands)."""
     """Fixed run id (shards of one run share it); None: a fresh random one."""
 
     def validated(self) -> FleetOptions:
@@ -160,6 +168,9 @@ class FleetOptions:
                 "--prefix: must be non-empty, without / + #",
             ),
             (self.start_index >= 0, "--start-index: must be >= 0"),
+            (0 <= self.command_delay_s <= 3600, "--command-delay: must be 0..3600"),
+            (0 <= self.command_failure_rate <= 1, "--command-failure-rate: must be 0..1"),
+            (0 <= self.linger_s <= 86_400, "--linger: must be 0..86400"),
             (
                 self.start_index + self.devices <= MAX_DEVICES,
                 f"--start-index + --devices must be <= {MAX_DEVICES}",

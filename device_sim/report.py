@@ -73,6 +73,14 @@ def print_fleet_result(console: Console, result: FleetResult, qos: int) -> None:
                 "  ".join(f"{k} {lat[k]} ms" for k in ("p50", "p90", "p99", "max")),
             )
         )
+    if c.commands_executed or c.commands_failed or c.commands_repeated:
+        rows.append(
+            (
+                "commands",
+                f"{c.commands_executed} executed, {c.commands_failed} failed,"
+                f" {c.commands_repeated} repeats not applied",
+            )
+        )
     if result.ledger is not None:
         rows.append(("ack ledger", str(result.ledger)))
     for what, value in rows:

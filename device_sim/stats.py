@@ -89,6 +89,12 @@ class FleetCounters:
     """Unix time of the first publish (0: none yet)."""
     last_ack_wall: float = 0.0
     """Unix time of the last PUBACK (QoS0: last write)."""
+    commands_executed: int = 0
+    """Commands applied successfully (``--commands``)."""
+    commands_failed: int = 0
+    """Commands applied and reported failed (``--command-failure-rate``)."""
+    commands_repeated: int = 0
+    """Commands received again after they were executed: reported again, not applied."""
 
     def merge(self, other: FleetCounters) -> None:
         """Add another shard's counters."""
@@ -103,6 +109,9 @@ class FleetCounters:
             "acked",
             "unacked_at_end",
             "errors",
+            "commands_executed",
+            "commands_failed",
+            "commands_repeated",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.connect_time_s = max(self.connect_time_s, other.connect_time_s)
