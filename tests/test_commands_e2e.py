@@ -18,8 +18,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from gateway.dev.kafka import KafkaState
-from tests.fixtures_kafka import make_ssl_context
+from gateway.dev.kafka import KafkaState, create_topics
+from tests.fixtures_kafka import make_ssl_context, topic_name_for
 from tests.harness import (
     REPO,
     GatewayProcess,
@@ -365,3 +365,53 @@ async def test_sigkill_between_intake_and_delivery_loses_no_command(
     assert sorted(device.ids()) == sorted(ids)  # no command delivered twice either
     for command_id in ids:
         assert statuses(found, command_id).count("executed") == 1
+
+
+async def test_two_gateways_on_one_kafka_deliver_only_their_own_commands(
+    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Any, devices: list[CmdDevice]
+) -> None:
+    base = topic_name_for("two-gateways", "commands")
+    create_topics(kafka, [f"{base}.gw-a", f"{base}.gw-b"], partitions=3)
+    results, events = kafka_topic_factory("results"), kafka_topic_factory("events")
+    configs = {}
+    for gw in ("gw-a", "gw-b"):
+        (tmp_path / gw).mkdir()
+        configs[gw] = write_gateway_config(
+            tmp_path / gw,
+            bootstrap=kafka.bootstrap,
+            tls=_tls(kafka),
+            topics={"event": events},
+            gateway_id=gw,
+            extra=f"""
+[commands]
+topic = "{base}.{{gateway_id}}"
+results_topic = "{results}"
+poll_interval_s = 0.1
+""",
+        )
+    with running_gateway(configs["gw-a"]) as gw_a, running_gateway(configs["gw-b"]) as gw_b:
+        dev_a = CmdDevice(gw_a.mqtt_port, "dev-a").connect()
+        dev_b = CmdDevice(gw_b.mqtt_port, "dev-b").connect()
+        devices.extend([dev_a, dev_b])
+        wait_registered(gw_a, "dev-a", True)
+        wait_registered(gw_b, "dev-b", True)
+        for_a = [command("dev-a") for _ in range(5)]
+        for_b = [command("dev-b") for _ in range(5)]
+        stray = command("dev-b")  # sent to gw-a's topic by mistake
+        await send(kafka, f"{base}.gw-a", *for_a, stray)
+        await send(kafka, f"{base}.gw-b", *for_b)
+        wanted = [c["command_id"] for c in for_a + for_b]
+        found = await results_until(
+            kafka,
+            results,
+            lambda r: (
+                all(has(r, c, "executed") for c in wanted)
+                and has(r, stray["command_id"], "rejected")
+            ),
+        )
+    assert dev_a.ids() == [c["command_id"] for c in for_a]
+    assert dev_b.ids() == [c["command_id"] for c in for_b]
+    gateways = {r["command_id"]: r["gateway_id"] for items in found.values() for r in items}
+    assert {gateways[c["command_id"]] for c in for_a} == {"gw-a"}
+    assert {gateways[c["command_id"]] for c in for_b} == {"gw-b"}
+    assert found[stray["command_id"]][0]["reason"] == "unknown device"
