@@ -366,6 +366,10 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
     async def _on_publish(self, publish: DecodedPublish) -> None:
         # Everything up to the submit is synchronous: socket order is storage order.
         edge = self._edge
+        acl = edge.security.acl
+        if acl is not None and not acl.may_publish(self.device_id, publish.topic):
+            await self._on_denied_publish(publish)
+            return
         if publish.qos == 0:
             future = self._submit(publish)
             if future.done():
@@ -405,6 +409,25 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             self._pump_wakeup.set()
         else:
             future.add_done_callback(self._wake_pump)
+
+    async def _on_denied_publish(self, publish: DecodedPublish) -> None:
+        """ACL said no: nothing is submitted or forwarded. MQTT 3.1.1 cannot refuse a PUBLISH,
+        so either acknowledge it in its turn (after the publishes before it) or disconnect."""
+        edge = self._edge
+        edge.publish_denied(self.device_id, self.peer, publish.topic, publish.qos)
+        if edge.security.on_deny == "disconnect":
+            await self.abort(f"publish to {publish.topic!r} denied")
+            return
+        if publish.qos == 0:
+            return
+        packet_id = publish.packet_id
+        assert packet_id is not None  # decode_publish guarantees it for QoS 1/2
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        kind = PUBACK if publish.qos == 1 else PUBREC
+        self._acks.append(_PendingAck(kind, packet_id, done, publish, forward=False))
+        self._inflight += 1
+        self._pump_wakeup.set()
 
     def _submit(self, publish: DecodedPublish) -> asyncio.Future[None]:
         inbound = InboundPublish(

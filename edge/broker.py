@@ -51,7 +51,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -60,10 +62,13 @@ from amqtt.broker import Broker
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
+from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
 
 from edge.amqtt_handler import EdgeProtocolHandler
-from edge.broker_state import BrokerStats, EdgeContext, SubscriptionIndex
+from edge.broker_state import BrokerStats, EdgeContext, Security, SubscriptionIndex
+from edge.device_auth import AuthDecision, DeviceAuthenticator, peer_certificate_cn
 from edge.ingest import IngestSink, SessionObserver
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
 from gateway.errors import TidegateError
@@ -108,6 +113,9 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         max_packet_size: int,
         uplink_prefix: str,
         connect_timeout: float,
+        authenticator: DeviceAuthenticator,
+        security: Security,
+        tls_contexts: Mapping[str, ssl.SSLContext],
     ) -> None:
         super().__init__(config)
         self.edge = EdgeContext(
@@ -116,7 +124,10 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             max_inflight=max_inflight,
             max_packet_size=max_packet_size,
             forward=self._forward,
+            security=security,
         )
+        self._authenticator = authenticator
+        self._tls_contexts = dict(tls_contexts)
         self._index = SubscriptionIndex(self._topic_matches)
         self._uplink_prefix = uplink_prefix
         self._connect_timeout = connect_timeout
@@ -157,6 +168,20 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 bound[name] = (str(host), int(port))
         return bound
 
+    async def _create_server_instance(  # amqtt's signature
+        self,
+        listener_name: str,
+        listener_type: Any,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        # amqtt's own TLS context hard-codes CERT_OPTIONAL; ours requires a client cert.
+        context = self._tls_contexts.get(listener_name, ssl_context)
+        return await super()._create_server_instance(
+            listener_name, listener_type, address, port, context
+        )
+
     # -- connection overrides -----------------------------------------------------------
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
@@ -191,6 +216,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if first is None:
             await _close_quietly(writer)
             raise MQTTError(f"{peer}: connection closed before CONNECT")
+        decision = await self._authenticate_connect(first, writer, peer)
         try:
             # amqtt parses and validates the CONNECT (and answers bad ones with a CONNACK
             # refusal) from the bytes we already read; the handler it built is discarded.
@@ -204,8 +230,47 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             self.edge.stats.malformed("?", peer, f"undecodable CONNECT: {exc!r}")
             await _close_quietly(writer)
             raise MQTTError(f"{peer}: undecodable CONNECT") from exc
+        if decision is not None:
+            # amqtt's session monitor drops disconnected anonymous sessions at once.
+            session.is_anonymous = decision.anonymous
         handler = EdgeProtocolHandler(self.plugins_manager, loop=self._loop, edge=self.edge)
         return handler, session
+
+    async def _authenticate_connect(
+        self, first: Any, writer: Any, peer: str
+    ) -> AuthDecision | None:
+        """Refuse the CONNECT (CONNACK 4/5, close, MQTTError) unless the device is authenticated.
+
+        Runs before amqtt's session handling: amqtt deletes or takes over the client id's
+        existing session before it asks its auth plugins. None when the CONNECT does not
+        decode; amqtt then refuses it the way it always did.
+        """
+        try:
+            connect = await ConnectPacket.from_stream(BufferReader(encode_packet(first)))
+            payload = connect.payload
+            client_id = str(payload.client_id or "")
+            username, password = payload.username, payload.password
+        except Exception:  # amqtt's decoders raise assorted types; super() reports it
+            return None
+        ssl_object = writer.get_ssl_info()
+        decision = await self._authenticator.check(
+            client_id=client_id,
+            username=username,
+            password=password,
+            certificate_cn=peer_certificate_cn(ssl_object),
+            tls=ssl_object is not None,
+        )
+        if decision.accepted:
+            return decision
+        self.edge.auth_failed(client_id, peer, decision.method, decision.reason)
+        with contextlib.suppress(Exception):
+            await ConnackPacket.build(0, decision.return_code).to_stream(writer)
+        await _close_quietly(writer)
+        raise MQTTError(f"{peer}: authentication refused: {decision.reason}")
+
+    async def _authenticate(self, session: Any, _listener: Any) -> bool:
+        # Decided in _initialize_client_session (before amqtt touched any session).
+        return True
 
     async def _handle_client_session(  # noqa: PLR0917  # amqtt's signature
         self,
@@ -258,6 +323,11 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     # -- subscriptions ------------------------------------------------------------------
 
     async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
+        acl = self.edge.security.acl
+        if acl is not None and not acl.may_subscribe(str(session.client_id), subscription[0]):
+            peer = f"{session.remote_address}:{session.remote_port}"
+            self.edge.subscribe_denied(str(session.client_id), peer, subscription[0])
+            return 0x80  # SUBACK failure [MQTT-3.9.3]
         result = int(await super().add_subscription(subscription, session))
         self._index.refresh(subscription[0], self._subscriptions)
         return result
@@ -317,9 +387,13 @@ class EdgeBroker:
         max_inflight_per_session: un-acknowledged inbound publishes per connection; at the
             cap the broker stops reading that socket until an acknowledgement goes out.
         uplink_prefix: topics under it are device uplink (never retained by the broker).
-        allow_anonymous: accept clients without a user name.
+        allow_anonymous: accept clients without credentials (see :mod:`edge.device_auth`).
         max_packet_size: larger packets close the connection.
         connect_timeout: seconds a new connection has to send its CONNECT.
+        tls: listener name -> server TLS context (build it with
+            :func:`edge.device_auth.server_tls_context`: client certificates required).
+        password_file: device passwords (salted scrypt, :mod:`edge.passwords`), or None.
+        security: topic ACL, deny policy and audit log (default: no ACL, no audit).
     """
 
     def __init__(
@@ -333,6 +407,9 @@ class EdgeBroker:
         allow_anonymous: bool = True,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         connect_timeout: float = 10.0,
+        tls: Mapping[str, ssl.SSLContext] | None = None,
+        password_file: Path | None = None,
+        security: Security | None = None,
     ) -> None:
         names = [name for name, _host, _port in listeners]
         if not names:
@@ -344,6 +421,11 @@ class EdgeBroker:
                 raise ValueError(f"listener {name}: port {port} out of range")
             if ":" in host:
                 raise ValueError(f"listener {name}: amqtt 0.12.1 cannot bind IPv6 address {host}")
+        unknown = set(tls or {}) - set(names)
+        if unknown:
+            raise ValueError(f"TLS context for unknown listener(s): {sorted(unknown)}")
+        if security is not None and security.on_deny not in ("puback_discard", "disconnect"):
+            raise ValueError(f"invalid on_deny {security.on_deny!r}")
         if max_inflight_per_session < 1:
             raise ValueError("max_inflight_per_session must be at least 1")
         if not uplink_prefix or "+" in uplink_prefix or "#" in uplink_prefix:
@@ -356,6 +438,12 @@ class EdgeBroker:
         self._allow_anonymous = allow_anonymous
         self._max_packet_size = max_packet_size
         self._connect_timeout = connect_timeout
+        self._tls = dict(tls or {})
+        self._security = security or Security()
+        # Reads the password file now: a broken one fails here, not at the first device.
+        self._authenticator = DeviceAuthenticator(
+            allow_anonymous=allow_anonymous, password_file=password_file
+        )
         self._broker: _EdgeAmqttBroker | None = None
         self._bound: dict[str, tuple[str, int]] = {}
         self._stats = BrokerStats()
@@ -393,6 +481,9 @@ class EdgeBroker:
                 max_packet_size=self._max_packet_size,
                 uplink_prefix=self._uplink_prefix,
                 connect_timeout=self._connect_timeout,
+                authenticator=self._authenticator,
+                security=self._security,
+                tls_contexts=self._tls,
             )
             try:
                 await broker.start()

@@ -13,13 +13,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from edge.acl import AclPolicy
+from edge.audit import AuditLog
 from edge.ingest import IngestSink, SessionObserver
 from edge.mqtt_wire import DecodedPublish
 
 if TYPE_CHECKING:
     from edge.amqtt_handler import EdgeProtocolHandler
 
-__all__ = ["BrokerStats", "EdgeContext", "Forward", "Qos2State", "SubscriptionIndex"]
+__all__ = [
+    "BrokerStats",
+    "EdgeContext",
+    "Forward",
+    "Qos2State",
+    "Security",
+    "SubscriptionIndex",
+]
 
 log = logging.getLogger("edge.broker")
 
@@ -69,6 +78,12 @@ class BrokerStats:
     qos0_store_failures: int = 0
     malformed_packets: int = 0
     keepalive_timeouts: int = 0
+    auth_failures: int = 0
+    """CONNECTs refused by authentication (see :mod:`edge.device_auth`)."""
+    publishes_denied: int = 0
+    """PUBLISHes the ACL refused (acknowledged and discarded, or disconnected)."""
+    subscriptions_denied: int = 0
+    """SUBSCRIBE topic filters the ACL refused (SUBACK 0x80)."""
     _log: _RateLimitedLog = field(default_factory=_RateLimitedLog, repr=False, compare=False)
 
     def sink_failed(self, device_id: str, topic: str, error: BaseException) -> None:
@@ -99,6 +114,17 @@ class BrokerStats:
         )
 
 
+@dataclass(frozen=True)
+class Security:
+    """Authorisation settings of one broker; the audit log also gets authentication failures."""
+
+    acl: AclPolicy | None = None
+    """None: no topic ACL (every device may publish and subscribe anywhere)."""
+    on_deny: str = "puback_discard"
+    """Denied PUBLISH: ``puback_discard`` (acknowledge, store nothing) or ``disconnect``."""
+    audit: AuditLog | None = None
+
+
 @dataclass(eq=False)
 class EdgeContext:
     """What every :class:`EdgeProtocolHandler` of one broker shares."""
@@ -111,6 +137,43 @@ class EdgeContext:
     stats: BrokerStats = field(default_factory=BrokerStats)
     live: dict[str, EdgeProtocolHandler] = field(default_factory=dict)
     """The connection that currently owns each client id (for takeover and the observer)."""
+    security: Security = field(default_factory=Security)
+
+    def _audit(self, event: str, **fields: object) -> None:
+        if self.security.audit is not None:
+            self.security.audit.record(event, **fields)
+
+    def auth_failed(self, device_id: str, peer: str, method: str, reason: str) -> None:
+        """A CONNECT was refused: count, log (rate-limited), audit."""
+        self.stats.auth_failures += 1
+        self.stats._log.warning(
+            "auth",
+            "device %r (%s): authentication refused (%s): %s",
+            device_id,
+            peer,
+            method,
+            reason,
+        )
+        self._audit("auth_failure", device=device_id, peer=peer, method=method, reason=reason)
+
+    def publish_denied(self, device_id: str, peer: str, topic: str, qos: int) -> None:
+        """The ACL refused a PUBLISH: count, log (rate-limited), audit."""
+        self.stats.publishes_denied += 1
+        action = self.security.on_deny
+        self.stats._log.warning(
+            "acl-pub", "device %s (%s): publish to %r denied (%s)", device_id, peer, topic, action
+        )
+        self._audit(
+            "publish_denied", device=device_id, peer=peer, topic=topic, qos=qos, action=action
+        )
+
+    def subscribe_denied(self, device_id: str, peer: str, topic_filter: str) -> None:
+        """The ACL refused a SUBSCRIBE filter: count, log (rate-limited), audit."""
+        self.stats.subscriptions_denied += 1
+        self.stats._log.warning(
+            "acl-sub", "device %s (%s): subscribe to %r denied", device_id, peer, topic_filter
+        )
+        self._audit("subscribe_denied", device=device_id, peer=peer, topic_filter=topic_filter)
 
     def notify_connected(self, device_id: str, peer: str) -> None:
         if self.observer is not None:

@@ -32,6 +32,7 @@ from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
+from gateway.security_setup import broker_security, listener_tls_contexts
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
 
@@ -89,6 +90,9 @@ class Gateway:
             max_inflight_per_session=config.broker.max_inflight_per_session,
             uplink_prefix=router.device_topic_prefix(),
             allow_anonymous=config.broker.allow_anonymous,
+            tls=listener_tls_contexts(config),
+            password_file=config.broker.password_file,
+            security=broker_security(config),
         )
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)

@@ -25,6 +25,7 @@ from device_sim.cli import verify as verify_command
 from gateway.commands_cli import cmd_app
 from gateway.config import load_config
 from gateway.dev.cli import certs_app, dev_app
+from gateway.devices_cli import devices_app
 from gateway.errors import ConfigError, TidegateError
 
 __all__ = ["app", "main"]
@@ -40,6 +41,7 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 app.add_typer(dev_app, name="dev")
 app.add_typer(cmd_app, name="cmd")
+app.add_typer(devices_app, name="devices")
 app.command("sim")(sim_command)
 app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)

@@ -25,10 +25,13 @@ from pydantic import (
     model_validator,
 )
 
+from edge.acl import validate_rule
 from gateway.errors import ConfigError
 
 __all__ = [
+    "AclConfig",
     "AdminConfig",
+    "AuditConfig",
     "BrokerConfig",
     "BufferConfig",
     "ClassConfig",
@@ -92,6 +95,54 @@ class ListenerConfig(_Model):
     """Address to bind. ``0.0.0.0`` to accept devices from the network."""
     port: Annotated[int, Field(ge=0, le=65535)] = 1883
     """TCP port; 0 picks a free port (tests)."""
+    tls: bool = False
+    """TLS with a required client certificate from ``cafile``; the certificate's CN is the
+    device id and must equal the MQTT client id (docs/security.md). Usual port: 8883."""
+    cafile: ExistingFile | None = None
+    """TLS: CA bundle that signed the device certificates."""
+    certfile: ExistingFile | None = None
+    """TLS: this listener's server certificate (PEM)."""
+    keyfile: ExistingFile | None = None
+    """TLS: the server certificate's private key (unencrypted PEM)."""
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ListenerConfig:
+        files = {"cafile": self.cafile, "certfile": self.certfile, "keyfile": self.keyfile}
+        missing = [name for name, value in files.items() if value is None]
+        if self.tls and missing:
+            raise ValueError(f"tls = true needs {', '.join(missing)}")
+        if not self.tls and len(missing) < len(files):
+            raise ValueError("cafile/certfile/keyfile are only used with tls = true")
+        return self
+
+
+class AclConfig(_Model):
+    """Per-device topic ACL (docs/security.md). Rules are MQTT topic filters where
+    ``{device_id}`` stands for the connected device's id."""
+
+    enabled: bool = False
+    """Enforce the ACL. Default rules: publish ``d/{device_id}/#``; subscribe
+    ``d/{device_id}/cmd`` and ``d/{device_id}/fw/#``."""
+    publish: list[str] = []
+    """Extra topic filters a device may publish to (added to the defaults)."""
+    subscribe: list[str] = []
+    """Extra topic filters a device may subscribe within (added to the defaults)."""
+
+    @field_validator("publish", "subscribe")
+    @classmethod
+    def _rules(cls, value: list[str]) -> list[str]:
+        return [validate_rule(rule) for rule in value]
+
+
+class AuditConfig(_Model):
+    """The append-only security audit log (JSON lines)."""
+
+    path: Path = Path("audit.jsonl")
+    """Audit file; relative paths are taken from ``gateway.data_dir``."""
+    max_bytes: Annotated[int, Field(ge=4096)] = 10 << 20
+    """Rotate (``audit.jsonl.1`` ...) when the file would grow past this."""
+    keep: Annotated[int, Field(ge=1, le=100)] = 5
+    """Rotated files kept; disk use is at most ``(keep + 1) x max_bytes``."""
 
 
 class BrokerConfig(_Model):
@@ -102,6 +153,14 @@ class BrokerConfig(_Model):
     """Un-acked inbound QoS1/2 publishes per device; at the cap the socket is not read."""
     allow_anonymous: bool = True
     """Accept devices without credentials (development only; the security work turns it off)."""
+    password_file: ExistingFile | None = None
+    """Device passwords as salted scrypt hashes, managed with ``tidegate devices``; the
+    user name must equal the client id. Re-read when it changes (no restart needed)."""
+    on_deny: Literal["puback_discard", "disconnect"] = "puback_discard"
+    """A PUBLISH the ACL denies: acknowledge and discard it, or close the connection. Either
+    way it is counted, audited, and nothing of it is stored or forwarded."""
+    acl: AclConfig = AclConfig()
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("listeners")
     @classmethod
@@ -350,6 +409,11 @@ class GatewayConfig(_Model):
     def buffer_path(self) -> Path:
         """The buffer file, resolved against the data directory."""
         return self.gateway.data_dir / self.buffer.path
+
+    @property
+    def audit_path(self) -> Path:
+        """The security audit log, resolved against the data directory."""
+        return self.gateway.data_dir / self.broker.audit.path
 
 
 def _expand_env(value: Any, path: str, errors: list[tuple[str, str]]) -> Any:

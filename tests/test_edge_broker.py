@@ -14,6 +14,7 @@ import contextlib
 import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import amqtt.broker
@@ -40,6 +41,7 @@ from edge.mqtt_wire import (
     encode_packet,
     read_packet,
 )
+from edge.passwords import hash_password, write_entries
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,12 +197,20 @@ def _string(value: str) -> bytes:
 
 
 def connect_packet(
-    client_id: str, *, keepalive: int = 60, clean: bool = True, username: str | None = None
+    client_id: str,
+    *,
+    keepalive: int = 60,
+    clean: bool = True,
+    username: str | None = None,
+    password: str | None = None,
 ) -> bytes:
     flags = (0x02 if clean else 0) | (0x80 if username is not None else 0)
+    flags |= 0x40 if password is not None else 0
     body = _string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + _string(client_id)
     if username is not None:
         body += _string(username)
+    if password is not None:
+        body += _string(password)
     return encode_packet(RawPacket(CONNECT, 0, body))
 
 
@@ -628,16 +638,21 @@ async def test_observer_sees_connect_disconnect_and_takeover(harness: Harness) -
     assert broker.stats.takeovers == 1
 
 
-async def test_refused_authentication_is_not_a_session(harness: Harness) -> None:
+async def test_refused_authentication_is_not_a_session(harness: Harness, tmp_path: Path) -> None:
     observer = RecordingObserver()
-    broker = await harness.broker(observer=observer, allow_anonymous=False)
+    named_id = f"{harness.name}-named"
+    password_file = tmp_path / "passwords"
+    write_entries(password_file, {named_id: hash_password("correct horse")})
+    broker = await harness.broker(
+        observer=observer, allow_anonymous=False, password_file=password_file
+    )
     client = await harness.raw_client(broker, None)
     await client.send(connect_packet(f"{harness.name}-anon"))
     connack = await client.read()
     assert connack is not None
     assert (connack.packet_type, connack.body[1]) == (CONNACK, 5)  # not authorized
     await client.expect_closed()
-    named = await harness.raw_client(broker, "named", username="someone")
+    named = await harness.raw_client(broker, "named", username=named_id, password="correct horse")
     await named.ping()
     assert observer.events == [("connected", f"{harness.name}-named", observer.events[0][2])]
     await eventually(

@@ -1,0 +1,135 @@
+"""Device authentication at CONNECT, decided before amqtt touches any session.
+
+Order of checks (first that applies decides):
+
+1. TLS listener: the handshake already required a client certificate from the listener's CA
+   (:func:`server_tls_context`, ``CERT_REQUIRED``). The identity is the certificate's subject
+   CN, which must equal the MQTT client id, else CONNACK 5 (not authorized).
+2. A user name was sent: it must equal the client id and the password must match the
+   device's salted scrypt hash in the password file, else CONNACK 4 (bad user name or
+   password), or 5 when no password file is configured and anonymous access is off.
+   With anonymous access on and no password file, a user name is ignored (old behaviour).
+3. No credentials: accepted only with ``allow_anonymous``, else CONNACK 5.
+
+Why here and not in an amqtt auth plugin: amqtt deletes the previous clean session of the
+client id (its subscriptions included) and takes over a persistent one *before* it asks the
+plugins, so an unauthenticated client could still knock a real device's session over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from edge.passwords import PasswordFile, verify_password
+
+__all__ = [
+    "BAD_USERNAME_PASSWORD",
+    "NOT_AUTHORIZED",
+    "AuthDecision",
+    "DeviceAuthenticator",
+    "peer_certificate_cn",
+    "server_tls_context",
+]
+
+BAD_USERNAME_PASSWORD: Final = 4
+NOT_AUTHORIZED: Final = 5
+
+
+def server_tls_context(cafile: Path, certfile: Path, keyfile: Path) -> ssl.SSLContext:
+    """A server context that *requires* a client certificate signed by ``cafile``.
+
+    amqtt 0.12.1 builds its own with ``CERT_OPTIONAL`` (a client without a certificate gets
+    in); this one is handed to the listener instead.
+    """
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(cafile))
+    context.load_cert_chain(str(certfile), str(keyfile))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def peer_certificate_cn(ssl_object: Any) -> str | None:
+    """The subject CN of a verified peer certificate, or None (no TLS, no certificate)."""
+    if ssl_object is None:
+        return None
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDecision:
+    """The outcome of one CONNECT."""
+
+    accepted: bool
+    method: str
+    """``certificate``, ``password`` or ``anonymous``."""
+    return_code: int = 0
+    reason: str = ""
+
+    @property
+    def anonymous(self) -> bool:
+        return self.method == "anonymous"
+
+
+class DeviceAuthenticator:
+    """Checks a CONNECT against the certificate, the password file and ``allow_anonymous``."""
+
+    def __init__(self, *, allow_anonymous: bool, password_file: Path | None) -> None:
+        self.allow_anonymous = allow_anonymous
+        self.passwords = PasswordFile(password_file) if password_file is not None else None
+        if self.passwords is not None:
+            self.passwords.load()
+
+    async def check(
+        self,
+        *,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        certificate_cn: str | None,
+        tls: bool,
+    ) -> AuthDecision:
+        if tls:
+            if certificate_cn is None:  # cannot happen with CERT_REQUIRED; refuse anyway
+                return AuthDecision(False, "certificate", NOT_AUTHORIZED, "no client certificate")
+            if certificate_cn != client_id:
+                return AuthDecision(
+                    False,
+                    "certificate",
+                    NOT_AUTHORIZED,
+                    f"certificate CN {certificate_cn!r} differs from client id",
+                )
+            return AuthDecision(True, "certificate")
+        if username is not None and (self.passwords is not None or not self.allow_anonymous):
+            return await self._check_password(client_id, username, password)
+        if self.allow_anonymous:
+            return AuthDecision(True, "anonymous")
+        return AuthDecision(False, "anonymous", NOT_AUTHORIZED, "anonymous access is disabled")
+
+    async def _check_password(
+        self, client_id: str, username: str, password: str | None
+    ) -> AuthDecision:
+        if self.passwords is None:
+            return AuthDecision(False, "password", NOT_AUTHORIZED, "no password file configured")
+        if username != client_id:
+            return AuthDecision(
+                False, "password", NOT_AUTHORIZED, "user name differs from client id"
+            )
+        encoded = self.passwords.lookup(username)
+        if encoded is None or password is None:
+            reason = "unknown device" if encoded is None else "no password"
+            return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, reason)
+        # scrypt costs tens of milliseconds of CPU: keep it off the event loop.
+        if not await asyncio.to_thread(verify_password, password, encoded):
+            return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, "wrong password")
+        return AuthDecision(True, "password")
