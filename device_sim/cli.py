@@ -98,6 +98,19 @@ def sim(
     linger: Annotated[
         float, typer.Option(help="Stay connected this long after publishing (s).")
     ] = 0.0,
+    password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIDEGATE_SIM_PASSWORD",
+            help="Authenticate as user name = device id with this password.",
+        ),
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="TLS: CA of the gateway's listener certificate.")
+    ] = None,
+    tls_cert_dir: Annotated[
+        Path | None, typer.Option(help="TLS: directory with {id}.pem and {id}-key.pem.")
+    ] = None,
 ) -> None:
     """Run a fleet of simulated MQTT devices against a gateway and record every PUBACK."""
     if count is not None and duration is not None:
@@ -131,6 +144,9 @@ def sim(
             command_delay_s=command_delay,
             command_failure_rate=command_failure_rate,
             linger_s=linger,
+            password=password,
+            tls_ca=tls_ca,
+            tls_cert_dir=tls_cert_dir,
         ).validated()
     except SimOptionsError as exc:
         _usage(str(exc))

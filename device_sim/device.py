@@ -89,6 +89,14 @@ class SimDevice:
             manual_ack=opts.commands,  # PUBACK a command only after applying it
         )
         client.connect_timeout = opts.connect_timeout_s
+        if opts.password is not None:
+            client.username_pw_set(self.device_id, opts.password)
+        if opts.tls_ca is not None and opts.tls_cert_dir is not None:
+            client.tls_set(
+                ca_certs=str(opts.tls_ca),
+                certfile=str(opts.tls_cert_dir / f"{self.device_id}.pem"),
+                keyfile=str(opts.tls_cert_dir / f"{self.device_id}-key.pem"),
+            )
         client.max_inflight_messages_set(opts.inflight)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gateway.errors import TidegateError
@@ -124,6 +124,14 @@ class FleetOptions:
     """Share of commands reported ``failed``."""
     linger_s: float = 0.0
     """Stay connected this long after the last PUBACK (to receive commands)."""
+    password: str | None = field(default=None, repr=False)
+    """Authenticate every device with user name = its id and this password (dev fleets:
+    register the ids with ``tidegate devices add``). Never logged or written anywhere."""
+    tls_ca: Path | None = None
+    """Connect over TLS, trusting this CA for the gateway's certificate."""
+    tls_cert_dir: Path | None = None
+    """TLS client certificates: ``{dir}/{id}.pem`` and ``{dir}/{id}-key.pem`` per device
+    (the layout of ``tidegate certs device``)."""
     """Fixed run id (shards of one run share it); None: a fresh random one."""
 
     def validated(self) -> FleetOptions:
@@ -175,6 +183,15 @@ class FleetOptions:
                 self.start_index + self.devices <= MAX_DEVICES,
                 f"--start-index + --devices must be <= {MAX_DEVICES}",
             ),
+        ]
+        checks += [
+            ((self.tls_ca is None) == (self.tls_cert_dir is None), "--tls-ca/--tls-cert-dir: both"),
+            (self.tls_ca is None or self.tls_ca.is_file(), "--tls-ca: file not found"),
+            (
+                self.tls_cert_dir is None or self.tls_cert_dir.is_dir(),
+                "--tls-cert-dir: directory not found",
+            ),
+            (self.password is None or bool(self.password), "--password: must not be empty"),
         ]
         for ok, message in checks:
             if not ok:

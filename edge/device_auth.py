@@ -19,12 +19,14 @@ plugins, so an unauthenticated client could still knock a real device's session 
 from __future__ import annotations
 
 import asyncio
+import functools
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from edge.passwords import PasswordFile, verify_password
+from edge.passwords import PasswordFile, hash_password, verify_password
 
 __all__ = [
     "BAD_USERNAME_PASSWORD",
@@ -81,6 +83,11 @@ class AuthDecision:
         return self.method == "anonymous"
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_urlsafe(16))
+
+
 class DeviceAuthenticator:
     """Checks a CONNECT against the certificate, the password file and ``allow_anonymous``."""
 
@@ -126,10 +133,14 @@ class DeviceAuthenticator:
                 False, "password", NOT_AUTHORIZED, "user name differs from client id"
             )
         encoded = self.passwords.lookup(username)
-        if encoded is None or password is None:
-            reason = "unknown device" if encoded is None else "no password"
-            return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, reason)
-        # scrypt costs tens of milliseconds of CPU: keep it off the event loop.
-        if not await asyncio.to_thread(verify_password, password, encoded):
+        if password is None:
+            return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, "no password")
+        # scrypt costs tens of milliseconds of CPU: keep it off the event loop. An unknown
+        # device is checked against a dummy hash so the answer takes as long as for a known
+        # one (no device-id enumeration by timing).
+        matched = await asyncio.to_thread(verify_password, password, encoded or _dummy_hash())
+        if encoded is None:
+            return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, "unknown device")
+        if not matched:
             return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, "wrong password")
         return AuthDecision(True, "password")

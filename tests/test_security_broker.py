@@ -26,7 +26,7 @@ from edge.audit import AuditLog
 from edge.broker import EdgeBroker
 from edge.broker_state import Security
 from edge.device_auth import server_tls_context
-from edge.mqtt_wire import PUBACK
+from edge.mqtt_wire import PUBACK, PUBCOMP, PUBREC, PUBREL
 from edge.passwords import hash_password, write_entries
 from gateway.pki import PkiPaths, init_pki, issue_device_cert
 from tests.test_edge_broker import (
@@ -34,6 +34,7 @@ from tests.test_edge_broker import (
     HOST,
     FakeSink,
     RawClient,
+    ack_packet,
     connect_packet,
     eventually,
     publish_packet,
@@ -420,3 +421,37 @@ async def test_unauthenticated_connect_cannot_disturb_an_authenticated_session(
     assert not victim.disconnected.is_set()
     subscribers = broker.amqtt_broker._subscriptions.get("d/victim/cmd", [])
     assert [session.client_id for session, _qos in subscribers] == ["victim"]
+
+
+async def test_acl_denied_qos0_and_qos2_publishes_store_nothing(env: Env) -> None:
+    sink = FakeSink()
+    broker = await env.broker(sink, acl=AclPolicy())
+    raw = await env.raw(broker, "deny-q")
+    await raw.send(publish_packet("d/other/up/event", b"q0", qos=0))
+    await raw.send(publish_packet("d/other/up/event", b"q2", qos=2, packet_id=7))
+    await raw.expect(PUBREC, 7)  # acknowledged in its turn, like a stored one
+    await raw.send(ack_packet(PUBREL, 7))
+    await raw.expect(PUBCOMP, 7)
+    await raw.send(publish_packet("d/deny-q/up/event", b"own", qos=1, packet_id=8))
+    await raw.expect(PUBACK, 8)  # barrier: everything before it was handled
+    assert [p.payload for p in sink.received] == [b"own"]
+    assert broker.stats.publishes_denied == 2
+    assert [r["qos"] for r in audit_events(env, "publish_denied")] == [0, 2]
+
+
+async def test_unknown_device_and_missing_password_are_refused(env: Env) -> None:
+    env.set_passwords(**{"known": PASSWORD})
+    broker = await env.broker(FakeSink(), allow_anonymous=False, password_file=env.password_file)
+    for client_id, options in [
+        ("stranger", {"username": "stranger", "password": PASSWORD}),
+        ("known", {"username": "known"}),
+    ]:
+        client = await RawClient.open(port(broker, "tcp"))
+        env.raw_clients.append(client)
+        await client.send(connect_packet(client_id, **options))
+        connack = await client.read()
+        assert connack is not None
+        assert (connack.packet_type, connack.body[1]) == (CONNACK, 4)
+        await client.expect_closed()
+    reasons = [r["reason"] for r in audit_events(env, "auth_failure")]
+    assert reasons == ["unknown device", "no password"]
