@@ -176,11 +176,31 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         port: int,
         ssl_context: ssl.SSLContext | None,
     ) -> Any:
-        # amqtt's own TLS context hard-codes CERT_OPTIONAL; ours requires a client cert.
-        context = self._tls_contexts.get(listener_name, ssl_context)
+        # amqtt's own TLS context hard-codes CERT_OPTIONAL; ours requires a client cert. Our
+        # TLS listeners accept plain TCP and upgrade in _client_connected, so a failed
+        # handshake (no certificate, another CA) is seen, audited and bounded by a deadline
+        # instead of only being logged by asyncio.
+        if listener_name in self._tls_contexts:
+            ssl_context = None
         return await super()._create_server_instance(
-            listener_name, listener_type, address, port, context
+            listener_name, listener_type, address, port, ssl_context
         )
+
+    async def _tls_handshake(self, listener_name: str, writer: Any) -> bool:
+        """Upgrade a TLS listener's connection; False (audited, socket closed) on failure."""
+        context = self._tls_contexts[listener_name]
+        stream: asyncio.StreamWriter = writer._writer  # amqtt's StreamWriterAdapter
+        peer_info = stream.get_extra_info("peername") or ("?", 0)
+        peer = f"{peer_info[0]}:{peer_info[1]}"
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await stream.start_tls(context)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            self.edge.tls_failed(listener_name, peer, str(reason))
+            stream.transport.abort()
+            return False
+        return True
 
     # -- connection overrides -----------------------------------------------------------
 
@@ -192,6 +212,10 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if task is not None:
             self._connection_tasks.add(task)
         try:
+            if listener_name in self._tls_contexts and not await self._tls_handshake(
+                listener_name, writer
+            ):
+                return
             await super()._client_connected(listener_name, reader, writer)
         finally:
             if task is not None:

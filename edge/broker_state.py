@@ -79,6 +79,9 @@ class BrokerStats:
     malformed_packets: int = 0
     keepalive_timeouts: int = 0
     auth_failures: int = 0
+    tls_handshake_failures: int = 0
+    """Connections to a TLS listener that did not complete the handshake (e.g. no client
+    certificate, a certificate from another CA)."""
     """CONNECTs refused by authentication (see :mod:`edge.device_auth`)."""
     publishes_denied: int = 0
     """PUBLISHes the ACL refused (acknowledged and discarded, or disconnected)."""
@@ -155,6 +158,15 @@ class EdgeContext:
             reason,
         )
         self._audit("auth_failure", device=device_id, peer=peer, method=method, reason=reason)
+
+    def tls_failed(self, listener: str, peer: str, reason: str) -> None:
+        """A TLS handshake failed (no client certificate, another CA, not TLS): count, log
+        (rate-limited), audit. The device id is unknown at this point."""
+        self.stats.tls_handshake_failures += 1
+        self.stats._log.warning(
+            "tls", "%s on listener %s: TLS handshake failed: %s", peer, listener, reason
+        )
+        self._audit("tls_handshake_failed", listener=listener, peer=peer, reason=reason)
 
     def publish_denied(self, device_id: str, peer: str, topic: str, qos: int) -> None:
         """The ACL refused a PUBLISH: count, log (rate-limited), audit."""

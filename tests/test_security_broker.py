@@ -263,6 +263,12 @@ async def test_tls_listener_refuses_devices_without_a_valid_matching_certificate
         assert broker.stats.auth_failures == 1
     else:
         assert outcome in ("refused in TLS handshake", "closed")
+        await eventually(lambda: audit_events(env, "tls_handshake_failed"), "audit record")
+        [record] = audit_events(env, "tls_handshake_failed")
+        assert record["listener"] == "tls"
+        expected = "CERTIFICATE" if case == "no-certificate" else "CERTIFICATE_VERIFY_FAILED"
+        assert expected in record["reason"]
+        assert broker.stats.tls_handshake_failures == 1
     assert broker.stats.sessions_started == 0
     assert client_id not in broker.amqtt_broker.sessions
     # The plain listener next to it still serves (anonymous allowed here), so the refusals
@@ -455,3 +461,21 @@ async def test_unknown_device_and_missing_password_are_refused(env: Env) -> None
         await client.expect_closed()
     reasons = [r["reason"] for r in audit_events(env, "auth_failure")]
     assert reasons == ["unknown device", "no password"]
+
+
+async def test_tls_listener_closes_a_connection_that_never_starts_the_handshake(
+    env: Env, pki: Pki
+) -> None:
+    broker = await env.broker(FakeSink(), pki=pki, connect_timeout=0.5)
+    reader, writer = await asyncio.open_connection(HOST, port(broker, "tls"))
+    try:
+        async with asyncio.timeout(10):
+            try:
+                data = await reader.read()
+            except ConnectionResetError:  # the gateway aborts the socket
+                data = b""
+        assert data == b""  # closed by the gateway, nothing sent
+    finally:
+        writer.close()
+    [record] = audit_events(env, "tls_handshake_failed")
+    assert record["reason"] == "TimeoutError"
