@@ -237,6 +237,14 @@ class Gateway:
             "listeners": {
                 name: f"{host}:{port}" for name, (host, port) in self.broker.bound_addresses.items()
             },
+            "security": {
+                "auth_failures": self.broker.stats.auth_failures,
+                "tls_handshake_failures": self.broker.stats.tls_handshake_failures,
+                "publishes_denied": self.broker.stats.publishes_denied,
+                "subscriptions_denied": self.broker.stats.subscriptions_denied,
+                "acl": self.config.broker.acl.enabled,
+                "allow_anonymous": self.config.broker.allow_anonymous,
+            },
             "buffer": {
                 **dataclasses.asdict(stats),
                 "path": str(self.config.buffer_path),

@@ -28,6 +28,16 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     table.add_column()
     table.add_row("uptime", f"{data['uptime_s']} s")
     table.add_row("listeners", ", ".join(f"{k} {v}" for k, v in data["listeners"].items()))
+    security = data.get("security")
+    if security is not None:
+        table.add_row(
+            "security",
+            f"anonymous {'allowed' if security['allow_anonymous'] else 'refused'}, "
+            f"ACL {'on' if security['acl'] else 'off'}; refused: "
+            f"{security['auth_failures']} auth, {security['tls_handshake_failures']} TLS, "
+            f"denied: {security['publishes_denied']} publishes, "
+            f"{security['subscriptions_denied']} subscriptions",
+        )
     table.add_row(
         "buffer",
         f"{buffer['rows']} rows, {_fmt_bytes(buffer['payload_bytes'])}"

@@ -55,6 +55,16 @@ def _devices_add(password_file: Path, device_id: str) -> None:
     )
 
 
+def _status_text(config: Path) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "status", "-c", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 class Device:
     """A paho device (own network thread) that records CONNACK, PUBACKs and SUBACK codes."""
 
@@ -162,7 +172,17 @@ enabled = true
         t = Device("dev-tls")
         assert t.connect(ports["mtls"], tls=(pki.ca_cert, cert, key)) == 0
         t.publish_all([("d/dev-tls/up/event", b"tls-1")])
-        gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "drain")
+        status = gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "drain")
+        assert status["security"] == {
+            "auth_failures": 2,
+            "tls_handshake_failures": 0,
+            "publishes_denied": 2,
+            "subscriptions_denied": 1,
+            "acl": True,
+            "allow_anonymous": False,
+        }
+        shown = _status_text(config)
+        assert "anonymous refused, ACL on; refused: 2 auth, 0 TLS" in shown
         for device in (a, t):
             device.close()
         audit = [
