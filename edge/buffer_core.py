@@ -120,7 +120,15 @@ class BufferCore:
 
     async def _after_removal(self) -> None:
         async with self.read() as db:
-            oldest = await scalar(db, "SELECT min(ingest_ms) FROM uplink")
+            # The head of each class (index on class, id) instead of min() over the table:
+            # a scan of a million-row backlog here held the lock long enough to stall PUBACKs.
+            heads = [
+                await scalar(
+                    db, "SELECT ingest_ms FROM uplink WHERE class = ? ORDER BY id LIMIT 1", (c,)
+                )
+                for c in list(self.stats.class_rows)
+            ]
             await self._refresh_used_bytes(db)
-        self.stats.oldest_ingest_ms = None if oldest is None else int(oldest)
+        found = [int(h) for h in heads if h is not None]
+        self.stats.oldest_ingest_ms = min(found) if found else None
         self._space_freed.set()

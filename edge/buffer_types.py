@@ -173,8 +173,9 @@ def id_filter(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
     return f" WHERE id IN ({','.join('?' for _ in ids)})", tuple(ids)
 
 
-async def scalar(db: aiosqlite.Connection, query: str) -> Any:
-    cursor = await db.execute(query)
+async def scalar(db: aiosqlite.Connection, query: str, params: tuple[Any, ...] = ()) -> Any:
+    """The first column of the first row, or None."""
+    cursor = await db.execute(query, params)
     row = await cursor.fetchone()
     await cursor.close()
     return None if row is None else row[0]
