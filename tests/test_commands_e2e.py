@@ -44,6 +44,10 @@ class CmdDevice:
         self.executions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._client: mqtt.Client | None = None
+        # Reports not yet PUBACKed by the gateway, kept across reconnects (a real device
+        # keeps its outbound queue): re-published on every connect.
+        self._unreported: dict[str, bytes] = {}
+        self._report_mids: dict[int, str] = {}
 
     def connect(self) -> CmdDevice:
         client = mqtt.Client(
@@ -55,11 +59,28 @@ class CmdDevice:
         client.on_connect = lambda c, *_: c.subscribe(f"d/{self.device_id}/cmd", qos=1)
         client.on_subscribe = lambda *_: subscribed.set()
         client.on_message = self._on_message
+        client.on_publish = self._on_report_acked
         client.connect("127.0.0.1", self.port)
         client.loop_start()
         self._client = client
         assert subscribed.wait(10), "subscription not acknowledged"
+        with self._lock:
+            unreported = list(self._unreported.items())
+        for command_id, report in unreported:
+            self._report(client, command_id, report)
         return self
+
+    def _report(self, client: mqtt.Client, command_id: str, report: bytes) -> None:
+        with self._lock:
+            self._unreported[command_id] = report
+            info = client.publish(f"d/{self.device_id}/cmd/result", report, qos=1)
+            self._report_mids[info.mid] = command_id
+
+    def _on_report_acked(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._lock:
+            command_id = self._report_mids.pop(mid, None)
+            if command_id is not None:
+                self._unreported.pop(command_id, None)
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         command = json.loads(msg.payload)
@@ -71,7 +92,7 @@ class CmdDevice:
         if first:
             status = "failed" if command["name"] == "explode" else "executed"
             result = {"command_id": command_id, "status": status, "output": {"ok": True}}
-            client.publish(f"d/{self.device_id}/cmd/result", json.dumps(result), qos=1)
+            self._report(client, command_id, json.dumps(result).encode())
         client.ack(msg.mid, msg.qos)
 
     def ids(self) -> list[str]:
@@ -165,7 +186,10 @@ async def results_until(
         if done(by_command):
             return by_command
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for results; have {by_command}")
+            last = {c: [r["status"] for r in items] for c, items in list(by_command.items())[-5:]}
+            raise AssertionError(
+                f"timed out waiting for results of {len(by_command)} commands; last: {last}"
+            )
         await asyncio.sleep(0.2)
 
 
