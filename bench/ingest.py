@@ -135,16 +135,22 @@ def _run_sim(
         "--quiet",
     ]  # fmt: skip
     sim = Child("simulator", argv, out.with_suffix(".log"), cwd=code)
+    pid = 0
     deadline = time.monotonic() + timeout_s + 60
-    while True:
-        # wait4 gives this child's own rusage: the simulator's CPU, threads included.
-        pid, status, usage = os.wait4(sim.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
+    try:
+        while time.monotonic() < deadline:
+            # wait4 gives this child's own rusage: the simulator's CPU, threads included.
+            pid, status, usage = os.wait4(sim.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.05)  # polling a child; the deadline bounds it
+    finally:
+        # Timeout or Ctrl-C: the simulator runs in its own session, so stop it here
+        # (a no-op once it has been reaped).
+        if not pid:
             sim.stop()
-            raise TimeoutError("simulator did not finish in time")
-        time.sleep(0.05)  # polling a child; the deadline bounds it
+    if not pid:
+        raise TimeoutError("simulator did not finish in time")
     sim.proc.returncode = os.waitstatus_to_exitcode(status)
     if not out.exists():
         raise RuntimeError(
@@ -205,8 +211,9 @@ def run_one(
 ) -> RunResult:
     """Start ``target``, offer it the load, measure, stop it."""
     child: Child
-    child, port = target.start(workdir)
     try:
+        # Inside the try: a start that fails half-way (process up, never ready) is stopped too.
+        child, port = target.start(workdir)
         _wait_idle(child.pid, 10)
         kafka_pid = kafka.brokers[0].pid if kafka is not None else None
         kafka_before = cpu_sample(kafka_pid) if kafka_pid else None
