@@ -419,3 +419,39 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def kafka_tls(kafka: Any) -> KafkaTls:
+    """The client TLS files of a local Kafka's state (gateway.dev.kafka.KafkaState)."""
+    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
+
+
+def publish_qos1(
+    port: int, client_id: str, messages: list[tuple[str, bytes]], *, in_order: bool = True
+) -> None:
+    """Publish QoS1 with paho over a real socket and wait for every PUBACK."""
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    if in_order:
+        client.max_inflight_messages_set(1)  # strictly one after the other
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(timeout=20)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def run_cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+    """``tidegate ARGS`` as a user runs it; output captured, never raises on exit codes."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )

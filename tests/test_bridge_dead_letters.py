@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from aiokafka.admin import NewTopic
 
@@ -26,18 +25,15 @@ from gateway.dev.kafka_admin import open_admin
 from tests.fixtures_kafka import topic_name_for
 from tests.harness import (
     REPO,
-    KafkaTls,
     read_topics,
     running_gateway,
     wait_for,
     write_gateway_config,
 )
+from tests.harness import kafka_tls as _tls
+from tests.harness import publish_qos1 as _publish
 
 pytestmark = pytest.mark.kafka
-
-
-def _tls(kafka: KafkaState) -> KafkaTls:
-    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
 
 
 def _config(
@@ -51,22 +47,6 @@ def _config(
     assert anchor in text
     path.write_text(text.replace(anchor, anchor + kafka_extra + "\n"))
     return path
-
-
-def _publish(port: int, client_id: str, messages: list[tuple[str, bytes]]) -> None:
-    """Publish QoS1 in order and wait for every PUBACK."""
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-    client.max_inflight_messages_set(1)  # strictly one after the other
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout=20)
-            assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def _post_without_token(admin: dict[str, Any]) -> int:

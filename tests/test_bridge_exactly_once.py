@@ -24,18 +24,14 @@ from gateway.dev.kafka import KafkaState, create_topics
 from gateway.dev.kafka_admin import open_admin
 from tests.harness import (
     GatewayProcess,
-    KafkaTls,
     Publisher,
     read_topics,
     wait_for,
     write_gateway_config,
 )
+from tests.harness import kafka_tls as _tls
 
 pytestmark = pytest.mark.kafka
-
-
-def _tls(kafka: KafkaState) -> KafkaTls:
-    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
 
 
 async def _create_compacted(kafka: KafkaState, name: str) -> None:

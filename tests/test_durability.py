@@ -28,12 +28,9 @@ from tests.harness import (
     running_gateway,
     write_gateway_config,
 )
+from tests.harness import kafka_tls as _tls
 
 pytestmark = pytest.mark.kafka
-
-
-def _tls(kafka: KafkaState) -> KafkaTls:
-    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
 
 
 def _dead_port() -> int:

@@ -11,39 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-import paho.mqtt.client as mqtt
 import pytest
 
 from gateway.dev.kafka import KafkaState
 from tests.harness import (
     REPO,
-    KafkaTls,
     read_topics,
     running_gateway,
     wait_for,
     write_gateway_config,
 )
+from tests.harness import kafka_tls as _tls
+from tests.harness import publish_qos1 as _publish
 
 pytestmark = pytest.mark.kafka
-
-
-def _tls(kafka: KafkaState) -> KafkaTls:
-    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
-
-
-def _publish(port: int, client_id: str, messages: list[tuple[str, bytes]]) -> None:
-    """Publish QoS1 and wait for every PUBACK (paho, real socket)."""
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout=20)
-            assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def _get(gateway_runtime: dict[str, Any], path: str) -> Any:

@@ -21,7 +21,6 @@ from edge.schema import APPLICATION_ID, SCHEMA_V1
 from gateway.dev.kafka import KafkaState
 from tests.harness import (
     REPO,
-    KafkaTls,
     Publisher,
     frozen_kafka,
     per_device_sequences,
@@ -30,12 +29,9 @@ from tests.harness import (
     running_gateway,
     write_gateway_config,
 )
+from tests.harness import kafka_tls as _tls
 
 pytestmark = pytest.mark.kafka
-
-
-def _tls(kafka: KafkaState) -> KafkaTls:
-    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
 
 
 def _topics(factory: Any, *classes: str) -> dict[str, str]:

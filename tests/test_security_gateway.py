@@ -19,20 +19,16 @@ from gateway.dev.kafka import KafkaState
 from gateway.pki import init_pki, issue_device_cert
 from tests.harness import (
     REPO,
-    KafkaTls,
     read_topics,
     running_gateway,
     wait_for,
     write_gateway_config,
 )
+from tests.harness import kafka_tls as _tls
 
 pytestmark = pytest.mark.kafka
 
 PASSWORD = "correct horse battery"
-
-
-def _tls(kafka: KafkaState) -> KafkaTls:
-    return KafkaTls(kafka.ca_file, kafka.cert_file, kafka.key_file)
 
 
 def _devices_add(password_file: Path, device_id: str) -> None:
