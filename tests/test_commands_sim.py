@@ -49,6 +49,14 @@ async def test_simulated_fleet_executes_commands(
     config, commands, results = _config(tmp_path, kafka, kafka_topic_factory)
     summary = tmp_path / "sim.json"
     with running_gateway(config) as gateway:
+        # The gateway's consumer group must have joined before the devices' linger starts
+        # counting (a join takes seconds on a busy machine): a probe command for an unknown
+        # device comes back rejected once the consumer is live.
+        probe = command("nobody-here")
+        await send(kafka, commands, probe)
+        await results_until(
+            kafka, results, lambda r: has(r, probe["command_id"], "rejected"), within_s=90
+        )
         sim = await asyncio.create_subprocess_exec(
             *[
                 sys.executable,
@@ -69,7 +77,7 @@ async def test_simulated_fleet_executes_commands(
                 "--command-delay",
                 "0.05",
                 "--linger",
-                "12",
+                "20",
                 "--quiet",
                 "--json",
                 str(summary),
@@ -87,7 +95,7 @@ async def test_simulated_fleet_executes_commands(
             found = await results_until(
                 kafka, results, lambda r: all(has(r, c["command_id"], "executed") for c in sent)
             )
-            async with asyncio.timeout(60):  # linger 12 s, then the sim leaves
+            async with asyncio.timeout(90):  # linger 20 s, then the sim leaves
                 _, err = await sim.communicate()
         finally:
             if sim.returncode is None:
