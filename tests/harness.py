@@ -41,6 +41,24 @@ def wait_for(
         time.sleep(interval)
 
 
+async def eventually(
+    probe: Callable[[], Any], what: str, deadline_s: float, interval: float = 0.05
+) -> Any:
+    """Async :func:`wait_for`: poll ``probe`` (plain or async) until it returns something
+    truthy and return that; fail after ``deadline_s`` seconds."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            while True:
+                value = probe()
+                if asyncio.iscoroutine(value):
+                    value = await value
+                if value:
+                    return value
+                await asyncio.sleep(interval)  # poll period inside the deadline
+    except TimeoutError:
+        raise AssertionError(f"timed out after {deadline_s}s waiting for {what}") from None
+
+
 @dataclass(frozen=True)
 class KafkaTls:
     """Client TLS material for a Kafka instance."""
@@ -220,7 +238,7 @@ class Publisher:
         client.max_inflight_messages_set(inflight)
         pending: dict[int, int] = {}
         early: set[int] = set()  # PUBACKs that beat the publisher to recording the mid
-        pending_lock = threading.Lock()
+        pending_lock = threading.Condition()  # notified on every PUBACK
 
         def record(seq: int) -> None:
             with self._lock:
@@ -231,6 +249,7 @@ class Publisher:
                 seq = pending.pop(mid, None)
                 if seq is None:
                     early.add(mid)
+                pending_lock.notify_all()
             if seq is not None:
                 record(seq)
 
@@ -258,21 +277,20 @@ class Publisher:
                 if acked_already:
                     record(seq)
                 # Keep paho's own queue short so a dead gateway does not pile up messages.
-                while len(pending) >= inflight and not self._stop.is_set():
-                    if not client.is_connected() and self._stop.wait(0.01):
-                        break
-                    self._stop.wait(0.002)
+                with pending_lock:
+                    room = lambda: len(pending) < inflight or self._stop.is_set()  # noqa: E731
+                    while not pending_lock.wait_for(room, timeout=1.0):
+                        pass  # blocked gateway: keep waiting (stop() is seen within 1 s)
             # A well-behaved device waits for its last PUBACKs before it disconnects.
-            deadline = time.monotonic() + 30
-            while pending and not self._stop.is_set() and time.monotonic() < deadline:
-                self._stop.wait(0.005)
+            with pending_lock:
+                pending_lock.wait_for(lambda: not pending or self._stop.is_set(), timeout=30)
         finally:
             with contextlib.suppress(Exception):
                 client.disconnect()
             client.loop_stop()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
+        self._stop.set()  # waiting publishers re-check within a second (wait_for timeout)
         for thread in self._threads:
             thread.join(timeout)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from tests.harness import (
     REPO,
     GatewayProcess,
     KafkaTls,
+    eventually,
     read_topics,
     running_gateway,
     wait_for,
@@ -174,8 +174,9 @@ async def results_until(
     within_s: float = 30.0,
 ) -> dict[str, list[dict[str, Any]]]:
     """Results by command id (each result id once), polled until ``done`` holds."""
-    deadline = time.monotonic() + within_s
-    while True:
+    last: dict[str, list[dict[str, Any]]] = {}
+
+    async def probe() -> dict[str, list[dict[str, Any]]] | None:
         by_command: dict[str, list[dict[str, Any]]] = {}
         seen: set[str] = set()
         for record in await read_topics(kafka.bootstrap, _tls(kafka), [topic]):
@@ -183,14 +184,20 @@ async def results_until(
             if item["result_id"] not in seen:
                 seen.add(item["result_id"])
                 by_command.setdefault(item["command_id"], []).append(item)
-        if done(by_command):
-            return by_command
-        if time.monotonic() > deadline:
-            last = {c: [r["status"] for r in items] for c, items in list(by_command.items())[-5:]}
-            raise AssertionError(
-                f"timed out waiting for results of {len(by_command)} commands; last: {last}"
-            )
-        await asyncio.sleep(0.2)
+        last.clear()
+        last.update(by_command)
+        return by_command if done(by_command) else None
+
+    try:
+        result: dict[str, list[dict[str, Any]]] = await eventually(
+            probe, "command results", within_s + 1, interval=0.2
+        )
+    except AssertionError:
+        tail = {c: [r["status"] for r in items] for c, items in list(last.items())[-5:]}
+        raise AssertionError(
+            f"timed out waiting for results of {len(last)} commands; last: {tail}"
+        ) from None
+    return result
 
 
 def statuses(results: dict[str, list[dict[str, Any]]], command_id: str) -> list[str]:

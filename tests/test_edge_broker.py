@@ -42,6 +42,7 @@ from edge.mqtt_wire import (
     read_packet,
 )
 from edge.passwords import hash_password, write_entries
+from tests.harness import eventually as wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,15 +55,8 @@ PINGRESP = 0xD
 
 
 async def eventually(predicate: Callable[[], object], what: str, deadline_s: float = 10.0) -> None:
-    """Poll until ``predicate()`` is truthy; fail with ``what`` after ``deadline_s`` seconds."""
-    try:
-        async with asyncio.timeout(deadline_s):
-            while True:
-                if predicate():
-                    return
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {deadline_s}s waiting for {what}") from None
+    """Wait until ``predicate()`` is truthy, within ``deadline_s`` seconds."""
+    await wait_until(predicate, what, deadline_s, interval=0.005)
 
 
 async def holds_for(predicate: Callable[[], object], what: str, window: float) -> None:

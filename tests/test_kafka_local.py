@@ -32,6 +32,7 @@ from gateway.dev.kafka import (
 from gateway.dev.kafka_proc import pick_free_ports
 from gateway.pki import init_pki
 from tests.fixtures_kafka import make_ssl_context
+from tests.harness import eventually
 
 pytestmark = pytest.mark.kafka
 
@@ -162,11 +163,9 @@ async def _assert_refused(state: KafkaState, context: ssl.SSLContext) -> None:
     finally:
         await producer.stop()
     # The broker logs the refusal just after closing the socket: poll, with a deadline.
-    async with asyncio.timeout(10):
-        while True:
-            if _handshake_failures(state) > before:
-                break
-            await asyncio.sleep(0.05)
+    await eventually(
+        lambda: _handshake_failures(state) > before, "the broker to log the refusal", 10
+    )
 
 
 async def test_client_without_certificate_is_refused(kafka: KafkaState) -> None:
