@@ -197,7 +197,9 @@ class GroupCommitter(BufferCore):
         no_room_at_all = self.stats.low_disk
         # The drop ledger lives in the same bounded file: its room is set aside up front.
         limit_rows = self._config.max_rows
-        limit_bytes = self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES
+        limit_bytes = (
+            self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES - self.reserved_bytes
+        )
         self._reclaim = max(0, self.stats.used_bytes - self._config.max_bytes)
         for write in self._pending:
             stream = (write.device_id, write.class_name)

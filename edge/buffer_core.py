@@ -59,6 +59,8 @@ class BufferCore:
         self._drop_rows = 0
         self._evict_credit: dict[str, int] = {}
         self._reclaim = 0
+        self.reserved_bytes = 0
+        """Bytes kept outside the file that count toward ``max_bytes`` (the firmware cache)."""
         self.stats = BufferStats()
 
     @property

@@ -26,12 +26,14 @@ from bridge.forwarder import Forwarder
 from bridge.records import RecordBuilder
 from edge.broker import EdgeBroker
 from edge.buffer import Buffer
+from edge.ingest import SessionObserver
 from edge.intake import Intake
 from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
+from gateway.firmware_service import FirmwareService
 from gateway.security_setup import broker_security, listener_tls_contexts
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
@@ -71,6 +73,11 @@ class Gateway:
             if config.commands is None
             else CommandService(config, config.commands, self.buffer)
         )
+        self.firmware = (
+            None
+            if config.firmware is None
+            else FirmwareService(config, config.firmware, self.buffer)
+        )
         self.forwarder = Forwarder(
             self.buffer,
             RecordBuilder(
@@ -86,7 +93,7 @@ class Gateway:
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
             sink=self.intake,
-            observer=self.buffer if self.commands is None else self.commands.observer(self.buffer),
+            observer=self._observer(),
             max_inflight_per_session=config.broker.max_inflight_per_session,
             uplink_prefix=router.device_topic_prefix(),
             allow_anonymous=config.broker.allow_anonymous,
@@ -96,9 +103,17 @@ class Gateway:
         )
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)
+        if self.firmware is not None:
+            self.firmware.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
+
+    def _observer(self) -> SessionObserver:
+        observer: SessionObserver = (
+            self.buffer if self.commands is None else self.commands.observer(self.buffer)
+        )
+        return observer if self.firmware is None else self.firmware.observer(observer)
 
     def request_stop(self) -> None:
         """Ask the gateway to shut down (SIGTERM handler)."""
@@ -121,6 +136,11 @@ class Gateway:
                         if self.commands is None
                         else tasks.create_task(self.commands.run(), name="commands")
                     )
+                    firmware = (
+                        None
+                        if self.firmware is None
+                        else tasks.create_task(self.firmware.run(), name="firmware")
+                    )
                     try:
                         async with self.broker, self.admin:
                             self._write_runtime(data_dir)
@@ -140,6 +160,9 @@ class Gateway:
                         if commands is not None and self.commands is not None:
                             commands.cancel()
                             await self.commands.close(deadline=max(1.0, deadline / 4))
+                        if firmware is not None and self.firmware is not None:
+                            firmware.cancel()
+                            await self.firmware.close(deadline=max(1.0, deadline / 4))
                         await self.forwarder.close(deadline=max(1.0, deadline / 2))
         finally:
             with contextlib.suppress(OSError):
@@ -273,4 +296,5 @@ class Gateway:
             },
             "intake": {"unrouted": self.intake.unrouted},
             "commands": None if self.commands is None else self.commands.status(),
+            "firmware": None if self.firmware is None else self.firmware.status(),
         }
