@@ -264,10 +264,11 @@ class FirmwareEngine:
                         target.campaign_id, release, self._config.device_chunk_bytes
                     )
                     self.stats["offers"] += 1
-                    if await self._link.publish(
-                        device_id, self._topic(device_id, "offer"), payload
-                    ):
-                        await self._store.offered(target.campaign_id, device_id)
+                    # Recorded first: the device may report on it before its PUBACK is seen.
+                    await self._store.offered(target.campaign_id, device_id)
+                    topic = self._topic(device_id, "offer")
+                    if not await self._link.publish(device_id, topic, payload):
+                        await self._store.unoffered(target.campaign_id, device_id)
                     break  # one offer at a time per device
         except Exception:
             log.exception("offering firmware to %s failed", device_id)

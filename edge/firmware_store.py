@@ -438,6 +438,16 @@ class FirmwareStore:
             if await cursor.fetchone() is not None:
                 await _device_event(db, campaign_id, device_id, "offered", now=now)
 
+    async def unoffered(self, campaign_id: str, device_id: str) -> None:
+        """The offer was not acknowledged: offer it again later (on the next tick or
+        connection); a device that already reported on it keeps its state."""
+        async with self._buffer.transaction() as db:
+            await db.execute(
+                "UPDATE fw_targets SET state = 'waiting', offered_ms = NULL"
+                " WHERE campaign_id = ? AND device_id = ? AND state = 'offered'",
+                (campaign_id, device_id),
+            )
+
     async def time_out(self, timeout_ms: int) -> int:
         """Targets offered longer ago than ``timeout_ms`` and not finished: failed."""
         now = now_ms()

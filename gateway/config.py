@@ -390,7 +390,7 @@ class FirmwareConfig(_Model):
     """Kafka consumer group; ``{gateway_id}`` is replaced."""
     trusted_keys: Annotated[list[ExistingFile], Field(min_length=1)]
     """Ed25519 public keys (PEM) whose signatures are accepted on releases."""
-    cache_dir: ConfigPath = Path("firmware")
+    cache_dir: Path = Path("firmware")
     """Content-addressed image cache; relative paths are taken from ``gateway.data_dir``."""
     cache_max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
     """Cap on cached images; it is set aside from ``buffer.max_bytes`` (the disk bound)."""
