@@ -25,6 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.enums import CallbackAPIVersion
 
 from device_sim.link import PahoLoopDriver
 from edge.firmware_model import (
@@ -266,7 +267,7 @@ class FirmwareDevice:
 
     async def _connect(self) -> None:
         client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.device_id
         )
         self._driver.attach(client)
         client.on_connect = self._on_connect

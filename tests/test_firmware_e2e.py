@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_sim.firmware import FirmwareDevice, FleetSpec, run_firmware_fleet
@@ -23,6 +24,7 @@ from tests.firmware_helpers import (
     release_state,
     status_until,
 )
+from tests.fixtures_kafka import make_ssl_context
 from tests.harness import GatewayProcess, eventually, run_cli, wait_for
 from tests.test_commands_e2e import produce
 
@@ -54,10 +56,6 @@ async def _produce_release(
     if tamper_chunk is not None:
         value, headers = records[1 + tamper_chunk]
         records[1 + tamper_chunk] = (bytes([value[0] ^ 0xFF]) + value[1:], headers)
-    from aiokafka import AIOKafkaProducer  # noqa: PLC0415  # only this helper needs it
-
-    from tests.fixtures_kafka import make_ssl_context  # noqa: PLC0415
-
     producer = AIOKafkaProducer(
         bootstrap_servers=kafka.bootstrap,
         security_protocol="SSL",
@@ -201,7 +199,8 @@ async def test_campaign_pauses_itself_above_failure_threshold_and_survives_resta
         assert status["firmware"]["cache_bytes"] == len(image)
         out = run_cli("fw", "status", "c-pause", "-c", str(setup.config))
         assert out.returncode == 0, out.stderr
-        assert "paused" in out.stdout and "failed 2" in out.stdout
+        assert "paused" in out.stdout
+        assert "failed 2" in out.stdout
 
         # Resume: the operator accepts ring 0's failures; ring 1 starts (and fails again).
         assert (

@@ -113,7 +113,8 @@ async def test_200_devices_1mb_image_10_percent_interrupted(
         # Resumed, not restarted: at most the image plus the one chunk lost with the power.
         assert agent.downloaded_bytes <= IMAGE_BYTES + CHUNK, spec.device_id
     final = campaign_state(records, "c-fleet")
-    assert final is not None and final["devices"] == {"installed": DEVICES}
+    assert final is not None
+    assert final["devices"] == {"installed": DEVICES}
     installed = {
         r["device_id"]
         for r in records
