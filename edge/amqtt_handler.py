@@ -148,6 +148,10 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._announced = False
         self._disconnect_seen = False
         self._disconnect_result: Any = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._keepalive_expired = False
+        self._idle_since: float | None = None
+        """loop.time() since which the reader waits for a packet's first byte (None: not)."""
 
     # -- identity -----------------------------------------------------------------------
 
@@ -302,26 +306,53 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             return await self._read_packet_by_packet(first_byte_timeout)
         max_inflight = self._edge.max_inflight
         splitter = PacketSplitter(self._edge.max_packet_size)
-        while not self._closing:
-            if self._inflight >= max_inflight:
-                await self._wait_for_capacity(max_inflight)
-                continue
-            packet = splitter.next_packet()
-            if packet is None:
-                # Only between packets does silence count against the keep-alive; inside a
-                # packet a timeout would leave the stream mid-packet (see read_packet).
-                timeout = None if splitter.pending else first_byte_timeout
-                async with asyncio.timeout(timeout):
+        loop = asyncio.get_running_loop()
+        if first_byte_timeout is not None:
+            self._keepalive = loop.call_at(
+                loop.time() + first_byte_timeout, self._check_keepalive, first_byte_timeout
+            )
+        try:
+            while not self._closing:
+                if self._inflight >= max_inflight:
+                    await self._wait_for_capacity(max_inflight)
+                    continue
+                packet = splitter.next_packet()
+                if packet is None:
+                    # Only silence between packets counts against the keep-alive (inside a
+                    # packet a timeout would leave the stream mid-packet, see read_packet).
+                    self._idle_since = None if splitter.pending else loop.time()
                     data = await stream.read(_READ_CHUNK)
-                if not data:
-                    if splitter.pending:
-                        raise MalformedPacketError("connection ended inside a packet")
-                    return "connection closed by the device"
-                splitter.feed(data)
-                continue
-            if not await self._dispatch(packet):
-                return "DISCONNECT"
-        return "closing"
+                    self._idle_since = None
+                    if not data:
+                        if self._keepalive_expired:
+                            raise TimeoutError("keep-alive expired")
+                        if splitter.pending:
+                            raise MalformedPacketError("connection ended inside a packet")
+                        return "connection closed by the device"
+                    splitter.feed(data)
+                    continue
+                if not await self._dispatch(packet):
+                    return "DISCONNECT"
+            return "closing"
+        finally:
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+
+    def _check_keepalive(self, timeout: float) -> None:
+        """MQTT-3.1.2-24 without a timer per read: one timer per keep-alive period checks how
+        long the reader has been waiting for a packet's first byte, and closes the socket
+        (the read then ends) once that is 1.5 x the keep-alive."""
+        loop = asyncio.get_running_loop()
+        idle_since = self._idle_since
+        now = loop.time()
+        if idle_since is not None and now - idle_since >= timeout and not self._closing:
+            self._keepalive_expired = True
+            transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+                return
+        start = idle_since if idle_since is not None else now
+        self._keepalive = loop.call_at(start + timeout, self._check_keepalive, timeout)
 
     async def _read_packet_by_packet(self, first_byte_timeout: float | None) -> str:
         max_inflight = self._edge.max_inflight

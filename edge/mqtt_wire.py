@@ -72,7 +72,9 @@ class ByteReader(Protocol):
     async def read(self, n: int = -1) -> bytes: ...
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~4x more (object.__setattr__ per
+# field), and this one is built for every message on the hot path. Treat it as immutable.
+@dataclass(slots=True, unsafe_hash=True)
 class RawPacket:
     """One packet's fixed header fields and its whole body (variable header + payload)."""
 
@@ -81,7 +83,9 @@ class RawPacket:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~4x more (object.__setattr__ per
+# field), and this one is built for every message on the hot path. Treat it as immutable.
+@dataclass(slots=True, unsafe_hash=True)
 class DecodedPublish:
     """A PUBLISH as the device sent it."""
 
