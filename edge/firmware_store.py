@@ -1,11 +1,5 @@
-"""Firmware state in the buffer file (schema v4) and the image cache on disk.
-
-Images are files ``<cache_dir>/<sha256>.img`` (content-addressed: a release published twice
-is stored once); their rows are in ``fw_releases``. A file is moved into the cache (fsynced)
-before its row is committed, and a row is deleted before its file, so a crash leaves at
-worst an orphan file, which :meth:`FirmwareStore.open` deletes. The cache's bytes are set
-aside from the buffer's byte bound (``Buffer.reserved_bytes``): the cache counts toward
-the gateway's disk limit.
+"""Firmware campaigns, their per-device targets and the progress outbox, in the buffer file
+(schema v4), on top of the image cache (:mod:`edge.firmware_cache`).
 
 Every state change of a campaign or target writes its progress record to ``fw_outbox`` in
 the same transaction; :mod:`bridge.firmware_out` sends the outbox to Kafka.
@@ -13,46 +7,29 @@ the same transaction; :mod:`bridge.firmware_out` sends the outbox to Kafka.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from edge.buffer import Buffer
 from edge.buffer_types import now_ms
-from edge.firmware_model import Manifest
-from edge.firmware_rollout import (
-    CacheEntry,
-    RingCounts,
-    plan_eviction,
-    plan_rings,
-    protected_releases,
+from edge.firmware_cache import (
+    ACTIVE_CAMPAIGN_STATES,
+    FirmwareCache,
+    Release,
+    add_event,
+    fetch_one,
 )
+from edge.firmware_rollout import RingCounts, plan_rings
 
 __all__ = ["Campaign", "FirmwareStore", "OutboxRow", "Release", "Target"]
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = "('running', 'paused')"
 _OPEN_TARGET = "('waiting', 'offered', 'downloading')"
-_OUTBOX = "INSERT INTO fw_outbox (key, value, at_ms) VALUES (?, ?, ?)"
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    release_id: str
-    device_type: str
-    version: str
-    size: int
-    sha256: str
-    manifest: str
-    signature: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,160 +61,8 @@ class OutboxRow:
     value: str
 
 
-class FirmwareStore:
-    """Releases, campaigns, targets and the progress outbox."""
-
-    def __init__(self, buffer: Buffer, cache_dir: Path, *, cache_max_bytes: int) -> None:
-        self._buffer = buffer
-        self.cache_dir = cache_dir
-        self._cap = cache_max_bytes
-        self.cache_bytes = 0
-
-    # ------------------------------------------------------------------ cache
-
-    def image_path(self, sha256: str) -> Path:
-        return self.cache_dir / f"{sha256}.img"
-
-    def staging_path(self, release_id: str) -> Path:
-        return self.cache_dir / "staging" / f"{release_id}.part"
-
-    async def open(self) -> None:
-        """Create the directories, delete orphans, and charge the cache to the buffer bound."""
-        (self.cache_dir / "staging").mkdir(parents=True, exist_ok=True)
-        for part in (self.cache_dir / "staging").iterdir():
-            part.unlink(missing_ok=True)  # the consumer re-reads an unfinished release
-        async with self._buffer.read() as db:
-            cursor = await db.execute("SELECT sha256, size FROM fw_releases")
-            rows = list(await cursor.fetchall())
-        known = {f"{r[0]}.img" for r in rows}
-        for path in self.cache_dir.glob("*.img"):
-            if path.name not in known:
-                log.info("deleting orphan cache file %s", path)
-                path.unlink(missing_ok=True)
-        self._charge(sum(int(r[1]) for r in {r[0]: r for r in rows}.values()))
-
-    def _charge(self, total: int) -> None:
-        self.cache_bytes = total
-        self._buffer.reserved_bytes = total
-
-    async def release(self, release_id: str) -> Release | None:
-        async with self._buffer.read() as db:
-            cursor = await db.execute(
-                "SELECT release_id, device_type, version, size, sha256, manifest, signature"
-                " FROM fw_releases WHERE release_id = ?",
-                (release_id,),
-            )
-            row = await cursor.fetchone()
-        return None if row is None else Release(*row)
-
-    async def add_release(self, manifest: Manifest, staged: Path) -> str | None:
-        """Move a verified image into the cache; None, or the reason it was refused."""
-        if manifest.size > self._cap:
-            _unlink(staged)
-            return f"image of {manifest.size} bytes is larger than the cache"
-        now = now_ms()
-        async with self._buffer.read() as db:
-            cursor = await db.execute(
-                "SELECT release_id, device_type, size, received_ms, last_used_ms, sha256"
-                " FROM fw_releases"
-            )
-            rows = list(await cursor.fetchall())
-            cursor = await db.execute(
-                f"SELECT DISTINCT release_id FROM fw_campaigns WHERE state IN {_ACTIVE}"
-            )
-            in_campaigns = [str(r[0]) for r in await cursor.fetchall()]
-        entries = [CacheEntry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
-        shared = any(r[5] == manifest.sha256 for r in rows)
-        incoming = 0 if shared else manifest.size
-        victims = plan_eviction(
-            entries,
-            protected_releases(entries, in_campaigns),
-            cap=self._cap,
-            incoming=incoming,
-        )
-        if victims is None:
-            _unlink(staged)
-            return "cache full: every cached release is protected"
-        target = self.image_path(manifest.sha256)
-        os.replace(staged, target)
-        _fsync_dir(self.cache_dir)
-        async with self._buffer.transaction() as db:
-            for victim in victims:
-                await db.execute("DELETE FROM fw_releases WHERE release_id = ?", (victim,))
-                await _event(
-                    db,
-                    victim,
-                    {
-                        "kind": "release",
-                        "release_id": victim,
-                        "state": "evicted",
-                        "reason": "cache cap (LRU)",
-                    },
-                    now,
-                )
-            await db.execute(
-                "INSERT OR REPLACE INTO fw_releases (release_id, device_type, version, size,"
-                " sha256, manifest, signature, received_ms, last_used_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    manifest.release_id,
-                    manifest.device_type,
-                    manifest.version,
-                    manifest.size,
-                    manifest.sha256,
-                    manifest.signed,
-                    manifest.signature,
-                    now,
-                    now,
-                ),
-            )
-            await _event(db, manifest.release_id, _release_event(manifest, "cached", None), now)
-            cursor = await db.execute("SELECT sha256, size FROM fw_releases")
-            remaining = {str(r[0]): int(r[1]) for r in await cursor.fetchall()}
-        for victim_row in rows:
-            if victim_row[0] in victims and victim_row[5] not in remaining:
-                self.image_path(victim_row[5]).unlink(missing_ok=True)
-        self._charge(sum(remaining.values()))
-        log.info(
-            "firmware %s cached (%d bytes); evicted %s",
-            manifest.release_id,
-            manifest.size,
-            victims or "none",
-        )
-        return None
-
-    async def refused(self, manifest: Manifest | None, release_id: str, reason: str) -> None:
-        """Report a refused release (nothing cached)."""
-        log.error("firmware release %s refused: %s", release_id, reason)
-        value = (
-            _release_event(manifest, "refused", reason)
-            if manifest is not None
-            else {"kind": "release", "release_id": release_id, "state": "refused", "reason": reason}
-        )
-        async with self._buffer.transaction() as db:
-            await _event(db, release_id, value, now_ms())
-
-    async def rejected(self, campaign_id: str, reason: str) -> None:
-        """Report a campaign operation that was not applied."""
-        async with self._buffer.transaction() as db:
-            await _event(
-                db,
-                campaign_id or "-",
-                {
-                    "kind": "campaign",
-                    "campaign_id": campaign_id,
-                    "state": "rejected",
-                    "reason": reason,
-                },
-                now_ms(),
-            )
-
-    async def touch(self, release_id: str) -> None:
-        async with self._buffer.transaction() as db:
-            await db.execute(
-                "UPDATE fw_releases SET last_used_ms = ? WHERE release_id = ?",
-                (now_ms(), release_id),
-            )
+class FirmwareStore(FirmwareCache):
+    """Releases (from :class:`FirmwareCache`), campaigns, targets and the outbox."""
 
     # -------------------------------------------------------------- campaigns
 
@@ -254,16 +79,18 @@ class FirmwareStore:
         """Create a campaign; None, or why it was rejected."""
         now = now_ms()
         async with self._buffer.transaction() as db:
-            if await _one(db, "SELECT 1 FROM fw_campaigns WHERE campaign_id = ?", (campaign_id,)):
+            if await fetch_one(
+                db, "SELECT 1 FROM fw_campaigns WHERE campaign_id = ?", (campaign_id,)
+            ):
                 return "campaign id already used"
-            row = await _one(
+            row = await fetch_one(
                 db,
                 "SELECT device_type, version FROM fw_releases WHERE release_id = ?",
                 (release_id,),
             )
             if row is None:
                 reason = f"release {release_id} not cached"
-                await _event(
+                await add_event(
                     db,
                     campaign_id,
                     {
@@ -309,7 +136,7 @@ class FirmwareStore:
         return None
 
     async def campaigns(self, active_only: bool = True) -> list[Campaign]:
-        where = f" WHERE state IN {_ACTIVE}" if active_only else ""
+        where = f" WHERE state IN {ACTIVE_CAMPAIGN_STATES}" if active_only else ""
         async with self._buffer.read() as db:
             cursor = await db.execute(
                 "SELECT campaign_id, release_id, state, rings, ring, failure_threshold,"
@@ -383,7 +210,7 @@ class FirmwareStore:
     async def previous_release(self, release_id: str) -> str | None:
         """The cached release of the same device type received just before this one."""
         async with self._buffer.read() as db:
-            row = await _one(
+            row = await fetch_one(
                 db,
                 "SELECT p.release_id FROM fw_releases p JOIN fw_releases c"
                 " ON p.device_type = c.device_type AND p.received_ms < c.received_ms"
@@ -422,7 +249,7 @@ class FirmwareStore:
                 " FROM fw_targets t"
                 " JOIN fw_campaigns c ON c.campaign_id = t.campaign_id"
                 f" WHERE t.device_id = ? AND t.state IN {_OPEN_TARGET}"
-                f" AND c.state IN {_ACTIVE} AND t.ring <= c.ring",
+                f" AND c.state IN {ACTIVE_CAMPAIGN_STATES} AND t.ring <= c.ring",
                 (device_id,),
             )
             return [Target(*r) for r in await cursor.fetchall()]
@@ -470,7 +297,7 @@ class FirmwareStore:
         async with self._buffer.transaction() as db:
             for device_id, report in reports:
                 state = report["state"]
-                row = await _one(
+                row = await fetch_one(
                     db,
                     "SELECT t.campaign_id, t.state, r.version FROM fw_targets t"
                     " JOIN fw_campaigns c ON c.campaign_id = t.campaign_id"
@@ -518,7 +345,7 @@ class FirmwareStore:
     ) -> None:
         summary = await _summary(db, campaign_id)
         if summary is not None:
-            await _event(db, campaign_id, {**summary, "reason": reason}, now)
+            await add_event(db, campaign_id, {**summary, "reason": reason}, now)
 
     # ----------------------------------------------------------------- outbox
 
@@ -535,13 +362,8 @@ class FirmwareStore:
                 await db.executemany("DELETE FROM fw_outbox WHERE id = ?", [(i,) for i in ids])
 
 
-async def _one(db: aiosqlite.Connection, query: str, params: tuple[Any, ...]) -> Any:
-    cursor = await db.execute(query, params)
-    return await cursor.fetchone()
-
-
 async def _summary(db: aiosqlite.Connection, campaign_id: str) -> dict[str, Any] | None:
-    row = await _one(
+    row = await fetch_one(
         db,
         "SELECT release_id, state, rings, ring, failure_threshold, rollback_of, reason"
         " FROM fw_campaigns WHERE campaign_id = ?",
@@ -568,10 +390,6 @@ async def _summary(db: aiosqlite.Connection, campaign_id: str) -> dict[str, Any]
     }
 
 
-async def _event(db: aiosqlite.Connection, key: str, value: dict[str, Any], now: int) -> None:
-    await db.execute(_OUTBOX, (key, json.dumps({**value, "at_ms": now}), now))
-
-
 async def _device_event(
     db: aiosqlite.Connection,
     campaign_id: str,
@@ -583,7 +401,7 @@ async def _device_event(
     reason: str | None = None,
     version: str | None = None,
 ) -> None:
-    await _event(
+    await add_event(
         db,
         device_id,
         {
@@ -597,29 +415,3 @@ async def _device_event(
         },
         now,
     )
-
-
-def _release_event(manifest: Manifest, state: str, reason: str | None) -> dict[str, Any]:
-    return {
-        "kind": "release",
-        "release_id": manifest.release_id,
-        "state": state,
-        "version": manifest.version,
-        "device_type": manifest.device_type,
-        "size": manifest.size,
-        "sha256": manifest.sha256,
-        "reason": reason,
-    }
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
