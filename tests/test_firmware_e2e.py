@@ -25,7 +25,7 @@ from tests.firmware_helpers import (
     status_until,
 )
 from tests.fixtures_kafka import make_ssl_context
-from tests.harness import GatewayProcess, eventually, run_cli, wait_for
+from tests.harness import GatewayProcess, eventually, publish_qos1, run_cli, wait_for
 from tests.test_commands_e2e import produce
 
 pytestmark = pytest.mark.kafka
@@ -95,6 +95,16 @@ async def test_tampered_or_untrusted_release_is_refused_and_not_cached(
         # Bad input on the control topic: a malformed record and a campaign for the refused
         # release are rejected; the consumer goes on.
         await produce(kafka, setup.control, [("x", b"not json")])
+        # Bad device messages are acknowledged, counted and ignored.
+        publish_qos1(
+            gateway.mqtt_port,
+            "bad-dev",
+            [
+                ("d/bad-dev/fw/req", b"\xff garbage"),
+                ("d/bad-dev/fw/status", b'{"state": "exploded"}'),
+                ("d/bad-dev/fw/req", b'{"release_id": "nope@1", "index": 0}'),
+            ],
+        )
         await _control(kafka, setup.control, op="start", campaign_id="c-bad", release_id=tampered)
         records = await status_until(
             kafka,
@@ -105,6 +115,7 @@ async def test_tampered_or_untrusted_release_is_refused_and_not_cached(
             ),
             "release verdicts",
         )
+        stats = gateway.status()["firmware"]
     finally:
         gateway.stop()
     assert release_state(records, good) == "cached"
@@ -120,6 +131,8 @@ async def test_tampered_or_untrusted_release_is_refused_and_not_cached(
     assert [p.name for p in cached] == [f"{good_sha}.img"]  # only the good one
     assert list((gateway.data_dir / "firmware" / "staging").iterdir()) == []
     assert "refused" in gateway.log()
+    assert stats["invalid_messages"] == 2
+    assert stats["requests_refused"] == 1  # not offered to that device: not served
 
 
 async def test_campaign_pauses_itself_above_failure_threshold_and_survives_restart(

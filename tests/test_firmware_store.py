@@ -65,3 +65,19 @@ async def test_cache_is_charged_to_the_buffer_and_evicted_by_rule(tmp_path: Path
         assert not (cache / "orphan.img").exists()
         assert [c.campaign_id for c in await store.campaigns()] == ["c"]
         assert await store.release("t@4") is not None
+
+
+async def test_offered_devices_that_do_not_finish_time_out_as_failed(tmp_path: Path) -> None:
+    async with Buffer(tmp_path / "b.sqlite3", BufferConfig(max_bytes=64 * MB)) as buffer:
+        store = FirmwareStore(buffer, tmp_path / "fw", cache_max_bytes=3 * MB)
+        await store.open()
+        manifest = _stage(store, "1", 1000)
+        assert await store.add_release(manifest, store.staging_path(manifest.release_id)) is None
+        assert await store.start_campaign("c", "t@1", ["d1", "d2"], [100.0], 0.1) is None
+        await store.offered("c", "d1")
+        assert await store.time_out(60_000) == 0
+        assert await store.time_out(-1) == 1  # only the offered one; d2 was never offered
+        counts = await store.ring_counts("c", 0)
+        assert (counts.failed, counts.open) == (1, 1)
+        await store.unoffered("c", "d2")  # no effect on a target that is not 'offered'
+        assert (await store.summary("c") or {})["devices"] == {"failed": 1, "waiting": 1}
