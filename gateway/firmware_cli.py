@@ -19,13 +19,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridge.tls import build_ssl_context
+from device_sim.firmware import FleetSpec, run_firmware_fleet
 from edge.firmware_model import (
     FirmwareFormatError,
     key_id,
     load_private_key,
+    load_public_key,
     make_manifest,
     release_records,
 )
+from gateway.app import read_runtime
 from gateway.config import FirmwareConfig, GatewayConfig, load_config
 from gateway.errors import ConfigError, TidegateError
 
@@ -165,6 +168,81 @@ def _op(op: str) -> None:
 
 for _name in ("pause", "resume", "abort", "rollback"):
     _op(_name)
+
+
+@fw_app.command("sim")
+def sim(  # noqa: PLR0917  # typer maps parameters to options
+    trusted_key: Annotated[
+        list[Path], typer.Option("--trusted-key", help="Public key the devices trust (PEM).")
+    ],
+    devices: Annotated[int, typer.Option(min=1, max=2000)] = 10,
+    prefix: Annotated[str, typer.Option(help="Device ids: <prefix>-<n>.")] = "fw",
+    device_type: Annotated[str, typer.Option("--device-type")] = "sim",
+    version: Annotated[str, typer.Option(help="Version the devices start with.")] = "1.0.0",
+    until_version: Annotated[
+        str | None, typer.Option(help="Stop once every device runs this version.")
+    ] = None,
+    drop_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of devices losing power mid-transfer.")
+    ] = 0.0,
+    fail_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of devices whose install fails.")
+    ] = 0.0,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds at most.")] = 300.0,
+    host: str = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Default: the running gateway's.")] = None,
+    config: ConfigOption = Path("configs/dev.toml"),
+) -> None:
+    """Simulated devices that take firmware offers (docs/firmware.md), on loopback."""
+    if port is None:
+        cfg, _fw = _load(config)
+        runtime = read_runtime(cfg.gateway.data_dir) or {}
+        listeners = runtime.get("mqtt") or []
+        if not listeners:
+            raise _fail("no running gateway found; give --port")
+        port = int(listeners[0]["port"])
+    try:
+        keys = [load_public_key(p.read_bytes()) for p in trusted_key]
+    except (OSError, FirmwareFormatError) as exc:
+        raise _fail(str(exc)) from None
+    drops, fails = round(devices * drop_rate), round(devices * fail_rate)
+    specs = [
+        FleetSpec(
+            f"{prefix}-{n:04d}",
+            drop_at_chunk=1 + n % 8 if n < drops else None,
+            fail_install=drops <= n < drops + fails,
+        )
+        for n in range(devices)
+    ]
+
+    def done(fleet: dict[str, Any]) -> bool:
+        return until_version is not None and all(
+            d.agent.version == until_version and d.final_acked.is_set() for d in fleet.values()
+        )
+
+    try:
+        fleet = asyncio.run(
+            run_firmware_fleet(
+                specs,
+                host=host,
+                port=port,
+                device_type=device_type,
+                version=version,
+                trusted=keys,
+                until=done,
+                within_s=duration,
+            )
+        )
+    except TimeoutError:
+        if until_version is not None:
+            raise _fail(f"not every device reached {until_version} in {duration}s", 1) from None
+        return
+    for device_id, device in sorted(fleet.items()):
+        agent = device.agent
+        typer.echo(
+            f"{device_id} {agent.version} downloaded={agent.downloaded_bytes}"
+            f" drops={agent.drops} verified={agent.verified}"
+        )
 
 
 @fw_app.command("status")

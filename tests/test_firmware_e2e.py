@@ -253,7 +253,7 @@ async def test_rollout_with_interrupted_transfers_resumes_and_rolls_back(
     old.write_bytes(os.urandom(150_000))
     new.write_bytes(os.urandom(300_000))
     cfg = str(setup.config)
-    ids = [f"rs-{i:02d}" for i in range(20)]
+    ids = [f"rs-{i:04d}" for i in range(20)]
     gateway = GatewayProcess(setup.config)
     try:
         gateway.start()
@@ -333,18 +333,29 @@ async def test_rollout_with_interrupted_transfers_resumes_and_rolls_back(
         # Rollback: every device of the campaign gets 1.0.0 back.
         out = run_cli("fw", "campaign", "rollback", "c-main", "-c", cfg)
         assert out.returncode == 0, out.stderr
-        devices = await run_firmware_fleet(
-            [FleetSpec(d) for d in ids],
-            host="127.0.0.1",
-            port=gateway.mqtt_port,
-            device_type=DEVICE_TYPE,
-            version="2.0.0",
-            trusted=[setup.public],
-            until=lambda ds: all(
-                d.agent.version == "1.0.0" and d.final_acked.is_set() for d in ds.values()
-            ),
-            within_s=60,
+        # The simulator's CLI plays the devices this time (the same ids, now on 2.0.0).
+        out = run_cli(
+            "fw",
+            "sim",
+            "--trusted-key",
+            f"{setup.key_file}.pub",
+            "--devices",
+            "20",
+            "--prefix",
+            "rs",
+            "--device-type",
+            DEVICE_TYPE,
+            "--version",
+            "2.0.0",
+            "--until-version",
+            "1.0.0",
+            "--duration",
+            "60",
+            "-c",
+            cfg,
         )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count(" 1.0.0 downloaded=150000 ") == 20  # no drops this time
         records = await status_until(
             kafka,
             setup.status,
