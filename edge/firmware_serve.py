@@ -340,7 +340,7 @@ class FirmwareEngine:
         )
         if not ok:
             return f"campaign is {campaign.state}"
-        for device_id, allowed in self._allowed.items():
+        for device_id, allowed in list(self._allowed.items()):
             if campaign.release_id in allowed:
                 allowed.discard(campaign.release_id)
                 await self._link.publish(

@@ -278,6 +278,15 @@ class FirmwareStore(FirmwareCache):
     async def time_out(self, timeout_ms: int) -> int:
         """Targets offered longer ago than ``timeout_ms`` and not finished: failed."""
         now = now_ms()
+        async with self._buffer.read() as db:  # the common case: nothing due, no commit
+            due = await fetch_one(
+                db,
+                "SELECT 1 FROM fw_targets WHERE state IN ('offered', 'downloading')"
+                " AND offered_ms < ? LIMIT 1",
+                (now - timeout_ms,),
+            )
+        if due is None:
+            return 0
         async with self._buffer.transaction() as db:
             cursor = await db.execute(
                 "UPDATE fw_targets SET state = 'failed', reason = 'timeout', updated_ms = ?"
@@ -299,7 +308,7 @@ class FirmwareStore(FirmwareCache):
                 state = report["state"]
                 row = await fetch_one(
                     db,
-                    "SELECT t.campaign_id, t.state, r.version FROM fw_targets t"
+                    "SELECT t.campaign_id, t.state, r.version, t.bytes, r.size FROM fw_targets t"
                     " JOIN fw_campaigns c ON c.campaign_id = t.campaign_id"
                     " JOIN fw_releases r ON r.release_id = c.release_id"
                     f" WHERE t.device_id = ? AND c.release_id = ? AND t.state IN {_OPEN_TARGET}",
@@ -307,7 +316,8 @@ class FirmwareStore(FirmwareCache):
                 )
                 if row is None:
                     continue
-                campaign_id, old, version = row
+                campaign_id, old, version, old_bytes, size = row
+                nbytes = report.get("bytes", 0)
                 reason = report.get("reason")
                 if state == "installed" and report.get("version") != version:
                     state, reason = "failed", f"reported version {report.get('version')!r}"
@@ -315,20 +325,24 @@ class FirmwareStore(FirmwareCache):
                     await db.execute(
                         "UPDATE fw_targets SET bytes = ?, updated_ms = ? WHERE campaign_id = ?"
                         " AND device_id = ?",
-                        (report.get("bytes", 0), now, campaign_id, device_id),
+                        (nbytes, now, campaign_id, device_id),
                     )
+                    # Progress to Kafka per quarter of the image at most: a device repeating
+                    # reports cannot grow the outbox.
+                    if 4 * nbytes // size <= 4 * old_bytes // size:
+                        continue
                 else:
                     await db.execute(
                         "UPDATE fw_targets SET state = ?, bytes = ?, reason = ?, updated_ms = ?"
                         " WHERE campaign_id = ? AND device_id = ?",
-                        (state, report.get("bytes", 0), reason, now, campaign_id, device_id),
+                        (state, nbytes, reason, now, campaign_id, device_id),
                     )
                 await _device_event(
                     db,
                     campaign_id,
                     device_id,
                     state,
-                    nbytes=report.get("bytes"),
+                    nbytes=nbytes,
                     reason=reason,
                     version=report.get("version"),
                     now=now,

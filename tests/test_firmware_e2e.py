@@ -193,7 +193,10 @@ async def test_campaign_pauses_itself_above_failure_threshold_and_survives_resta
         paused = campaign_state(records, "c-pause")
         assert paused is not None
         assert paused["ring"] == 0
-        assert paused["devices"] == {"failed": 2, "waiting": 8}
+        # It pauses at the first failure past 10% of ring 0 (2 devices): the other device of
+        # the ring may still be downloading; ring 1 (8 devices) has not started.
+        assert paused["devices"]["waiting"] == 8
+        assert paused["devices"]["failed"] >= 1
         assert "threshold" in paused["reason"]
         offered = {
             r["device_id"]
@@ -201,6 +204,14 @@ async def test_campaign_pauses_itself_above_failure_threshold_and_survives_resta
             if r["kind"] == "device" and r["campaign_id"] == "c-pause" and r["state"] == "offered"
         }
         assert len(offered) == 2  # ring 1 never started
+
+        # A paused campaign lets started transfers finish: ring 0 ends with 2 failures.
+        await status_until(
+            kafka,
+            setup.status,
+            lambda r: sum(1 for x in r if x["kind"] == "device" and x["state"] == "failed") == 2,
+            "ring 0 to finish",
+        )
 
         # A restart keeps the campaign paused and the cache (no second fetch).
         await stop_fleet()
@@ -213,7 +224,7 @@ async def test_campaign_pauses_itself_above_failure_threshold_and_survives_resta
         out = run_cli("fw", "status", "c-pause", "-c", str(setup.config))
         assert out.returncode == 0, out.stderr
         assert "paused" in out.stdout
-        assert "failed 2" in out.stdout
+        assert "waiting 8" in out.stdout
 
         # Resume: the operator accepts ring 0's failures; ring 1 starts (and fails again).
         assert (
