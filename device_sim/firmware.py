@@ -226,7 +226,7 @@ class FirmwareDevice:
         host: str,
         port: int,
         device_type: str,
-        request_timeout_s: float = 3.0,
+        request_timeout_s: float = 5.0,
         reconnect_delay_s: float = 0.2,
     ) -> None:
         self.device_id = device_id

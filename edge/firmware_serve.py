@@ -68,7 +68,7 @@ class FirmwareEngine:
         self._store = store
         self._link = link
         self._config = config
-        self._requests: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue(
+        self._requests: asyncio.Queue[tuple[str, int, str, int]] = asyncio.Queue(
             config.max_queued_requests
         )
         self._reports: list[tuple[str, dict[str, Any], asyncio.Future[None]]] = []
@@ -79,6 +79,10 @@ class FirmwareEngine:
         self._allowed: dict[str, set[str]] = {}
         """device -> releases it may pull (set when offered, dropped when finished)."""
         self._releases: dict[str, Release] = {}
+        self._connection: dict[str, int] = {}
+        """device -> its connection count, to recognise requests from a connection gone."""
+        self._served: dict[str, tuple[str, int]] = {}
+        """device -> the last chunk sent on its current connection."""
         self._offer_slots = asyncio.Semaphore(_PARALLEL_OFFERS)
         self._tasks: asyncio.TaskGroup | None = None
         self.stats: dict[str, int] = {
@@ -87,6 +91,7 @@ class FirmwareEngine:
             "chunk_bytes_sent": 0,
             "requests_dropped": 0,
             "requests_refused": 0,
+            "requests_repeated": 0,
             "invalid_messages": 0,
             "reports": 0,
         }
@@ -99,6 +104,10 @@ class FirmwareEngine:
     # -- observer (edge.ingest.SessionObserver) ----------------------------------------
 
     def device_connected(self, device_id: str, peer: str) -> None:
+        # A new connection: requests queued from the old one are void (their chunk would
+        # reach the new connection unasked), and a chunk served on the old one may be lost.
+        self._connection[device_id] = self._connection.get(device_id, 0) + 1
+        self._served.pop(device_id, None)
         self._reconnected.add(device_id)
         self._wake.set()
 
@@ -117,7 +126,8 @@ class FirmwareEngine:
                 self.stats["invalid_messages"] += 1
             else:
                 try:
-                    self._requests.put_nowait((device_id, *request))
+                    connection = self._connection.get(device_id, 0)
+                    self._requests.put_nowait((device_id, connection, *request))
                 except asyncio.QueueFull:
                     self.stats["requests_dropped"] += 1
             future.set_result(None)
@@ -152,7 +162,15 @@ class FirmwareEngine:
 
     async def _serve(self) -> None:
         while True:
-            device_id, release_id, index = await self._requests.get()
+            device_id, connection, release_id, index = await self._requests.get()
+            if connection != self._connection.get(device_id, 0):
+                continue  # asked on a connection that is gone
+            if self._served.get(device_id) == (release_id, index):
+                # Already sent on this connection (TCP delivers it or the connection dies,
+                # and then the device asks again on its next one): a repeat would only
+                # double the device's download.
+                self.stats["requests_repeated"] += 1
+                continue
             try:
                 await self._serve_one(device_id, release_id, index)
             except Exception:
@@ -171,6 +189,7 @@ class FirmwareEngine:
         data = await asyncio.to_thread(_pread, path, index * size, size)
         payload = chunk_payload(release_id, index, data)
         if await self._link.publish_qos0(device_id, self._topic(device_id, "chunk"), payload):
+            self._served[device_id] = (release_id, index)
             self.stats["chunks_sent"] += 1
             self.stats["chunk_bytes_sent"] += len(data)
 
