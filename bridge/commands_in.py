@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError as AioKafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from bridge.tls import build_ssl_context
+from bridge.kafka_security import client_security
 from edge.commands_model import Command, Rejection, parse_command
 from edge.commands_store import CommandStore
 from gateway.config import CommandsConfig, KafkaConfig
@@ -82,8 +82,7 @@ class CommandConsumer:
             bootstrap_servers=self._kafka.bootstrap_servers,
             client_id=f"{self._kafka.client_id}-commands",
             group_id=self._group,
-            security_protocol="SSL",
-            ssl_context=build_ssl_context(self._kafka.tls),
+            **client_security(self._kafka).kwargs(),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             request_timeout_ms=int(self._kafka.request_timeout_s * 1000) + 30_000,

@@ -17,7 +17,7 @@ import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AioKafkaError
 
-from bridge.tls import build_ssl_context
+from bridge.kafka_security import client_security
 from gateway.config import CommandsConfig, GatewayConfig, load_config
 from gateway.errors import ConfigError, TidegateError
 
@@ -143,8 +143,7 @@ def status(
 async def _produce(cfg: GatewayConfig, topic: str, key: str, value: bytes) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
+        **client_security(cfg.kafka).kwargs(),
         acks="all",
         request_timeout_ms=int(cfg.kafka.request_timeout_s * 1000),
     )
@@ -159,8 +158,7 @@ async def _produce(cfg: GatewayConfig, topic: str, key: str, value: bytes) -> No
 async def _history(cfg: GatewayConfig, topic: str, command_id: str) -> list[dict[str, Any]]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
+        **client_security(cfg.kafka).kwargs(),
         enable_auto_commit=False,
     )
     found: list[dict[str, Any]] = []
