@@ -29,7 +29,14 @@ from bridge.tls import build_ssl_context
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaAuthError
 
-__all__ = ["ClientSecurity", "SaslLogin", "client_security", "diagnose_sasl", "sasl_login"]
+__all__ = [
+    "ClientSecurity",
+    "SaslLogin",
+    "client_security",
+    "diagnose_sasl",
+    "explain_login_failure",
+    "sasl_login",
+]
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,16 @@ async def diagnose_sasl(
             with contextlib.suppress(Exception):
                 conn.close()
     return None
+
+
+async def explain_login_failure(
+    config: KafkaConfig, security: ClientSecurity, exc: BaseException
+) -> None:
+    """Raise :class:`KafkaAuthError` (from ``exc``) when a refused SASL login is why a client
+    could not start; return (the caller re-raises ``exc``) otherwise."""
+    reason = await diagnose_sasl(config, security)
+    if reason is not None:
+        raise KafkaAuthError(reason) from exc
 
 
 def _broker_message(exc: AioKafkaError) -> str:
