@@ -77,10 +77,17 @@ def _password_file_line(kafka: KafkaState) -> str:
     return f'password_file = "{kafka.sasl.password_file}"'
 
 
-@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "PLAIN"])
+@pytest.mark.parametrize(
+    ("mechanism", "delivery"), [("SCRAM-SHA-512", "at_least_once"), ("PLAIN", "exactly_once")]
+)
 async def test_gateway_forwards_over_sasl_ssl(
-    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Callable[..., str], mechanism: str
+    tmp_path: Path,
+    kafka: KafkaState,
+    kafka_topic_factory: Callable[..., str],
+    mechanism: str,
+    delivery: str,
 ) -> None:
+    """Exactly-once adds the transactional producer and the progress-recovery consumers."""
     events = kafka_topic_factory("events")
     config = _sasl_config(
         tmp_path,
@@ -89,14 +96,25 @@ async def test_gateway_forwards_over_sasl_ssl(
         mechanism=mechanism,
         password_line=_password_file_line(kafka),
     )
+    if delivery == "exactly_once":
+        progress = kafka_topic_factory("progress", partitions=1)
+        anchor = "retry_backoff_max_s = 1.0\n"
+        config.write_text(
+            config.read_text().replace(
+                anchor,
+                anchor + f'delivery = "exactly_once"\nprogress_topic = "{progress}"\n',
+            )
+        )
     payloads = [f"sasl-{mechanism}-{i}".encode() for i in range(20)]
     with running_gateway(config) as gateway:
         _publish(gateway.mqtt_port, "dev-sasl", [("d/dev-sasl/up/event", p) for p in payloads])
         status = gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "the buffer to drain")
         assert status["kafka"]["breaker"]["state"] == "closed"
+        assert status["kafka"]["delivery"] == delivery
         log = gateway.log()
     # Read back over mutual TLS, the other listener.
-    records = await read_topics(kafka.bootstrap, _tls(kafka), [events])
+    isolation = "read_committed" if delivery == "exactly_once" else "read_uncommitted"
+    records = await read_topics(kafka.bootstrap, _tls(kafka), [events], isolation=isolation)
     assert sorted(r.value for r in records) == sorted(payloads)
     assert {r.key for r in records} == {b"dev-sasl"}
     assert kafka.sasl is not None
@@ -163,6 +181,35 @@ async def test_wrong_password_opens_the_breaker_loses_nothing_and_recovers(
         fixed.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "the buffer to drain")
     records = await read_topics(kafka.bootstrap, _tls(kafka), [events])
     assert sorted(r.value for r in records) == sorted(payloads)
+
+
+async def test_replaced_password_file_is_used_without_restart(
+    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Callable[..., str]
+) -> None:
+    """The password file is read whenever a producer is built: fixing it is enough."""
+    assert kafka.sasl is not None
+    events = kafka_topic_factory("events")
+    secret = tmp_path / "kafka-password"
+    secret.write_text(_WRONG_PASSWORD + "\n")
+    secret.chmod(0o600)
+    config = _sasl_config(
+        tmp_path,
+        kafka,
+        {"event": events},
+        mechanism="SCRAM-SHA-512",
+        password_line=f'password_file = "{secret}"',
+    )
+    with running_gateway(config) as gateway:
+        _publish(gateway.mqtt_port, "dev-rot", [("d/dev-rot/up/event", b"waits")])
+        gateway.wait_status(
+            lambda s: "refused the SASL login" in (s["kafka"]["last_error"] or ""),
+            60,
+            "the refused login to show",
+        )
+        secret.write_text(kafka.sasl.password_file.read_text() + "\n")
+        gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "the buffer to drain")
+    records = await read_topics(kafka.bootstrap, _tls(kafka), [events])
+    assert [r.value for r in records] == [b"waits"]
 
 
 async def test_cmd_send_uses_sasl_when_configured(
