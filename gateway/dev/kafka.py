@@ -26,8 +26,6 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-import os
-import secrets
 import shutil
 import ssl
 import subprocess
@@ -88,6 +86,7 @@ from gateway.dev.kafka_state import (
     SaslState,
     read_state,
     state_path,
+    write_private_text,
     write_state,
 )
 from gateway.errors import LocalKafkaError
@@ -220,7 +219,7 @@ def start_kafka(
                 node, nodes, tls=tls, partitions=partitions, sasl_users=[sasl_user]
             )
             # 0600: the file inlines the broker's private key.
-            _write_private_text(node.properties_path, render_properties(settings))
+            write_private_text(node.properties_path, render_properties(settings))
         format_storage(libs, log4j, nodes, cluster_id, scram_format_args([sasl_user]))
         procs: list[subprocess.Popen[bytes]] = []
         try:
@@ -388,14 +387,6 @@ class LocalKafka:
 
 class _PortTakenError(LocalKafkaError):
     """A node could not bind a chosen port (taken between picking and binding)."""
-
-
-def _write_private_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _stop_pids(state: KafkaState, *, timeout_s: float = _STOP_TIMEOUT_S) -> list[int]:

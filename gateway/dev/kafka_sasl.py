@@ -16,11 +16,12 @@ Pure functions except :func:`write_password_file`.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gateway.dev.kafka_state import write_private_text
 
 __all__ = [
     "SASL_LISTENER",
@@ -115,11 +116,7 @@ def write_password_file(data_dir: Path, user: SaslUser) -> Path:
     A gateway config can point ``kafka.sasl.password_file`` straight at it.
     """
     path = data_dir / _PASSWORD_FILE
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(user.password)
-    os.replace(tmp, path)
+    write_private_text(path, user.password)
     return path
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "state_from_json",
     "state_path",
     "state_to_json",
+    "write_private_text",
     "write_state",
 ]
 
@@ -255,6 +256,15 @@ def read_state(path: Path) -> KafkaState:
     except OSError as exc:
         raise LocalKafkaError(f"{path}: cannot read: {exc.strerror}") from exc
     return state_from_json(text, source=str(path))
+
+
+def write_private_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically to a file only its owner can read (mode 0600)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 def write_state(state: KafkaState) -> Path:
