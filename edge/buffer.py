@@ -138,6 +138,13 @@ class Buffer(GroupCommitter, DeadLetterStore):
         self.stats.oldest_ingest_ms = row[2]
         cursor = await db.execute("SELECT class, count(*) FROM uplink GROUP BY class")
         self.stats.class_rows = {c: int(n) for c, n in await cursor.fetchall()}
+        if self.tenant_shares is not None:
+            self.tenant_shares.reset()
+            cursor = await db.execute(
+                "SELECT device_id, count(*), sum(length(payload)) FROM uplink GROUP BY device_id"
+            )
+            for device_id, count, size in await cursor.fetchall():
+                self.tenant_shares.count(device_id, int(count), int(size) // max(1, int(count)))
         self.stats.dead_letters = int(await scalar(db, "SELECT count(*) FROM dead_letters"))
         self._drop_rows = int(await scalar(db, "SELECT count(*) FROM drops"))
         await self._refresh_used_bytes(db)
@@ -307,7 +314,7 @@ class Buffer(GroupCommitter, DeadLetterStore):
             await db.executemany("DELETE FROM uplink WHERE id = ?", [(m.row_id,) for m in done])
         self.stats.released += len(done)
         for message in done:
-            self._count_rows(message.class_name, -1, len(message.payload))
+            self._count_rows(message.class_name, -1, len(message.payload), message.device_id)
         await self._after_removal()
 
     async def devices(self) -> list[DeviceRecord]:

@@ -19,6 +19,7 @@ from edge.buffer_types import (
     scalar,
 )
 from edge.registry import RegistryChanges
+from edge.tenant_share import TenantShares
 from gateway.config import BufferConfig, ClassConfig
 from gateway.errors import BufferStoreError
 
@@ -60,6 +61,8 @@ class BufferCore:
         self._evict_credit: dict[str, int] = {}
         self._reclaim = 0
         self.stats = BufferStats()
+        self.tenant_shares: TenantShares | None = None
+        """Per-tenant buffer caps (``tenants.max_buffer_share``); set before :meth:`open`."""
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -87,7 +90,9 @@ class BufferCore:
         async with self._txn_lock:
             yield self.db
 
-    def _count_rows(self, class_name: str, delta: int, nbytes: int) -> None:
+    def _count_rows(self, class_name: str, delta: int, nbytes: int, device_id: str) -> None:
+        if self.tenant_shares is not None:
+            self.tenant_shares.count(device_id, delta, nbytes)
         rows = self.stats.class_rows
         rows[class_name] = max(0, rows.get(class_name, 0) + delta)
         if not rows[class_name]:

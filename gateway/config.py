@@ -42,12 +42,15 @@ __all__ = [
     "KafkaTlsConfig",
     "ListenerConfig",
     "RoutingConfig",
+    "TenantsConfig",
     "default_config",
     "load_config",
     "parse_config",
 ]
 
 _IDENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_TOPIC = r"^([A-Za-z0-9._-]|\{tenant\}){1,249}$"
+"""A Kafka topic name, optionally with ``{tenant}`` placeholders (see ``[tenants]``)."""
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -209,8 +212,8 @@ class BufferConfig(_Model):
 class ClassConfig(_Model):
     """A message class from the device contract (``d/{device_id}/up/{class}``)."""
 
-    kafka_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
-    """Kafka topic this class is forwarded to."""
+    kafka_topic: Annotated[str, Field(pattern=_TOPIC)]
+    """Kafka topic this class is forwarded to; ``{tenant}`` is the device's tenant."""
     priority: Annotated[int, Field(ge=0, le=9)] = 5
     """Higher is forwarded first."""
     content_type: str = "application/octet-stream"
@@ -248,8 +251,9 @@ class RoutingConfig(_Model):
     uplink_pattern: str = "d/{device_id}/up/{class}"
     """Topic pattern; deeper levels after it are allowed. ``{device_id}`` and ``{class}`` are
     required placeholders, each a whole topic level."""
-    dead_letter_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.dlq"
-    """Kafka topic for messages that match no class (kept, never dropped)."""
+    dead_letter_topic: Annotated[str, Field(pattern=_TOPIC)] = "iot.dlq"
+    """Kafka topic for messages that match no class (kept, never dropped); may contain
+    ``{tenant}``."""
 
     @field_validator("uplink_pattern")
     @classmethod
@@ -333,10 +337,12 @@ class CommandsConfig(_Model):
 
     topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._{}-]{1,249}$")] = "iot.commands.{gateway_id}"
     """Kafka topic this gateway consumes commands from; ``{gateway_id}`` is replaced. One
-    topic per gateway: a gateway only ever sees its own devices' commands."""
-    results_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.command-results"
+    topic per gateway: a gateway only ever sees its own devices' commands. With
+    ``tenants.mode = "topic"`` it must contain ``{tenant}``: one topic per tenant, and a
+    command for a device of another tenant is rejected."""
+    results_topic: Annotated[str, Field(pattern=_TOPIC)] = "iot.command-results"
     """Kafka topic for result records (accepted, delivered, executed, failed, expired,
-    rejected), key = device id."""
+    rejected), key = device id; ``{tenant}`` is the command's tenant."""
     group_id: Annotated[str, Field(min_length=1)] = "tidegate-{gateway_id}"
     """Kafka consumer group; ``{gateway_id}`` is replaced."""
     device_topic: str = "d/{device_id}/cmd"
@@ -374,6 +380,43 @@ class CommandsConfig(_Model):
         return self.group_id.replace("{gateway_id}", gateway_id)
 
 
+class TenantsConfig(_Model):
+    """Tenants (docs/security.md): devices belong to a tenant by device-id patterns; a
+    tenant's uplink goes to its own topics or carries a ``tg-tenant`` header, its commands
+    reach only its devices, and its share of the buffer can be capped. Absent section: off."""
+
+    mode: Literal["topic", "header"] = "topic"
+    """``topic``: every class topic (and the commands and results topics) contains
+    ``{tenant}``, so each tenant has its own Kafka topics. ``header``: shared topics, every
+    record carries a ``tg-tenant`` header, and a command record must carry the device's
+    tenant in its ``tg-tenant`` header."""
+    devices: dict[str, list[str]] = {}
+    """Tenant name -> device-id glob patterns (``acme-*``, ``plant?-*``). A device matching
+    two tenants' patterns has no tenant (refused at CONNECT)."""
+    default_tenant: Annotated[str | None, Field(pattern=_IDENT)] = None
+    """Tenant of devices that match no pattern. None: such devices are refused at CONNECT."""
+    max_buffer_share: Annotated[float | None, Field(gt=0, le=1)] = None
+    """Most of ``buffer.max_rows`` and of ``buffer.max_bytes`` one tenant's buffered messages
+    may take; past it that tenant's publishes wait (or drop, by class policy) as if the
+    buffer were full, while other tenants go on. None: no per-tenant cap."""
+
+    @field_validator("devices")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, patterns in value.items():
+            if not re.fullmatch(_IDENT, name):
+                raise ValueError(f"tenant name {name!r}: letters, digits, '.', '_' and '-'")
+            if not patterns or any(not p for p in patterns):
+                raise ValueError(f"tenant {name!r}: give at least one non-empty pattern")
+        return value
+
+    @model_validator(mode="after")
+    def _some_tenant(self) -> TenantsConfig:
+        if not self.devices and self.default_tenant is None:
+            raise ValueError("configure [tenants.devices] or default_tenant")
+        return self
+
+
 class AdminConfig(_Model):
     """The local admin API (status, later operations)."""
 
@@ -394,6 +437,8 @@ class GatewayConfig(_Model):
     admin: AdminConfig = AdminConfig()
     commands: CommandsConfig | None = None
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
+    tenants: TenantsConfig | None = None
+    """Tenants; None (no ``[tenants]`` section): one implicit tenant, no ``{tenant}``."""
 
     @field_validator("classes")
     @classmethod
@@ -404,6 +449,28 @@ class GatewayConfig(_Model):
             if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
                 raise ValueError(f"class name {name!r}: lowercase letters, digits, _ and -")
         return value
+
+    @model_validator(mode="after")
+    def _tenant_placeholders(self) -> GatewayConfig:
+        topics = {f"classes.{n}.kafka_topic": c.kafka_topic for n, c in self.classes.items()}
+        optional = {"routing.dead_letter_topic": self.routing.dead_letter_topic}
+        if self.commands is not None:
+            topics["commands.topic"] = self.commands.topic
+            topics["commands.results_topic"] = self.commands.results_topic
+        with_placeholder = [k for k, v in {**topics, **optional}.items() if "{tenant}" in v]
+        mode = None if self.tenants is None else self.tenants.mode
+        if mode != "topic" and with_placeholder:
+            raise ValueError(
+                f'{with_placeholder[0]}: {{tenant}} needs [tenants] with mode = "topic"'
+            )
+        if mode == "topic":
+            for key, value in topics.items():
+                if "{tenant}" not in value:
+                    raise ValueError(
+                        f'{key}: tenants.mode = "topic" needs {{tenant}} in this topic, so'
+                        " tenants never share it"
+                    )
+        return self
 
     @property
     def buffer_path(self) -> Path:
