@@ -286,6 +286,8 @@ class GroupCommitter(BufferCore):
             keys.extend((write.device_id, slot, fp, now) for slot, fp in write.dedup_keys)
             outcome.inserted.append(write)
         if inserts:
+            if self._keyring is not None:  # at-rest encryption: one call per batch
+                inserts = self._keyring.seal_inserts(inserts)
             await db.executemany(sql.INSERT_UPLINK, inserts)
         if keys:
             await db.executemany(sql.REMEMBER_KEY, keys)

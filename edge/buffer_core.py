@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from edge.buffer_crypto import Keyring
 from edge.buffer_types import (
     BufferStats,
     PendingWrite,
@@ -61,6 +62,8 @@ class BufferCore:
         self._evict_credit: dict[str, int] = {}
         self._reclaim = 0
         self.stats = BufferStats()
+        self._keyring: Keyring | None = None
+        """At-rest encryption of payloads (``buffer.encryption``), loaded at open."""
         self.tenant_shares: TenantShares | None = None
         """Per-tenant buffer caps (``tenants.max_buffer_share``); set before :meth:`open`."""
 

@@ -87,7 +87,8 @@ class DeadLetterStore(BufferCore):
             cursor = await db.execute(
                 sql.SELECT_DEAD + " WHERE forwarded_ms IS NULL ORDER BY id LIMIT ?", (limit,)
             )
-            return [DeadLetter(*r) for r in await cursor.fetchall()]
+            letters = [DeadLetter(*r) for r in await cursor.fetchall()]
+        return letters if self._keyring is None else self._keyring.open_rows(letters)
 
     async def dead_letters_forwarded(self, ids: Sequence[int]) -> None:
         """The Kafka dead-letter topic acknowledged these."""
@@ -112,7 +113,8 @@ class DeadLetterStore(BufferCore):
             cursor = await db.execute(
                 sql.SELECT_DEAD + " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
             )
-            return [DeadLetter(*r) for r in await cursor.fetchall()]
+            letters = [DeadLetter(*r) for r in await cursor.fetchall()]
+        return letters if self._keyring is None else self._keyring.open_rows(letters)
 
     async def replay_dead_letters(self, ids: Sequence[int] | None) -> int:
         """Put dead letters back into the uplink queue (same ids); None replays all."""

@@ -34,8 +34,10 @@ __all__ = [
     "AuditConfig",
     "BrokerConfig",
     "BufferConfig",
+    "BufferEncryptionConfig",
     "ClassConfig",
     "CommandsConfig",
+    "EncryptionKeyConfig",
     "GatewayConfig",
     "GatewayIdentity",
     "KafkaConfig",
@@ -174,6 +176,42 @@ class BrokerConfig(_Model):
         return value
 
 
+class EncryptionKeyConfig(_Model):
+    """One AES-256 key of the buffer's keyring: 32 bytes, raw, hex or base64."""
+
+    key_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,8}$")]
+    """Short name stored with every row it encrypted (1-8 characters); never reuse one for
+    another key."""
+    key_file: ExistingFile | None = None
+    """File holding the key (32 raw bytes, or 64 hex digits, or base64); mode 0600."""
+    key_env: Annotated[str | None, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
+    """Environment variable holding the key (hex or base64)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncryptionKeyConfig:
+        if (self.key_file is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key_file and key_env")
+        return self
+
+
+class BufferEncryptionConfig(EncryptionKeyConfig):
+    """At-rest encryption of buffered payloads (AES-256-GCM, docs/security.md). The fields
+    inherited from a key name the current key: new rows are encrypted with it."""
+
+    old_keys: list[EncryptionKeyConfig] = []
+    """Earlier keys, kept so rows they encrypted still decrypt after a rotation."""
+    reencrypt_on_start: bool = False
+    """At start, re-encrypt every buffered row not under the current key (then the old keys
+    can be removed once the gateway has started)."""
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> BufferEncryptionConfig:
+        ids = [self.key_id, *(k.key_id for k in self.old_keys)]
+        if len(ids) != len(set(ids)):
+            raise ValueError("key ids must be unique")
+        return self
+
+
 class BufferConfig(_Model):
     """The SQLite store-and-forward buffer."""
 
@@ -207,6 +245,8 @@ class BufferConfig(_Model):
     keep_forwarded_dead_letters: bool = False
     """Keep dead letters in the buffer after the Kafka dead-letter topic acked them (for
     ``tidegate dlq replay``); they count toward the buffer bounds."""
+    encryption: BufferEncryptionConfig | None = None
+    """Encrypt buffered payloads (uplink rows and dead letters) at rest; None: plaintext."""
 
 
 class ClassConfig(_Model):
