@@ -14,17 +14,21 @@ any tenant's topics.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from edge.commands_model import Command, Rejection
+
 __all__ = [
     "PLACEHOLDER",
     "TENANT_HEADER",
     "UNASSIGNED",
     "TenantMap",
+    "check_command_tenant",
     "claimed_tenant_mismatch",
     "render",
     "render_all",
@@ -121,3 +125,15 @@ def claimed_tenant_mismatch(tenants: TenantMap, claimed: str | None, device_id: 
     if actual != claimed:
         return _mismatch_reason(claimed, actual)
     return None
+
+
+def check_command_tenant(
+    tenants: TenantMap, claimed: str | None, item: Command | Rejection
+) -> Command | Rejection:
+    """A command that may reach its device, or a rejection reported to ``claimed``."""
+    if isinstance(item, Rejection):
+        return dataclasses.replace(item, tenant=claimed)
+    reason = claimed_tenant_mismatch(tenants, claimed, item.device_id)
+    if reason is None:
+        return item
+    return Rejection(reason, item.command_id, item.device_id, tenant=claimed, remember=False)

@@ -76,7 +76,7 @@ class Gateway:
         self.commands = (
             None
             if config.commands is None
-            else CommandService(config, config.commands, self.buffer)
+            else CommandService(config, config.commands, self.buffer, self.tenants)
         )
         self.forwarder = Forwarder(
             self.buffer,

@@ -12,11 +12,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bridge.commands_in import CommandConsumer
 from bridge.records import RecordBuilder
 from edge.acl import AclPolicy
 from edge.buffer import Buffer, StoredMessage
+from edge.commands_model import Rejection, parse_command
 from edge.tenant_share import TENANT_SHARE_DROP, TenantShares
-from edge.tenants import TenantMap, claimed_tenant_mismatch
+from edge.tenants import TenantMap, check_command_tenant, claimed_tenant_mismatch
 from gateway.config import BufferConfig, ClassConfig, parse_config
 from gateway.dev.kafka import KafkaState
 from gateway.dev.kafka_admin import create_topics
@@ -24,6 +26,15 @@ from gateway.errors import ConfigError
 from tests.fixtures_kafka import topic_name_for
 from tests.harness import kafka_tls as _tls
 from tests.harness import publish_qos1, read_topics, running_gateway, wait_for, write_gateway_config
+from tests.test_commands_e2e import (
+    CmdDevice,
+    command,
+    has,
+    results_until,
+    send,
+    statuses,
+    wait_registered,
+)
 
 TENANTS = TenantMap(patterns={"acme": ("acme-*",), "globex": ("globex-*", "gx-??")})
 
@@ -112,6 +123,41 @@ def test_records_routed_to_the_tenants_topics() -> None:
     assert orphan.topic == "dlq._unassigned"
     assert dict(orphan.headers)["tg-dead-letter-reason"] == b"device belongs to no tenant"
     assert builder.topics == {"ev.acme", "ev.globex", "dlq.acme", "dlq.globex"}
+
+
+def test_header_mode_shared_topics_and_command_claims() -> None:
+    tenants = TenantMap(patterns=TENANTS.patterns, mode="header")
+    builder = RecordBuilder(
+        gateway_id="gw",
+        class_topics={"event": "ev"},
+        content_types={},
+        dead_letter_topic="dlq",
+        tenants=tenants,
+    )
+    record = builder.build(StoredMessage(1, "gx-01", "event", "d/gx-01/up/event", 1, b"", 0, 5))
+    assert (record.topic, dict(record.headers)["tg-tenant"]) == ("ev", b"globex")
+    config = _config(
+        classes={"event": {"kafka_topic": "ev"}},
+        tenants={"mode": "header", "devices": {"acme": ["acme-*"]}},
+        commands={},
+    )
+    assert config.commands is not None
+    consumer = CommandConsumer(
+        config.kafka,
+        config.commands,
+        gateway_id="gw",
+        store=None,  # type: ignore[arg-type]  # not used by the tenant check
+        on_stored=print,
+        tenants=tenants,
+    )
+    assert consumer._claimed_tenant("any", [("tg-tenant", b"acme")]) == "acme"
+    assert consumer._claimed_tenant("any", []) is None
+    value = b'{"command_id":"c","device_id":"acme-1","name":"n","ttl_s":5}'
+    good = parse_command(b"acme-1", value, timestamp_ms=0, max_params_bytes=100, max_ttl_s=60)
+    assert check_command_tenant(tenants, "acme", good) is good
+    refused = check_command_tenant(tenants, "globex", good)
+    assert isinstance(refused, Rejection)
+    assert (refused.tenant, refused.remember) == ("globex", False)
 
 
 # ------------------------------------------------------- buffer share (real SQLite)
@@ -242,3 +288,67 @@ globex = ["globex-*"]
         }
         assert {r.value for r in records} == expected, topic
         assert not any(b"rogue" in r.value for r in records)
+
+
+@pytest.mark.kafka
+async def test_commands_reach_only_their_tenants_devices(
+    tmp_path: Path, kafka: KafkaState, request: pytest.FixtureRequest
+) -> None:
+    base = topic_name_for(request.node.name)
+    names = {
+        (kind, tenant): f"{base}.{kind}.{tenant}"
+        for kind in ("ev", "cmd", "res")
+        for tenant in ("acme", "globex")
+    }
+    create_topics(kafka, names.values(), partitions=1)
+    config = write_gateway_config(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        tls=_tls(kafka),
+        topics={"event": f"{base}.ev.{{tenant}}"},
+        extra=f"""
+[commands]
+topic = "{base}.cmd.{{tenant}}"
+results_topic = "{base}.res.{{tenant}}"
+poll_interval_s = 0.1
+retry_interval_s = 1.0
+
+[tenants.devices]
+acme = ["acme-*"]
+globex = ["globex-*"]
+""",
+    )
+    devices: list[CmdDevice] = []
+    try:
+        with running_gateway(config) as gateway:
+            for device_id in ("acme-1", "globex-1"):
+                devices.append(CmdDevice(gateway.mqtt_port, device_id).connect())
+                wait_registered(gateway, device_id, True)
+            own_a = command("acme-1")
+            # acme aims at globex's device with an id globex then uses for its own command.
+            cross = command("globex-1", command_id="shared-id", params={"from": "acme"})
+            own_g = command("globex-1", command_id="shared-id", params={"from": "globex"})
+            await send(kafka, names["cmd", "acme"], own_a, cross)
+            acme = await results_until(
+                kafka,
+                names["res", "acme"],
+                lambda r: (
+                    has(r, own_a["command_id"], "executed") and has(r, "shared-id", "rejected")
+                ),
+            )
+            await send(kafka, names["cmd", "globex"], own_g)
+            globex = await results_until(
+                kafka, names["res", "globex"], lambda r: has(r, "shared-id", "executed")
+            )
+            received = [c for _t, c in devices[1].received]
+    finally:
+        for device in devices:
+            device.disconnect()
+    assert statuses(acme, "shared-id") == ["rejected"]
+    rejection = acme["shared-id"][0]
+    assert rejection["reason"].startswith("device belongs to another tenant")
+    assert rejection["output"] == {"tenant": "acme"}
+    assert statuses(globex, "shared-id") == ["accepted", "delivered", "executed"]
+    assert set(globex) == {"shared-id"}  # nothing of acme's commands in globex's results
+    assert set(acme) == {own_a["command_id"], "shared-id"}
+    assert [c["params"] for c in received] == [{"from": "globex"}]  # acme's never arrived
