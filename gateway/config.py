@@ -497,11 +497,22 @@ class GatewayConfig(_Model):
         if self.commands is not None:
             topics["commands.topic"] = self.commands.topic
             topics["commands.results_topic"] = self.commands.results_topic
-        with_placeholder = [k for k, v in {**topics, **optional}.items() if "{tenant}" in v]
+        acl = self.broker.acl
+        rules = {
+            f"broker.acl.{kind}": rule
+            for kind in ("publish", "subscribe")
+            for rule in getattr(acl, kind)
+        }
+        with_placeholder = [
+            k for k, v in {**topics, **optional, **rules}.items() if "{tenant}" in v
+        ]
         mode = None if self.tenants is None else self.tenants.mode
-        if mode != "topic" and with_placeholder:
+        if mode is None and with_placeholder:
+            raise ValueError(f"{with_placeholder[0]}: {{tenant}} needs a [tenants] section")
+        topics_with = [k for k in with_placeholder if not k.startswith("broker.acl")]
+        if mode == "header" and topics_with:
             raise ValueError(
-                f'{with_placeholder[0]}: {{tenant}} needs [tenants] with mode = "topic"'
+                f'{topics_with[0]}: {{tenant}} in a topic needs tenants.mode = "topic"'
             )
         if mode == "topic":
             for key, value in topics.items():

@@ -95,10 +95,16 @@ def test_config_rules_for_placeholders() -> None:
         _config(classes={"event": {"kafka_topic": "iot.events"}})
     with pytest.raises(ConfigError, match=r"commands.results_topic"):
         _config(commands={"topic": "iot.commands.{gateway_id}.{tenant}"})
-    with pytest.raises(ConfigError, match=r"needs \[tenants\] with mode"):
+    with pytest.raises(ConfigError, match=r"needs tenants.mode"):
         _config(tenants={"mode": "header", "devices": {"acme": ["acme-*"]}})
-    with pytest.raises(ConfigError, match=r"needs \[tenants\]"):
+    with pytest.raises(ConfigError, match=r"needs a \[tenants\] section"):
         _config(tenants=None)
+    with pytest.raises(ConfigError, match=r"broker.acl.publish: \{tenant\} needs a \[tenants\]"):
+        _config(
+            classes={"event": {"kafka_topic": "ev"}},
+            broker={"acl": {"enabled": True, "publish": ["t/{tenant}/#"]}},
+            tenants=None,
+        )
     with pytest.raises(ConfigError, match=r"tenant name '_x'"):
         _config(tenants={"devices": {"_x": ["a"]}})
 
