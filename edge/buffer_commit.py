@@ -349,7 +349,10 @@ class GroupCommitter(BufferCore):
         cursor = await db.execute(sql.EVICT_OLDEST, (class_name, floor))
         row = await cursor.fetchone()
         await cursor.close()
-        return None if row is None else Evicted.from_row(row, class_name)
+        if row is None:
+            return None
+        evicted = Evicted.from_row(row, class_name)
+        return evicted if self._keyring is None else self._keyring.open_evicted([evicted])[0]
 
     def _after_commit(self, batch: Sequence[PendingWrite], outcome: Outcome) -> None:
         stats = self.stats

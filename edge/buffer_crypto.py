@@ -6,11 +6,12 @@ Stored form of a payload (uplink rows and dead letters)::
 
 37 bytes per row. The version byte leaves room for another format; the key id lets rows
 encrypted with an older key decrypt after a rotation (the keyring holds the current key and
-the old ones). The associated data binds each ciphertext to its row's device, class, MQTT
-topic and ingest time, so a payload copied onto another row (another device, class or
-topic) fails to decrypt instead of being forwarded under the wrong name. Rows of the same
-device, class and topic with the same ingest millisecond could still be swapped with each
-other undetected (the row id is assigned by SQLite after the encryption).
+the old ones). The associated data binds each ciphertext to its row's device, class and
+MQTT topic, so a payload copied onto another row (another device, class or topic) fails to
+decrypt instead of being forwarded under the wrong name. Rows of one device, class and topic
+could still be swapped with each other undetected (the row id is assigned by SQLite after
+the encryption, and the ingest time is left out so rows dropped by policy, which do not
+carry it, can be decrypted for the drop ledger).
 
 Which file holds what is recorded in the ``meta`` table (``payload_encryption``): either
 every row of the file is in this form, or none is. Turning encryption on for a file with
@@ -36,7 +37,7 @@ import aiosqlite
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from edge.buffer_types import DeadLetter, StoredMessage
+from edge.buffer_types import DeadLetter, Evicted, StoredMessage
 from gateway.config import BufferEncryptionConfig, EncryptionKeyConfig
 from gateway.errors import BufferStoreError
 
@@ -62,7 +63,7 @@ _META_KEY: Final = "payload_encryption"
 _META_VALUE: Final = "aes-256-gcm-v1"
 _CHUNK: Final = 500
 
-_Row = TypeVar("_Row", StoredMessage, DeadLetter)
+_Row = TypeVar("_Row", StoredMessage, DeadLetter, Evicted)
 
 
 class BufferKeyError(BufferStoreError):
@@ -70,8 +71,8 @@ class BufferKeyError(BufferStoreError):
     (nothing is deleted)."""
 
 
-def _aad(device_id: str, class_name: str, topic: str, ingest_ms: int) -> bytes:
-    return f"{device_id}\0{class_name}\0{topic}\0{ingest_ms}".encode()
+def _aad(device_id: str, class_name: str, topic: str) -> bytes:
+    return f"tidegate-row-v1\0{device_id}\0{class_name}\0{topic}".encode()
 
 
 def _read_key(key: EncryptionKeyConfig) -> bytes:
@@ -139,16 +140,24 @@ class Keyring:
 
     def seal_inserts(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """``INSERT_UPLINK`` parameter rows with their payloads (index 4) encrypted."""
-        return [(*r[:4], self.seal(r[4], _aad(r[0], r[1], r[2], r[5])), *r[5:]) for r in rows]
+        return [(*r[:4], self.seal(r[4], _aad(r[0], r[1], r[2])), *r[5:]) for r in rows]
+
+    def open_evicted(self, rows: Sequence[Evicted]) -> list[Evicted]:
+        """Rows dropped by policy, decrypted for the drop ledger's ``seq`` (best effort: a
+        row that does not decrypt keeps its stored bytes; it is being dropped anyway). Sizes
+        become plaintext sizes, as the buffer's counters count them."""
+        try:
+            opened = self.open_rows(rows)
+        except BufferKeyError:
+            return list(rows)
+        return [dataclasses.replace(row, size=len(row.payload)) for row in opened]
 
     def open_rows(self, rows: Sequence[_Row]) -> list[_Row]:
-        """Stored messages or dead letters with their payloads decrypted."""
+        """Stored messages, dead letters or evicted rows with their payloads decrypted."""
         return [
             dataclasses.replace(
                 row,
-                payload=self.open(
-                    row.payload, _aad(row.device_id, row.class_name, row.topic, row.ingest_ms)
-                ),
+                payload=self.open(row.payload, _aad(row.device_id, row.class_name, row.topic)),
             )
             for row in rows
         ]
@@ -171,7 +180,7 @@ def load_keyring(config: BufferEncryptionConfig) -> Keyring:
 
 _TABLES: Final = ("uplink", "dead_letters")
 _SELECT = (
-    "SELECT id, device_id, class, topic, ingest_ms, payload FROM {table}"
+    "SELECT id, device_id, class, topic, payload FROM {table}"
     " WHERE id > ? {where} ORDER BY id LIMIT ?"
 )
 
@@ -264,8 +273,8 @@ async def _rewrite(
         if not rows:
             break
         updates = []
-        for row_id, device_id, class_name, topic, ingest_ms, payload in rows:
-            aad = _aad(device_id, class_name, topic, ingest_ms)
+        for row_id, device_id, class_name, topic, payload in rows:
+            aad = _aad(device_id, class_name, topic)
             plain = keyring.open(bytes(payload), aad) if decrypt else bytes(payload)
             updates.append((keyring.seal(plain, aad), row_id))
         await db.executemany(f"UPDATE {table} SET payload = ? WHERE id = ?", updates)

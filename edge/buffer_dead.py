@@ -40,6 +40,8 @@ class DeadLetterStore(BufferCore):
                 sql.EXPIRE.format(classes=",".join("?" for _ in lossy)), (now, *lossy)
             )
             expired = [Evicted.from_row(r, r[6]) for r in await cursor.fetchall()]
+            if self._keyring is not None:  # for the drop ledger's seq
+                expired = self._keyring.open_evicted(expired)
             await cursor.close()
             for item in expired:
                 if item.class_name in to_dead:

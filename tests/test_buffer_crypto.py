@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -86,6 +87,28 @@ async def test_no_plaintext_in_the_file_and_rows_read_back(tmp_path: Path) -> No
         assert [d.payload for d in letters] == [m.payload for m in leased[:5]]
     assert SECRET not in _file_bytes(path)
     assert _stored_key_ids(path) == {"k1"}
+
+
+async def test_policy_drops_of_encrypted_rows_keep_their_seq(tmp_path: Path) -> None:
+    lossy = {"lossy": ClassConfig(kafka_topic="l", lossy=True, on_full="drop_oldest")}
+    encryption = BufferEncryptionConfig(**_key(tmp_path, "k1", 1))
+    config = BufferConfig(max_rows=100, encryption=encryption)
+    async with Buffer(tmp_path / "b.sqlite3", config, lossy) as buffer:
+        for seq in range(110):  # one at a time: each commit sees the buffer as it is
+            payload = cbor2.dumps({"msg_id": f"m{seq}", "seq": seq, "body": SECRET})
+            await buffer.enqueue(
+                device_id="dev-a",
+                class_name="lossy",
+                topic="d/dev-a/up/lossy",
+                qos=1,
+                payload=payload,
+                ingest_ms=1_000 + seq,
+                priority=1,
+            )
+        drops = await buffer.list_drops()
+        assert [d.seq for d in drops] == list(range(10))
+        kept = await buffer.lease(200)
+        assert buffer.stats.payload_bytes == sum(len(m.payload) for m in kept)
 
 
 async def test_a_payload_moved_to_another_row_does_not_decrypt(tmp_path: Path) -> None:
