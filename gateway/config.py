@@ -123,7 +123,8 @@ class ListenerConfig(_Model):
 
 class AclConfig(_Model):
     """Per-device topic ACL (docs/security.md). Rules are MQTT topic filters where
-    ``{device_id}`` stands for the connected device's id."""
+    ``{device_id}`` stands for the connected device's id and ``{tenant}`` for its tenant
+    (needs ``[tenants]``)."""
 
     enabled: bool = False
     """Enforce the ACL. Default rules: publish ``d/{device_id}/#``; subscribe
