@@ -217,6 +217,8 @@ async def prepare_file(
             )
         return
     # Plaintext file, encryption now on: encrypt every row and record it, one transaction.
+    # secure_delete zeroes the space the plaintext cells leave behind in their pages.
+    await db.execute("PRAGMA secure_delete=ON")
     await db.execute("BEGIN IMMEDIATE")
     try:
         count = 0
@@ -228,7 +230,11 @@ async def prepare_file(
     except BaseException:
         await db.execute("ROLLBACK")
         raise
+    finally:
+        await db.execute("PRAGMA secure_delete=OFF")
     if count:
+        # Rewrite the main file now, so the plaintext pages do not wait for a checkpoint.
+        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         log.warning("buffer encryption turned on: encrypted %d buffered payloads", count)
 
 

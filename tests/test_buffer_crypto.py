@@ -160,6 +160,7 @@ async def test_turning_encryption_on_and_off(tmp_path: Path) -> None:
     assert SECRET in _file_bytes(path)
     async with _buffer(path, key) as buffer:  # the plaintext rows are encrypted at open
         assert len(await buffer.lease(10)) == 5
+        assert SECRET not in _file_bytes(path)  # not even in freed space (secure_delete)
     assert _stored_key_ids(path) == {"k1"}
     with pytest.raises(BufferKeyError, match=r"buffer\.encryption is not configured"):
         await _buffer(path, None).open()
