@@ -278,6 +278,10 @@ globex = ["globex-*"]
         gateway.wait_status(lambda s: s["buffer"]["dead_letters"] == 0, 60, "dead letters")
         status = gateway.status()
         assert status["tenants"]["names"] == ["acme", "globex"]
+        assert status["security"]["auth_failures"] == 1
+        audit = (gateway.data_dir / "audit.jsonl").read_text()
+        assert "no tenant: device id matches no tenant's patterns" in audit
+        assert '"device":"rogue-1"' in audit
 
     for (kind, tenant), topic in topics.items():
         records = await read_topics(kafka.bootstrap, _tls(kafka), [topic])
