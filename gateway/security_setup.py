@@ -61,7 +61,10 @@ def listener_tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
 
 def broker_security(config: GatewayConfig, tenants: TenantMap | None = None) -> Security:
     """ACL (when enabled), deny policy, the audit log under ``gateway.data_dir``, and the
-    tenant check at CONNECT (with ``[tenants]``)."""
+    tenant check at CONNECT (with ``[tenants]``; built from ``config`` when not given, so a
+    caller that rebuilds the security settings, e.g. on reload, keeps the tenant checks)."""
+    if tenants is None:
+        tenants = tenant_map(config)
     broker = config.broker
     acl = (
         AclPolicy.with_extra(
