@@ -138,11 +138,12 @@ class Gateway:
                         async with self.broker, self.admin:
                             self._write_runtime(data_dir)
                             log.info(
-                                "gateway %s running: mqtt %s, admin %s, buffer %s",
+                                "gateway %s running: mqtt %s, admin %s, buffer %s, loop %s",
                                 self.config.gateway.id,
                                 self.broker.bound_addresses,
                                 self.admin.bound,
                                 self.config.buffer_path,
+                                type(asyncio.get_running_loop()).__module__.split(".")[0],
                             )
                             await self._stop.wait()
                             log.info("stopping: closing listeners")

@@ -113,9 +113,23 @@ def run(
         await gateway.run()
 
     try:
-        asyncio.run(main())
+        with _runner(cfg.gateway.event_loop) as runner:
+            runner.run(main())
     except TidegateError as exc:
         raise _fail(str(exc), code=1) from None
+
+
+def _runner(choice: str) -> asyncio.Runner:
+    """An asyncio runner on the configured event loop (gateway.event_loop)."""
+    if choice == "asyncio":
+        return asyncio.Runner()
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise _fail("gateway.event_loop = 'uvloop' but uvloop is not installed") from None
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
 def _hard_exit() -> None:
