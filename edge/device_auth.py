@@ -22,10 +22,12 @@ import asyncio
 import functools
 import secrets
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from edge.auth_cache import VerificationCache
 from edge.passwords import PasswordFile, hash_password, verify_password
 
 __all__ = [
@@ -39,6 +41,11 @@ __all__ = [
 
 BAD_USERNAME_PASSWORD: Final = 4
 NOT_AUTHORIZED: Final = 5
+
+_SCRYPT_WORKERS: Final = 2
+"""Password checks running at once. Each needs 16 MiB, which glibc keeps in the worker
+thread's arena afterwards: a few dedicated threads bound that memory (asyncio's default pool
+has up to 32) and keep a reconnect storm from taking every core."""
 
 
 def server_tls_context(cafile: Path, certfile: Path, keyfile: Path) -> ssl.SSLContext:
@@ -84,8 +91,18 @@ class AuthDecision:
 
 
 @functools.cache
+def _scrypt_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=_SCRYPT_WORKERS, thread_name_prefix="scrypt")
+
+
+@functools.cache
 def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
+
+
+def _verify(password: str, encoded: str | None) -> bool:
+    # In the worker thread: the first dummy hash costs a scrypt run too.
+    return verify_password(password, encoded if encoded is not None else _dummy_hash())
 
 
 class DeviceAuthenticator:
@@ -96,6 +113,8 @@ class DeviceAuthenticator:
         self.passwords = PasswordFile(password_file) if password_file is not None else None
         if self.passwords is not None:
             self.passwords.load()
+        self.cache = VerificationCache()
+        """Successful checks, so a reconnect does not pay scrypt again (:mod:`edge.auth_cache`)."""
 
     async def check(
         self,
@@ -135,12 +154,16 @@ class DeviceAuthenticator:
         encoded = self.passwords.lookup(username)
         if password is None:
             return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, "no password")
+        if encoded is not None and self.cache.verified(username, password, encoded):
+            return AuthDecision(True, "password")
         # scrypt costs tens of milliseconds of CPU: keep it off the event loop. An unknown
         # device is checked against a dummy hash so the answer takes as long as for a known
         # one (no device-id enumeration by timing).
-        matched = await asyncio.to_thread(verify_password, password, encoded or _dummy_hash())
+        loop = asyncio.get_running_loop()
+        matched = await loop.run_in_executor(_scrypt_pool(), _verify, password, encoded)
         if encoded is None:
             return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, "unknown device")
         if not matched:
             return AuthDecision(False, "password", BAD_USERNAME_PASSWORD, "wrong password")
+        self.cache.remember(username, password, encoded)
         return AuthDecision(True, "password")

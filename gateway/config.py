@@ -151,8 +151,9 @@ class BrokerConfig(_Model):
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)] = [ListenerConfig()]
     max_inflight_per_session: Annotated[int, Field(ge=1, le=65535)] = 64
     """Un-acked inbound QoS1/2 publishes per device; at the cap the socket is not read."""
-    allow_anonymous: bool = True
-    """Accept devices without credentials (development only; the security work turns it off)."""
+    allow_anonymous: bool = False
+    """Accept devices without credentials. Off by default: devices authenticate with a client
+    certificate (TLS listener) or a password (``password_file``). Development only."""
     password_file: ExistingFile | None = None
     """Device passwords as salted scrypt hashes, managed with ``tidegate devices``; the
     user name must equal the client id. Re-read when it changes (no restart needed)."""
