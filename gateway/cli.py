@@ -95,7 +95,7 @@ def run(
     from gateway.app import Gateway
 
     async def main() -> None:
-        gateway = Gateway(cfg)
+        gateway = Gateway(cfg, config_path=config)
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "KafkaConfig",
     "KafkaTlsConfig",
     "ListenerConfig",
+    "RevocationConfig",
     "RoutingConfig",
     "default_config",
     "load_config",
@@ -145,6 +146,18 @@ class AuditConfig(_Model):
     """Rotated files kept; disk use is at most ``(keep + 1) x max_bytes``."""
 
 
+class RevocationConfig(_Model):
+    """Revoked devices (docs/security.md). Re-read on SIGHUP; revoked devices that are still
+    connected are disconnected."""
+
+    deny_file: ExistingFile | None = None
+    """One entry per line: a device id, or ``sha256:<hex>`` (a certificate's SHA-256
+    fingerprint). ``#`` comments."""
+    crl_file: ExistingFile | None = None
+    """PEM CRL(s) of the device CA, checked at every TLS handshake (OpenSSL) and against the
+    connected devices on reload. Needs a TLS listener; an expired CRL fails every handshake."""
+
+
 class BrokerConfig(_Model):
     """The embedded MQTT broker (amqtt) devices connect to."""
 
@@ -162,6 +175,7 @@ class BrokerConfig(_Model):
     way it is counted, audited, and nothing of it is stored or forwarded."""
     acl: AclConfig = AclConfig()
     audit: AuditConfig = AuditConfig()
+    revocation: RevocationConfig = RevocationConfig()
 
     @field_validator("listeners")
     @classmethod
@@ -170,6 +184,12 @@ class BrokerConfig(_Model):
         if len(names) != len(set(names)):
             raise ValueError("listener names must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _crl_needs_tls(self) -> BrokerConfig:
+        if self.revocation.crl_file is not None and not any(x.tls for x in self.listeners):
+            raise ValueError("revocation.crl_file needs a listener with tls = true")
+        return self
 
 
 class BufferConfig(_Model):
