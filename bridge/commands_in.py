@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError as AioKafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from bridge.tls import build_ssl_context
+from bridge.kafka_security import ClientSecurity, client_security, explain_login_failure
 from edge.commands_model import Command, Rejection, parse_command
 from edge.commands_store import CommandStore
 from gateway.config import CommandsConfig, KafkaConfig
@@ -58,9 +58,12 @@ class CommandConsumer:
         """Consume forever; on a Kafka failure rebuild the consumer after a capped backoff."""
         failures = 0
         while True:
-            consumer = self._build()
+            consumer: AIOKafkaConsumer | None = None
             try:
-                await self._consume(consumer)
+                # Inside the try: a password file that cannot be read is retried, not fatal.
+                security = client_security(self._kafka)
+                consumer = self._build(security)
+                await self._consume(consumer, security)
             except Exception as exc:
                 # Kafka errors, and a store that failed (disk full, I/O): the offsets were not
                 # committed, so a fresh consumer reads the batch again. Never a crash.
@@ -74,24 +77,28 @@ class CommandConsumer:
                 )
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             finally:
-                await self._stop(consumer)
+                if consumer is not None:
+                    await self._stop(consumer)
 
-    def _build(self) -> AIOKafkaConsumer:
+    def _build(self, security: ClientSecurity) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
             self._topic,
             bootstrap_servers=self._kafka.bootstrap_servers,
             client_id=f"{self._kafka.client_id}-commands",
             group_id=self._group,
-            security_protocol="SSL",
-            ssl_context=build_ssl_context(self._kafka.tls),
+            **security.kwargs(),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             request_timeout_ms=int(self._kafka.request_timeout_s * 1000) + 30_000,
         )
 
-    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        async with asyncio.timeout(self._kafka.request_timeout_s + 5):
-            await consumer.start()
+    async def _consume(self, consumer: AIOKafkaConsumer, security: ClientSecurity) -> None:
+        try:
+            async with asyncio.timeout(self._kafka.request_timeout_s + 5):
+                await consumer.start()
+        except AioKafkaError as exc:
+            await explain_login_failure(self._kafka, security, exc)
+            raise
         log.info("consuming commands from %s (group %s)", self._topic, self._group)
         while True:
             batch = await consumer.getmany(

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import aiosqlite
 
 from edge import buffer_sql as sql
 from edge.buffer_commit import GroupCommitter
+from edge.buffer_core import in_transaction
 from edge.buffer_dead import DeadLetterStore
 from edge.buffer_types import (
     BufferStats,
@@ -288,27 +291,34 @@ class Buffer(GroupCommitter, DeadLetterStore):
         await self._sweep_expired()
         priority = {c: cfg.priority for c, cfg in self._classes.items()}
         plan = plan_lease(self.stats.class_rows, priority, limit, self._config.lease_min_share)
+        rows = await self.in_thread(functools.partial(_lease_rows, plan))
         out: list[StoredMessage] = []
-        async with self.read() as db:
-            for class_name, count in plan.items():
-                cursor = await db.execute(sql.LEASE_CLASS, (class_name, count))
-                rows = [StoredMessage(*r) for r in await cursor.fetchall()]
-                if rows:
-                    self._in_flight_max[class_name] = rows[-1].row_id
-                out.extend(rows)
+        for class_name, class_rows in rows.items():
+            messages = [StoredMessage(*r) for r in class_rows]
+            self._in_flight_max[class_name] = messages[-1].row_id
+            out.extend(messages)
         return out
 
     async def release(self, messages: Iterable[StoredMessage]) -> None:
-        """Delete rows that Kafka acknowledged. Only the bridge calls this, only after acks."""
+        """Delete rows that Kafka acknowledged. Only the bridge calls this, only after acks.
+
+        At-least-once: the delete is committed with ``synchronous=NORMAL`` (not fsynced at
+        once; the next FULL commit of an ingest carries it to disk). A delete lost to a power
+        cut only sends those rows again, which at-least-once allows; meanwhile ingest
+        commits no longer queue behind a release's fsync. Exactly-once keeps FULL.
+        """
         done = list(messages)
         if not done:
             return
-        async with self.transaction() as db:
-            await db.executemany("DELETE FROM uplink WHERE id = ?", [(m.row_id,) for m in done])
+        ids = [(m.row_id,) for m in done]
+        relaxed = self._relaxed_release
+        heads, used = await self.in_thread(
+            lambda conn: _delete_rows(conn, ids, relaxed, self._heads_and_size)
+        )
         self.stats.released += len(done)
         for message in done:
             self._count_rows(message.class_name, -1, len(message.payload))
-        await self._after_removal()
+        self._note_removal(heads, used)
 
     async def devices(self) -> list[DeviceRecord]:
         """The device registry, as committed."""
@@ -317,3 +327,29 @@ class Buffer(GroupCommitter, DeadLetterStore):
 
     async def mark_all_disconnected(self) -> None:
         """At start no device is connected, whatever the last run recorded (done in open)."""
+
+
+def _lease_rows(plan: Mapping[str, int], conn: sqlite3.Connection) -> dict[str, list[Any]]:
+    """The leased rows of each class (in the worker thread, one hand-off for all classes)."""
+    out: dict[str, list[Any]] = {}
+    for class_name, count in plan.items():
+        rows = conn.execute(sql.LEASE_CLASS, (class_name, count)).fetchall()
+        if rows:
+            out[class_name] = rows
+    return out
+
+
+def _delete_rows(
+    conn: sqlite3.Connection,
+    ids: list[tuple[int]],
+    relaxed: bool,
+    after: Callable[[sqlite3.Connection], tuple[list[int], int]],
+) -> tuple[list[int], int]:
+    if relaxed:
+        conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        in_transaction(conn, lambda c: c.executemany("DELETE FROM uplink WHERE id = ?", ids))
+    finally:
+        if relaxed:
+            conn.execute("PRAGMA synchronous=FULL")
+    return after(conn)

@@ -4,6 +4,7 @@ drop policies applied on the way (see docs/buffer.md)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import sqlite3
@@ -11,10 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
-
 from edge import buffer_sql as sql
-from edge.buffer_core import BufferCore
+from edge.buffer_core import BufferCore, in_transaction, used_bytes
 from edge.buffer_types import (
     ROW_OVERHEAD,
     Evicted,
@@ -68,9 +67,9 @@ class GroupCommitter(BufferCore):
                 await first_of(self._space_freed.wait(), self._wakeup.wait(), max_wait=1.0)
                 continue
             try:
-                async with self.transaction() as db:
-                    outcome = await self._write(db, batch)
-                    await changes.write(db)
+                outcome, used = await self.in_thread(
+                    functools.partial(self._commit_in_thread, batch, changes)
+                )
             except sqlite3.Error as exc:
                 # Disk full or I/O error: nothing of this batch is acknowledged; keep it at
                 # the head of the queue and retry with backoff. PUBACKs stop meanwhile.
@@ -96,7 +95,7 @@ class GroupCommitter(BufferCore):
             for future in [w.future for w in batch] + barriers:
                 if not future.done():
                     future.set_result(None)
-            await self._refresh_used_bytes(self.db)
+            self.stats.used_bytes = used
             await self._maybe_cleanup_dedup()
 
     def _commit_failed(
@@ -229,12 +228,25 @@ class GroupCommitter(BufferCore):
         self.stats.blocked_writes = len(keep) if blocked else 0
         return batch
 
-    async def _write(self, db: aiosqlite.Connection, batch: Sequence[PendingWrite]) -> Outcome:
+    def _commit_in_thread(
+        self, batch: Sequence[PendingWrite], changes: RegistryChanges, conn: sqlite3.Connection
+    ) -> tuple[Outcome, int]:
+        """One group commit, in aiosqlite's thread (one hand-off; see BufferCore.in_thread).
+        Returns what happened and the file's used bytes after it."""
+
+        def body(c: sqlite3.Connection) -> Outcome:
+            outcome = self._write(c, batch)
+            changes.write_sync(c)
+            return outcome
+
+        return in_transaction(conn, body), used_bytes(conn)
+
+    def _write(self, db: sqlite3.Connection, batch: Sequence[PendingWrite]) -> Outcome:
         outcome = Outcome()
         if not batch:
             return outcome
         now = now_ms()
-        duplicates = await self._find_duplicates(db, batch)
+        duplicates = self._find_duplicates(db, batch)
         inserts: list[tuple[Any, ...]] = []
         keys: list[tuple[str, str, str, int]] = []
         drops: list[tuple[Any, ...]] = []
@@ -257,7 +269,7 @@ class GroupCommitter(BufferCore):
                 freed, need = 0, len(write.payload) - credit + self._reclaim
                 self._reclaim = 0
                 while freed < need:
-                    evicted = await self._evict_oldest(db, write.class_name)
+                    evicted = self._evict_oldest(db, write.class_name)
                     if evicted is None:
                         break
                     drops.append(evicted.as_drop(now))
@@ -273,30 +285,28 @@ class GroupCommitter(BufferCore):
             keys.extend((write.device_id, slot, fp, now) for slot, fp in write.dedup_keys)
             outcome.inserted.append(write)
         if inserts:
-            await db.executemany(sql.INSERT_UPLINK, inserts)
+            db.executemany(sql.INSERT_UPLINK, inserts)
         if keys:
-            await db.executemany(sql.REMEMBER_KEY, keys)
+            db.executemany(sql.REMEMBER_KEY, keys)
         if drops:
-            await db.executemany(sql.INSERT_DROP, drops)
-            await self._trim_drop_ledger(db, len(drops))
+            db.executemany(sql.INSERT_DROP, drops)
+            self._trim_drop_ledger(db, len(drops))
         return outcome
 
-    async def _trim_drop_ledger(self, db: aiosqlite.Connection, added: int) -> None:
+    def _trim_drop_ledger(self, db: sqlite3.Connection, added: int) -> None:
         """Keep the ledger bounded (it lives inside the bounded file too)."""
         self._drop_rows += added
         cap = self.drop_ledger_cap
         if self._drop_rows <= cap:
             return
         excess = self._drop_rows - cap
-        await db.execute(
+        db.execute(
             "DELETE FROM drops WHERE id IN (SELECT id FROM drops ORDER BY id LIMIT ?)", (excess,)
         )
         self._drop_rows = cap
         self.stats.drops_trimmed += excess
 
-    async def _find_duplicates(
-        self, db: aiosqlite.Connection, batch: Sequence[PendingWrite]
-    ) -> set[int]:
+    def _find_duplicates(self, db: sqlite3.Connection, batch: Sequence[PendingWrite]) -> set[int]:
         """Writes that repeat a remembered (or earlier in this batch) message of their device."""
         checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action != "drop_newest"]
         if not checked:
@@ -306,12 +316,12 @@ class GroupCommitter(BufferCore):
         for start in range(0, len(pairs), 400):
             chunk = pairs[start : start + 400]
             values = ",".join("(?,?)" for _ in chunk)
-            cursor = await db.execute(
+            rows = db.execute(
                 "SELECT device_id, slot, fingerprint FROM inbound_dedup"
                 f" WHERE (device_id, slot) IN (VALUES {values})",
                 [x for pair in chunk for x in pair],
-            )
-            remembered.update(((r[0], r[1]), r[2]) for r in await cursor.fetchall())
+            ).fetchall()
+            remembered.update(((r[0], r[1]), r[2]) for r in rows)
         duplicates: set[int] = set()
         for write in batch:
             slots = [((write.device_id, slot), fp) for slot, fp in write.dedup_keys]
@@ -320,11 +330,9 @@ class GroupCommitter(BufferCore):
             remembered.update(slots)
         return duplicates
 
-    async def _evict_oldest(self, db: aiosqlite.Connection, class_name: str) -> Evicted | None:
+    def _evict_oldest(self, db: sqlite3.Connection, class_name: str) -> Evicted | None:
         floor = self._in_flight_max.get(class_name, 0)
-        cursor = await db.execute(sql.EVICT_OLDEST, (class_name, floor))
-        row = await cursor.fetchone()
-        await cursor.close()
+        row = db.execute(sql.EVICT_OLDEST, (class_name, floor)).fetchone()
         return None if row is None else Evicted.from_row(row, class_name)
 
     def _after_commit(self, batch: Sequence[PendingWrite], outcome: Outcome) -> None:

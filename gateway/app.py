@@ -65,7 +65,12 @@ class Gateway:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
-        self.buffer = Buffer(config.buffer_path, config.buffer, config.classes)
+        self.buffer = Buffer(
+            config.buffer_path,
+            config.buffer,
+            config.classes,
+            relaxed_release=config.kafka.delivery != "exactly_once",
+        )
         router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
         self.intake = Intake(self.buffer, router, config.classes)
         self.commands = (

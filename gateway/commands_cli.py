@@ -17,7 +17,7 @@ import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AioKafkaError
 
-from bridge.tls import build_ssl_context
+from bridge.kafka_security import client_security, explain_login_failure
 from gateway.config import CommandsConfig, GatewayConfig, load_config
 from gateway.errors import ConfigError, TidegateError
 
@@ -141,15 +141,20 @@ def status(
 
 
 async def _produce(cfg: GatewayConfig, topic: str, key: str, value: bytes) -> None:
+    security = client_security(cfg.kafka)
     producer = AIOKafkaProducer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
+        **security.kwargs(),
         acks="all",
         request_timeout_ms=int(cfg.kafka.request_timeout_s * 1000),
     )
     async with asyncio.timeout(cfg.kafka.request_timeout_s + 10):
-        await producer.start()
+        try:
+            await producer.start()
+        except AioKafkaError as exc:
+            await producer.stop()
+            await explain_login_failure(cfg.kafka, security, exc)
+            raise
         try:
             await producer.send_and_wait(topic, value, key=key.encode())
         finally:
@@ -157,16 +162,21 @@ async def _produce(cfg: GatewayConfig, topic: str, key: str, value: bytes) -> No
 
 
 async def _history(cfg: GatewayConfig, topic: str, command_id: str) -> list[dict[str, Any]]:
+    security = client_security(cfg.kafka)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
+        **security.kwargs(),
         enable_auto_commit=False,
     )
     found: list[dict[str, Any]] = []
     seen: set[str] = set()
     async with asyncio.timeout(cfg.kafka.request_timeout_s + 30):
-        await consumer.start()
+        try:
+            await consumer.start()
+        except AioKafkaError as exc:
+            await consumer.stop()
+            await explain_login_failure(cfg.kafka, security, exc)
+            raise
         try:
             parts = consumer.partitions_for_topic(topic)
             if not parts:

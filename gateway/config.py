@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -39,6 +40,7 @@ __all__ = [
     "GatewayConfig",
     "GatewayIdentity",
     "KafkaConfig",
+    "KafkaSaslConfig",
     "KafkaTlsConfig",
     "ListenerConfig",
     "RevocationConfig",
@@ -285,15 +287,51 @@ class RoutingConfig(_Model):
 
 
 class KafkaTlsConfig(_Model):
-    """Mutual TLS towards Kafka (PEM files)."""
+    """TLS towards Kafka (PEM files). Mutual TLS needs all three files; SASL_SSL needs none
+    of them when the brokers have publicly trusted certificates (managed services)."""
 
-    cafile: ExistingFile
-    """CA bundle that signed the Kafka brokers' certificates."""
-    certfile: ExistingFile
-    """This gateway's client certificate."""
-    keyfile: ExistingFile
-    """This gateway's private key (unencrypted PEM, not world-readable)."""
+    cafile: ExistingFile | None = None
+    """CA bundle that signed the Kafka brokers' certificates. None: the system's trusted
+    CAs."""
+    certfile: ExistingFile | None = None
+    """This gateway's client certificate (required with ``security_protocol = "SSL"``)."""
+    keyfile: ExistingFile | None = None
+    """This gateway's private key (unencrypted PEM, not world-readable); goes with
+    ``certfile``."""
     check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> KafkaTlsConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        return self
+
+
+class KafkaSaslConfig(_Model):
+    """SASL authentication over TLS (``security_protocol = "SASL_SSL"``), as managed Kafka
+    services use. The password is never logged; give it through an environment variable
+    (``password = "${KAFKA_PASSWORD}"``) or a file, not in the config file itself."""
+
+    mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    """SASL mechanism. PLAIN sends the password (inside TLS); SCRAM proves it without
+    sending it."""
+    username: Annotated[str, Field(min_length=1)]
+    """User name (Confluent Cloud: the API key)."""
+    password: SecretStr | None = None
+    """The password (Confluent Cloud: the API secret), usually ``"${ENV_VAR}"``."""
+    password_file: ExistingFile | None = None
+    """A file holding the password (trailing newline ignored); read each time a Kafka client
+    is built, so a changed password is picked up when the producer reconnects."""
+
+    @model_validator(mode="after")
+    def _one_password(self) -> KafkaSaslConfig:
+        if self.password is None and self.password_file is None:
+            raise ValueError('password is required: set password = "${ENV_VAR}" or password_file')
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.password is not None and not self.password.get_secret_value():
+            raise ValueError("password is empty (is its environment variable set?)")
+        return self
 
 
 class KafkaConfig(_Model):
@@ -301,9 +339,12 @@ class KafkaConfig(_Model):
 
     bootstrap_servers: Annotated[list[str], Field(min_length=1)]
     """``host:port`` list."""
-    security_protocol: Literal["SSL"] = "SSL"
-    """Only mutual TLS is supported."""
-    tls: KafkaTlsConfig
+    security_protocol: Literal["SSL", "SASL_SSL"] = "SSL"
+    """``SSL``: mutual TLS (client certificate in ``tls``). ``SASL_SSL``: TLS plus SASL
+    user name and password (``sasl``), docs/kafka-auth.md."""
+    tls: KafkaTlsConfig = KafkaTlsConfig()
+    sasl: KafkaSaslConfig | None = None
+    """SASL credentials; required with ``SASL_SSL``, refused with ``SSL``."""
     client_id: str = "tidegate"
     compression: Literal["none", "gzip", "lz4", "zstd"] = "none"
     linger_ms: Annotated[int, Field(ge=0, le=10_000)] = 5
@@ -346,6 +387,29 @@ class KafkaConfig(_Model):
             host, sep, port = server.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"not host:port: {server!r}")
+        return value
+
+    @field_validator("tls")
+    @classmethod
+    def _client_cert_for_mtls(cls, value: KafkaTlsConfig, info: ValidationInfo) -> KafkaTlsConfig:
+        if info.data.get("security_protocol") == "SSL" and value.certfile is None:
+            raise ValueError(
+                'certfile and keyfile are required with security_protocol = "SSL" (mutual TLS)'
+            )
+        return value
+
+    @field_validator("sasl")
+    @classmethod
+    def _sasl_for_protocol(
+        cls, value: KafkaSaslConfig | None, info: ValidationInfo
+    ) -> KafkaSaslConfig | None:
+        protocol = info.data.get("security_protocol")
+        if protocol == "SASL_SSL" and value is None:
+            raise ValueError(
+                'a [kafka.sasl] section is required with security_protocol = "SASL_SSL"'
+            )
+        if protocol == "SSL" and value is not None:
+            raise ValueError('only used with security_protocol = "SASL_SSL"')
         return value
 
 
