@@ -342,7 +342,10 @@ def test_invalid_reload_keeps_the_old_configuration_and_says_why(
 
             # A valid file with a change a reload cannot apply: applied the rest, says so.
             config.write_text(good.replace("retry_backoff_max_s = 1.0", "retry_backoff_max_s = 2"))
-            result = _reload(gateway)
+            shown = run_cli("reload", "-c", str(config))  # SIGHUP and wait, as an operator
+            assert shown.returncode == 0, shown
+            assert "not applied, restart needed: kafka" in shown.stdout
+            result = gateway.status()["security"]["reload"]["last"]
             assert result["ok"], result
             assert result["restart_needed"] == ["kafka"]
             assert result["disconnected"] == []
