@@ -534,6 +534,30 @@ class EdgeBroker:
         if self._broker is not None:
             self._broker.edge.security = security
 
+    def drop_subscriptions(self, allowed: Callable[[str, str], bool]) -> list[tuple[str, str]]:
+        """Remove every subscription (connected or stored session) that ``allowed(client id,
+        filter)`` now refuses, e.g. after an ACL change; audited as ``subscription_revoked``.
+        Returns ``(device id, filter)`` of each."""
+        broker = self._broker
+        if broker is None:
+            return []
+        dropped: list[tuple[str, str]] = []
+        for topic_filter, subscribers in list(broker._subscriptions.items()):
+            for session, _qos in list(subscribers):
+                device_id = str(session.client_id)
+                if allowed(device_id, topic_filter):
+                    continue
+                broker._del_subscription(topic_filter, session)
+                dropped.append((device_id, topic_filter))
+                audit = broker.edge.security.audit
+                if audit is not None:
+                    audit.record(
+                        "subscription_revoked", device=device_id, topic_filter=topic_filter
+                    )
+            if not broker._subscriptions.get(topic_filter, True):
+                del broker._subscriptions[topic_filter]  # as amqtt does for emptied filters
+        return dropped
+
     async def disconnect_invalid(
         self, verdict: Callable[[PeerIdentity], str | None]
     ) -> list[tuple[str, str]]:

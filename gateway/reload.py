@@ -13,8 +13,9 @@ files); any error keeps the whole old configuration, is logged and audited
 (``security_reload_failed``) and shown in ``/status`` (``security.reload``). Only then is it
 applied, and the live connections that are no longer valid are closed (revoked device id,
 fingerprint or CRL serial, removed from the password file or password changed, anonymous
-access turned off), each audited as ``device_disconnected``. Connections that remain valid
-are not touched.
+access turned off), each audited as ``device_disconnected``, and subscriptions the new ACL
+no longer allows are removed (``subscription_revoked``). Connections that remain valid are
+not touched.
 
 Other config changes (listeners' addresses, buffer, Kafka, classes ...) are not applied:
 the reload says which fields need a restart. This module is where later reloadable settings
@@ -69,6 +70,8 @@ class ReloadResult:
     restart_needed: list[str] = field(default_factory=list)
     """Changed settings a reload does not apply (kept as they were)."""
     disconnected: list[dict[str, str]] = field(default_factory=list)
+    subscriptions_dropped: list[dict[str, str]] = field(default_factory=list)
+    """Subscriptions the new ACL no longer allows (removed, also of stored sessions)."""
     revoked_entries: int = 0
 
 
@@ -201,6 +204,12 @@ class SecurityReloader:
                 identity, plan.revocation, passwords=entries, allow_anonymous=allow_anonymous
             )
         )
+        acl = plan.security.acl
+        dropped = broker.drop_subscriptions(
+            lambda device_id, topic_filter: (
+                acl is None or acl.may_subscribe(device_id, topic_filter)
+            )
+        )
         self.reloads += 1
         result = ReloadResult(
             at=time.time(),
@@ -209,6 +218,7 @@ class SecurityReloader:
             changed=changed,
             restart_needed=plan.restart_needed,
             disconnected=[{"device": d, "reason": r} for d, r in closed],
+            subscriptions_dropped=[{"device": d, "topic_filter": f} for d, f in dropped],
             revoked_entries=len(plan.revocation),
         )
         log.info(
@@ -230,6 +240,7 @@ class SecurityReloader:
                 changed=changed,
                 restart_needed=plan.restart_needed,
                 disconnected=len(closed),
+                subscriptions_dropped=len(dropped),
             )
         return result
 

@@ -359,3 +359,65 @@ def test_invalid_reload_keeps_the_old_configuration_and_says_why(
         audit = (gateway.data_dir / "audit.jsonl").read_text()
     assert (status["reloads"], status["failures"]) == (1, 2)
     assert audit.count('"event":"security_reload_failed"') == 2
+
+
+@pytest.mark.kafka
+def test_acl_change_applies_to_publishes_and_removes_subscriptions(
+    tmp_path: Path, kafka: KafkaState
+) -> None:
+    acl = """
+[broker.acl]
+enabled = true
+publish = ["broadcast/#", "d/+/fw/#"]
+subscribe = ["broadcast/#"]
+"""
+    config = write_gateway_config(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        tls=kafka_tls(kafka),
+        topics={"event": "iot.events"},
+        devices=["sub", "pub"],
+        extra=acl,
+    )
+    received: list[str] = []
+    with running_gateway(config) as gateway:
+        port = gateway.mqtt_port
+        sub, pub = LiveDevice("sub").connect(port), LiveDevice("pub").connect(port)
+        try:
+            granted: list[list[int]] = []
+            sub.client.on_subscribe = lambda _c, _u, _m, codes, _p: granted.append(
+                [c.value for c in codes]
+            )
+            sub.client.on_message = lambda _c, _u, message: received.append(message.topic)
+            sub.client.subscribe([("broadcast/#", 1), ("d/sub/fw/#", 1)])
+            wait_for(lambda: granted, 10, "SUBACK")
+            assert granted == [[1, 1]]
+
+            def send(topic: str) -> None:
+                info = pub.client.publish(topic, b"x", qos=1)
+                wait_for(lambda: info.mid in pub.acked, 10, f"PUBACK {topic}")
+
+            send("broadcast/1")
+            send("d/sub/fw/1")
+            wait_for(lambda: "d/sub/fw/1" in received, 10, "fw/1 delivered")
+            assert received == ["broadcast/1", "d/sub/fw/1"]
+
+            # The subscribe rule goes (the publish rules stay).
+            config.write_text(config.read_text().replace('subscribe = ["broadcast/#"]', ""))
+            result = _reload(gateway)
+            assert result["ok"], result
+            assert result["subscriptions_dropped"] == [
+                {"device": "sub", "topic_filter": "broadcast/#"}
+            ]
+            assert result["disconnected"] == []
+            send("broadcast/2")
+            send("d/sub/fw/2")  # a barrier: broadcasts leave one queue, in order
+            wait_for(lambda: "d/sub/fw/2" in received, 10, "fw/2 delivered")
+            assert received == ["broadcast/1", "d/sub/fw/1", "d/sub/fw/2"]
+            assert sub.connacks == [0]
+            assert not sub.disconnected.is_set()
+        finally:
+            sub.close()
+            pub.close()
+        audit = (gateway.data_dir / "audit.jsonl").read_text()
+    assert '"event":"subscription_revoked","device":"sub","topic_filter":"broadcast/#"' in audit
