@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from gateway.errors import TidegateError
 
@@ -33,7 +34,9 @@ __all__ = [
     "Revocation",
     "RevocationError",
     "certificate_identity",
+    "issued_by_any",
     "normalise_fingerprint",
+    "read_ca_bundle",
     "read_crl",
     "read_deny_file",
     "session_verdict",
@@ -62,6 +65,8 @@ class PeerIdentity:
     """Certificate: DER of the issuer name (CRL entries are per issuer)."""
     credential: str | None = None
     """Password: the encoded hash the password was verified against."""
+    certificate: bytes | None = field(default=None, repr=False)
+    """Certificate: its DER (re-checked when the CA bundle changes)."""
 
 
 def certificate_identity(device_id: str, der: bytes | None) -> PeerIdentity:
@@ -75,6 +80,7 @@ def certificate_identity(device_id: str, der: bytes | None) -> PeerIdentity:
         fingerprint=hashlib.sha256(der).hexdigest(),
         serial=cert.serial_number,
         issuer=cert.issuer.public_bytes(),
+        certificate=der,
     )
 
 
@@ -155,17 +161,46 @@ def read_crl(path: Path) -> frozenset[tuple[bytes, int]]:
     )
 
 
+def read_ca_bundle(path: Path) -> list[x509.Certificate]:
+    """The certificates of a PEM CA bundle; raises :class:`RevocationError`."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise RevocationError(f"{path}: not a PEM CA bundle: {exc}") from exc
+
+
+def issued_by_any(der: bytes, cas: Sequence[x509.Certificate]) -> bool:
+    """True if the certificate ``der`` was signed directly by one of ``cas``."""
+    cert = x509.load_der_x509_certificate(der)
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
 def session_verdict(
     identity: PeerIdentity,
     revocation: Revocation,
     *,
     passwords: Mapping[str, str] | None,
     allow_anonymous: bool,
+    trusted_cas: Sequence[x509.Certificate] | None = None,
 ) -> str | None:
-    """Why a connected device must go after a reload, or None if it stays."""
+    """Why a connected device must go after a reload, or None if it stays. ``trusted_cas``:
+    the new CA bundle when it changed (certificates must be issued directly by one of them)."""
     revoked = revocation.reason(identity)
     if revoked is not None:
         return revoked
+    if (
+        identity.method == "certificate"
+        and trusted_cas is not None
+        and identity.certificate is not None
+        and not issued_by_any(identity.certificate, trusted_cas)
+    ):
+        return "certificate no longer trusted (CA bundle changed)"
     if identity.method == "password":
         current = None if passwords is None else passwords.get(identity.device_id)
         if current is None:

@@ -13,9 +13,9 @@ files); any error keeps the whole old configuration, is logged and audited
 (``security_reload_failed``) and shown in ``/status`` (``security.reload``). Only then is it
 applied, and the live connections that are no longer valid are closed (revoked device id,
 fingerprint or CRL serial, removed from the password file or password changed, anonymous
-access turned off), each audited as ``device_disconnected``, and subscriptions the new ACL
-no longer allows are removed (``subscription_revoked``). Connections that remain valid are
-not touched.
+access turned off, certificate not issued by a CA of a changed CA bundle), each audited as
+``device_disconnected``, and subscriptions the new ACL no longer allows are removed
+(``subscription_revoked``). Connections that remain valid are not touched.
 
 Other config changes (listeners' addresses, buffer, Kafka, classes ...) are not applied:
 the reload says which fields need a restart. This module is where later reloadable settings
@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from edge.broker import EdgeBroker
 from edge.broker_state import Security
 from edge.passwords import PasswordFile, PasswordFileError
-from edge.revocation import Revocation, RevocationError, session_verdict
+from edge.revocation import Revocation, RevocationError, read_ca_bundle, session_verdict
 from gateway.config import BrokerConfig, GatewayConfig, ListenerConfig, load_config
 from gateway.errors import TidegateError
 from gateway.security_setup import broker_security, listener_tls_contexts, revocation
@@ -138,6 +141,21 @@ class ReloadPlan:
     revocation: Revocation
     tls: dict[str, ssl.SSLContext]
     security: Security
+    cas: list[x509.Certificate]
+    """The CA certificates of every TLS listener."""
+
+
+def trusted_cas(config: GatewayConfig) -> list[x509.Certificate]:
+    """The CA certificates of every TLS listener's ``cafile``."""
+    cas: list[x509.Certificate] = []
+    for listener in config.broker.listeners:
+        if listener.tls and listener.cafile is not None:
+            cas += read_ca_bundle(listener.cafile)
+    return cas
+
+
+def _ca_set(cas: list[x509.Certificate]) -> frozenset[bytes]:
+    return frozenset(ca.public_bytes(Encoding.DER) for ca in cas)
 
 
 def plan_reload(current: GatewayConfig, config_path: Path | None, audit: Any) -> ReloadPlan:
@@ -151,7 +169,8 @@ def plan_reload(current: GatewayConfig, config_path: Path | None, audit: Any) ->
         passwords.load()
     tls = listener_tls_contexts(merged)
     security = dataclasses.replace(broker_security(merged), audit=audit)
-    return ReloadPlan(merged, restart, passwords, revocation(merged), tls, security)
+    cas = trusted_cas(merged)
+    return ReloadPlan(merged, restart, passwords, revocation(merged), tls, security, cas)
 
 
 class SecurityReloader:
@@ -165,6 +184,9 @@ class SecurityReloader:
         self.last: ReloadResult | None = None
         self.reloads = 0
         self.failures = 0
+        # The CA bundles in force: when a reload changes them, connected TLS devices must
+        # have been issued by one of the new CAs. Read once here (small files).
+        self._cas = _ca_set(trusted_cas(target.config))
 
     def request(self, trigger: str = "SIGHUP") -> None:
         """Schedule a reload (signal handler); reloads run one after the other."""
@@ -199,9 +221,16 @@ class SecurityReloader:
             None if plan.passwords is None else plan.passwords.entries()
         )
         allow_anonymous = plan.config.broker.allow_anonymous
+        new_cas = _ca_set(plan.cas)
+        cas = None if new_cas == self._cas else plan.cas
+        self._cas = new_cas
         closed = await broker.disconnect_invalid(
             lambda identity: session_verdict(
-                identity, plan.revocation, passwords=entries, allow_anonymous=allow_anonymous
+                identity,
+                plan.revocation,
+                passwords=entries,
+                allow_anonymous=allow_anonymous,
+                trusted_cas=cas,
             )
         )
         acl = plan.security.acl

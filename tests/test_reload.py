@@ -24,7 +24,10 @@ from edge.revocation import (
     PeerIdentity,
     Revocation,
     RevocationError,
+    certificate_identity,
+    issued_by_any,
     normalise_fingerprint,
+    read_ca_bundle,
     read_deny_file,
     session_verdict,
 )
@@ -421,3 +424,79 @@ subscribe = ["broadcast/#"]
             pub.close()
         audit = (gateway.data_dir / "audit.jsonl").read_text()
     assert '"event":"subscription_revoked","device":"sub","topic_filter":"broadcast/#"' in audit
+
+
+def test_certificates_are_rechecked_against_a_changed_ca_bundle(tmp_path: Path) -> None:
+    old_ca, new_ca = init_pki(tmp_path / "old"), init_pki(tmp_path / "new")
+    cert, _key = issue_device_cert(old_ca.directory, "dev")
+    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+    identity = certificate_identity("dev", der)
+    assert identity.certificate == der
+    old_bundle = read_ca_bundle(old_ca.ca_cert)
+    both = [*old_bundle, *read_ca_bundle(new_ca.ca_cert)]
+    assert issued_by_any(der, both)
+    assert not issued_by_any(der, read_ca_bundle(new_ca.ca_cert))
+
+    def verdict(cas: list[x509.Certificate] | None) -> str | None:
+        return session_verdict(
+            identity, Revocation(), passwords=None, allow_anonymous=False, trusted_cas=cas
+        )
+
+    assert verdict(None) is None  # bundle unchanged: not re-checked
+    assert verdict(both) is None
+    assert verdict(read_ca_bundle(new_ca.ca_cert)) == (
+        "certificate no longer trusted (CA bundle changed)"
+    )
+
+
+@pytest.mark.kafka
+def test_ca_bundle_rotation_applies_to_new_handshakes_and_connected_devices(
+    tmp_path: Path, kafka: KafkaState
+) -> None:
+    old_ca, new_ca = init_pki(tmp_path / "old"), init_pki(tmp_path / "new")
+    bundle = tmp_path / "device-cas.pem"
+    bundle.write_bytes(old_ca.ca_cert.read_bytes() + new_ca.ca_cert.read_bytes())
+    old_cert = issue_device_cert(old_ca.directory, "dev-old")
+    new_cert = issue_device_cert(new_ca.directory, "dev-new")
+    config = write_gateway_config(
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        tls=kafka_tls(kafka),
+        topics={"event": "iot.events"},
+        extra=f"""
+[[broker.listeners]]
+name = "mtls"
+host = "127.0.0.1"
+port = 0
+tls = true
+cafile = "{bundle}"
+certfile = "{old_ca.broker_cert}"
+keyfile = "{old_ca.broker_key}"
+""",
+    )
+    server_ca = old_ca.ca_cert  # what the devices trust the gateway's certificate with
+    with running_gateway(config) as gateway:
+        port = next(e["port"] for e in gateway.runtime["mqtt"] if e["name"] == "mtls")
+        devices = {
+            "dev-old": LiveDevice("dev-old").connect(port, (server_ca, *old_cert)),
+            "dev-new": LiveDevice("dev-new").connect(port, (server_ca, *new_cert)),
+        }
+        try:
+            bundle.write_bytes(new_ca.ca_cert.read_bytes())  # the old CA is retired
+            result = _reload(gateway)
+            assert result["ok"], result
+            assert result["disconnected"] == [
+                {"device": "dev-old", "reason": "certificate no longer trusted (CA bundle changed)"}
+            ]
+            assert devices["dev-old"].disconnected.wait(10)
+            devices["dev-new"].publish_acked(3)
+            assert devices["dev-new"].connacks == [0]
+            assert not devices["dev-new"].disconnected.is_set()
+            # New handshakes use the new bundle.
+            old_tls = _client_context(server_ca, *old_cert)
+            assert _attempt(port, "dev-old", tls=old_tls).startswith("closed")
+            new_tls = _client_context(server_ca, *new_cert)
+            assert _attempt(port, "dev-new", tls=new_tls) == "connack 0"
+        finally:
+            for device in devices.values():
+                device.close()
