@@ -40,7 +40,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from edge.broker import EdgeBroker
 from edge.broker_state import Security
 from edge.passwords import PasswordFile, PasswordFileError
-from edge.revocation import Revocation, RevocationError, read_ca_bundle, session_verdict
+from edge.revocation import (
+    PeerIdentity,
+    Revocation,
+    RevocationError,
+    read_ca_bundle,
+    session_verdict,
+)
 from gateway.config import BrokerConfig, GatewayConfig, ListenerConfig, load_config
 from gateway.errors import TidegateError
 from gateway.security_setup import broker_security, listener_tls_contexts, revocation
@@ -50,6 +56,10 @@ __all__ = ["ReloadPlan", "ReloadResult", "SecurityReloader", "merge_config", "pl
 log = logging.getLogger(__name__)
 
 _RELOADABLE_BROKER = frozenset({"allow_anonymous", "password_file", "on_deny", "acl", "revocation"})
+_SETTLE_S = 0.5
+"""Second pass over the live connections this long after the first: a CONNECT that was being
+authenticated under the old settings while they were swapped becomes live only after its
+session setup, too late for the first pass."""
 _TLS_FILES = ("cafile", "certfile", "keyfile")
 
 
@@ -224,15 +234,19 @@ class SecurityReloader:
         new_cas = _ca_set(plan.cas)
         cas = None if new_cas == self._cas else plan.cas
         self._cas = new_cas
-        closed = await broker.disconnect_invalid(
-            lambda identity: session_verdict(
+
+        def verdict(identity: PeerIdentity) -> str | None:
+            return session_verdict(
                 identity,
                 plan.revocation,
                 passwords=entries,
                 allow_anonymous=allow_anonymous,
                 trusted_cas=cas,
             )
-        )
+
+        closed = await broker.disconnect_invalid(verdict)
+        await asyncio.sleep(_SETTLE_S)  # see _SETTLE_S
+        closed += await broker.disconnect_invalid(verdict)
         acl = plan.security.acl
         dropped = broker.drop_subscriptions(
             lambda device_id, topic_filter: (
