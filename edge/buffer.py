@@ -40,6 +40,7 @@ import aiosqlite
 from edge import buffer_sql as sql
 from edge.buffer_commit import GroupCommitter
 from edge.buffer_core import in_transaction
+from edge.buffer_crypto import OVERHEAD, load_keyring, prepare_file, reencrypt
 from edge.buffer_dead import DeadLetterStore
 from edge.buffer_types import (
     BufferStats,
@@ -132,15 +133,31 @@ class Buffer(GroupCommitter, DeadLetterStore):
                 "INSERT INTO meta (key, value) VALUES ('created_ms', ?)", (str(now_ms()),)
             )
             await db.execute("COMMIT")
+        encryption = self._config.encryption
+        self._keyring = None if encryption is None else load_keyring(encryption)
+        await prepare_file(db, self._keyring, creating=creating)
+        if self._keyring is not None and encryption is not None and encryption.reencrypt_on_start:
+            await reencrypt(db, self._keyring)
         self.stats.journal_mode = str(journal).upper()
         level = int(await scalar(db, "PRAGMA synchronous"))
         self.stats.synchronous = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, "?")
         row = await (await db.execute(sql.TOTALS)).fetchone()
         assert row is not None
-        self.stats.rows, self.stats.payload_bytes = int(row[0]), int(row[1])
+        # Counters are in plaintext bytes (what the committer and release count).
+        overhead = 0 if self._keyring is None else OVERHEAD
+        self.stats.rows = int(row[0])
+        self.stats.payload_bytes = max(0, int(row[1]) - overhead * self.stats.rows)
         self.stats.oldest_ingest_ms = row[2]
         cursor = await db.execute("SELECT class, count(*) FROM uplink GROUP BY class")
         self.stats.class_rows = {c: int(n) for c, n in await cursor.fetchall()}
+        if self.tenant_shares is not None:
+            self.tenant_shares.reset()
+            cursor = await db.execute(
+                "SELECT device_id, count(*), sum(length(payload)) FROM uplink GROUP BY device_id"
+            )
+            for device_id, count, size in await cursor.fetchall():
+                average = int(size) // max(1, int(count)) - overhead
+                self.tenant_shares.count(device_id, int(count), max(0, average))
         self.stats.dead_letters = int(await scalar(db, "SELECT count(*) FROM dead_letters"))
         self._drop_rows = int(await scalar(db, "SELECT count(*) FROM drops"))
         await self._refresh_used_bytes(db)
@@ -297,7 +314,7 @@ class Buffer(GroupCommitter, DeadLetterStore):
             messages = [StoredMessage(*r) for r in class_rows]
             self._in_flight_max[class_name] = messages[-1].row_id
             out.extend(messages)
-        return out
+        return out if self._keyring is None else self._keyring.open_rows(out)
 
     async def release(self, messages: Iterable[StoredMessage]) -> None:
         """Delete rows that Kafka acknowledged. Only the bridge calls this, only after acks.
@@ -317,7 +334,7 @@ class Buffer(GroupCommitter, DeadLetterStore):
         )
         self.stats.released += len(done)
         for message in done:
-            self._count_rows(message.class_name, -1, len(message.payload))
+            self._count_rows(message.class_name, -1, len(message.payload), message.device_id)
         self._note_removal(heads, used)
 
     async def devices(self) -> list[DeviceRecord]:

@@ -23,6 +23,7 @@ from edge.buffer_types import (
     now_ms,
 )
 from edge.registry import RegistryChanges
+from edge.tenant_share import TENANT_SHARE_DROP
 from gateway.errors import BufferFullError, BufferStoreError
 
 log = logging.getLogger("edge.buffer")
@@ -198,23 +199,33 @@ class GroupCommitter(BufferCore):
         limit_rows = self._config.max_rows
         limit_bytes = self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES
         self._reclaim = max(0, self.stats.used_bytes - self._config.max_bytes)
+        shares, taken = self.tenant_shares, dict[str, list[int]]()
         for write in self._pending:
             stream = (write.device_id, write.class_name)
             if len(batch) >= self._config.commit_max_batch or stream in blocked:
                 keep.append(write)
                 continue
             size = len(write.payload) + ROW_OVERHEAD
-            if (
+            room = (
                 not no_room_at_all
                 and rows < limit_rows
                 and self.stats.used_bytes + extra + size <= limit_bytes
-            ):
+            )
+            if room and (shares is None or shares.admit(write.device_id, size, taken)):
                 write.action = "insert"
                 batch.append(write)
                 rows += 1
                 extra += size
                 continue
             policy = self._classes.get(write.class_name)
+            if room:  # the buffer has room, the device's tenant is at its share
+                if write.qos == 0 or (policy is not None and policy.lossy):
+                    write.action = "drop_tenant_share"
+                    batch.append(write)
+                else:
+                    blocked.add(stream)
+                    keep.append(write)
+                continue
             if write.qos == 0 or (policy is not None and policy.on_full == "drop_newest"):
                 write.action = "drop_newest"
                 batch.append(write)
@@ -251,8 +262,10 @@ class GroupCommitter(BufferCore):
         keys: list[tuple[str, str, str, int]] = []
         drops: list[tuple[Any, ...]] = []
         for write in batch:
-            if write.action == "drop_newest":
+            if write.action in ("drop_newest", "drop_tenant_share"):
                 reason = "buffer full: qos0" if write.qos == 0 else "buffer full: drop_newest"
+                if write.action == "drop_tenant_share":
+                    reason = TENANT_SHARE_DROP
                 drops.append(sql.drop_row(None, write, reason, now))
                 outcome.dropped.append(reason)
                 continue
@@ -285,6 +298,9 @@ class GroupCommitter(BufferCore):
             keys.extend((write.device_id, slot, fp, now) for slot, fp in write.dedup_keys)
             outcome.inserted.append(write)
         if inserts:
+            if self._keyring is not None:  # at-rest encryption: one call per batch
+                # Already off the event loop: the whole commit runs in aiosqlite's thread.
+                inserts = self._keyring.seal_inserts(inserts)
             db.executemany(sql.INSERT_UPLINK, inserts)
         if keys:
             db.executemany(sql.REMEMBER_KEY, keys)
@@ -308,7 +324,8 @@ class GroupCommitter(BufferCore):
 
     def _find_duplicates(self, db: sqlite3.Connection, batch: Sequence[PendingWrite]) -> set[int]:
         """Writes that repeat a remembered (or earlier in this batch) message of their device."""
-        checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action != "drop_newest"]
+        dropping = ("drop_newest", "drop_tenant_share")
+        checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action not in dropping]
         if not checked:
             return set()
         pairs = sorted({(w.device_id, slot) for w in checked for slot, _ in w.dedup_keys})
@@ -333,7 +350,10 @@ class GroupCommitter(BufferCore):
     def _evict_oldest(self, db: sqlite3.Connection, class_name: str) -> Evicted | None:
         floor = self._in_flight_max.get(class_name, 0)
         row = db.execute(sql.EVICT_OLDEST, (class_name, floor)).fetchone()
-        return None if row is None else Evicted.from_row(row, class_name)
+        if row is None:
+            return None
+        evicted = Evicted.from_row(row, class_name)
+        return evicted if self._keyring is None else self._keyring.open_evicted([evicted])[0]
 
     def _after_commit(self, batch: Sequence[PendingWrite], outcome: Outcome) -> None:
         stats = self.stats
@@ -343,11 +363,11 @@ class GroupCommitter(BufferCore):
             stats.largest_commit = max(stats.largest_commit, len(outcome.inserted))
             self._rows_committed.set()
         for write in outcome.inserted:
-            self._count_rows(write.class_name, +1, len(write.payload))
+            self._count_rows(write.class_name, +1, len(write.payload), write.device_id)
             if stats.oldest_ingest_ms is None:
                 stats.oldest_ingest_ms = write.ingest_ms
         for evicted in outcome.evicted:
-            self._count_rows(evicted.class_name, -1, evicted.size)
+            self._count_rows(evicted.class_name, -1, evicted.size, evicted.device_id)
         stats.duplicates_suppressed += outcome.duplicates
         for reason in outcome.dropped:
             stats.dropped[reason] = stats.dropped.get(reason, 0) + 1

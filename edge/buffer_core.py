@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from edge.buffer_crypto import Keyring
 from edge.buffer_types import (
     BufferStats,
     PendingWrite,
@@ -20,6 +21,7 @@ from edge.buffer_types import (
     scalar,
 )
 from edge.registry import RegistryChanges
+from edge.tenant_share import TenantShares
 from gateway.config import BufferConfig, ClassConfig
 from gateway.errors import BufferStoreError
 
@@ -67,6 +69,10 @@ class BufferCore:
         self._relaxed_release = relaxed_release
         """Commit releases with synchronous=NORMAL (see Buffer.release); exactly-once: no."""
         self.stats = BufferStats()
+        self._keyring: Keyring | None = None
+        """At-rest encryption of payloads (``buffer.encryption``), loaded at open."""
+        self.tenant_shares: TenantShares | None = None
+        """Per-tenant buffer caps (``tenants.max_buffer_share``); set before :meth:`open`."""
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -108,7 +114,9 @@ class BufferCore:
         async with self._txn_lock:
             yield self.db
 
-    def _count_rows(self, class_name: str, delta: int, nbytes: int) -> None:
+    def _count_rows(self, class_name: str, delta: int, nbytes: int, device_id: str) -> None:
+        if self.tenant_shares is not None:
+            self.tenant_shares.count(device_id, delta, nbytes)
         rows = self.stats.class_rows
         rows[class_name] = max(0, rows.get(class_name, 0) + delta)
         if not rows[class_name]:
