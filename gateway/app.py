@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,9 +33,11 @@ from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
+from gateway.reload import SecurityReloader
 from gateway.security_setup import (
     broker_security,
     listener_tls_contexts,
+    revocation,
     tenant_map,
     tenant_shares,
 )
@@ -63,7 +66,7 @@ def read_runtime(data_dir: Path) -> dict[str, Any] | None:
 class Gateway:
     """One gateway. ``async with Gateway(cfg) as gw: await gw.stopped()``."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, config_path: Path | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -106,7 +109,10 @@ class Gateway:
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
             security=broker_security(config, self.tenants),
+            revocation=revocation(config),
         )
+        # SIGHUP re-reads the security settings from config_path (gateway/reload.py).
+        self.reloader = SecurityReloader(self, config_path)
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
@@ -136,6 +142,7 @@ class Gateway:
                     )
                     try:
                         async with self.broker, self.admin:
+                            self._install_sighup()
                             self._write_runtime(data_dir)
                             log.info(
                                 "gateway %s running: mqtt %s, admin %s, buffer %s, loop %s",
@@ -159,6 +166,11 @@ class Gateway:
             with contextlib.suppress(OSError):
                 (data_dir / RUNTIME_FILE).unlink()
             self._release_lock()
+
+    def _install_sighup(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # main thread
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
 
     def _take_lock(self, data_dir: Path) -> None:
         fd = os.open(data_dir / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -258,6 +270,7 @@ class Gateway:
                 "subscriptions_denied": self.broker.stats.subscriptions_denied,
                 "acl": self.config.broker.acl.enabled,
                 "allow_anonymous": self.config.broker.allow_anonymous,
+                "reload": self.reloader.status(),
             },
             "buffer": {
                 **dataclasses.asdict(stats),

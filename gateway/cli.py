@@ -27,6 +27,7 @@ from gateway.config import load_config
 from gateway.dev.cli import certs_app, dev_app
 from gateway.devices_cli import devices_app
 from gateway.errors import ConfigError, TidegateError
+from gateway.reload_cli import reload_command
 
 __all__ = ["app", "main"]
 
@@ -45,6 +46,7 @@ app.add_typer(devices_app, name="devices")
 app.command("sim")(sim_command)
 app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)
+app.command("reload")(reload_command)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Gateway config file (TOML).", show_default=True)
@@ -95,7 +97,7 @@ def run(
     from gateway.app import Gateway
 
     async def main() -> None:
-        gateway = Gateway(cfg)
+        gateway = Gateway(cfg, config_path=config)
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:
