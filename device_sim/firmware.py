@@ -228,12 +228,14 @@ class FirmwareDevice:
         device_type: str,
         request_timeout_s: float = 5.0,
         reconnect_delay_s: float = 0.2,
+        password: str | None = None,
     ) -> None:
         self.device_id = device_id
         self.agent = agent
         self._driver = driver
         self._host, self._port = host, port
         self._type = device_type
+        self._password = password
         self._timeout = request_timeout_s
         self._reconnect_delay = reconnect_delay_s
         self._base = f"d/{device_id}/fw"
@@ -270,6 +272,8 @@ class FirmwareDevice:
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.device_id
         )
         self._driver.attach(client)
+        if self._password is not None:
+            client.username_pw_set(self.device_id, self._password)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -355,9 +359,11 @@ async def run_firmware_fleet(
     trusted: Sequence[Ed25519PublicKey],
     until: Any,
     within_s: float,
+    password: str | None = None,
 ) -> dict[str, FirmwareDevice]:
     """Run devices until ``until(devices)`` holds (checked every 0.2 s) or ``within_s``
-    passes (TimeoutError); then disconnect them all."""
+    passes (TimeoutError); then disconnect them all. With ``password`` devices log in with
+    their id as user name."""
     loop = asyncio.get_running_loop()
     driver = PahoLoopDriver(loop, lambda _c, exc: log.warning("paho error: %r", exc))
     devices = {
@@ -373,6 +379,7 @@ async def run_firmware_fleet(
             host=host,
             port=port,
             device_type=device_type,
+            password=password,
         )
         for s in specs
     }

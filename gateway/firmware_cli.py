@@ -189,6 +189,9 @@ def sim(  # noqa: PLR0917  # typer maps parameters to options
         float, typer.Option(min=0, max=1, help="Share of devices whose install fails.")
     ] = 0.0,
     duration: Annotated[float, typer.Option(min=1, help="Seconds at most.")] = 300.0,
+    password: Annotated[
+        str | None, typer.Option(help="Devices log in with their id and this password.")
+    ] = None,
     host: str = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Default: the running gateway's.")] = None,
     config: ConfigOption = Path("configs/dev.toml"),
@@ -231,6 +234,7 @@ def sim(  # noqa: PLR0917  # typer maps parameters to options
                 trusted=keys,
                 until=done,
                 within_s=duration,
+                password=password,
             )
         )
     except TimeoutError:

@@ -14,7 +14,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.dev.kafka import KafkaState
-from tests.harness import GatewayProcess, eventually, kafka_tls, read_topics, write_gateway_config
+from tests.harness import (
+    DEVICE_PASSWORD,
+    GatewayProcess,
+    eventually,
+    kafka_tls,
+    provision_devices,
+    read_topics,
+    write_gateway_config,
+)
 
 
 @dataclass(frozen=True)
@@ -117,3 +125,10 @@ def registered(gateway: GatewayProcess, device_type: str) -> set[str]:
     with urllib.request.urlopen(url, timeout=5) as response:
         devices = json.loads(response.read())["devices"]
     return {d["device_id"] for d in devices if d.get("device_type") == device_type}
+
+
+def provision(gateway: GatewayProcess, ids: list[str]) -> str:
+    """Give ``ids`` the test password at this gateway (anonymous devices are refused);
+    return the password."""
+    provision_devices(gateway.config.parent / "devices.passwd", ids)
+    return DEVICE_PASSWORD

@@ -20,6 +20,7 @@ from gateway.dev.kafka import KafkaState
 from tests.firmware_helpers import (
     campaign_state,
     fw_setup,
+    provision,
     registered,
     release_state,
     status_until,
@@ -157,6 +158,7 @@ async def test_campaign_pauses_itself_above_failure_threshold_and_survives_resta
                     device_type=DEVICE_TYPE,
                     version="1.0.0",
                     trusted=[setup.public],
+                    password=provision(gateway, ids),
                     until=lambda _d: stop.is_set(),
                     within_s=90,
                 )
@@ -321,6 +323,7 @@ async def test_rollout_with_interrupted_transfers_resumes_and_rolls_back(
             device_type=DEVICE_TYPE,
             version="1.0.0",
             trusted=[setup.public],
+            password=provision(gateway, ids),
             until=lambda ds: all(
                 d.agent.version == "2.0.0" and d.final_acked.is_set() for d in ds.values()
             ),
@@ -362,6 +365,8 @@ async def test_rollout_with_interrupted_transfers_resumes_and_rolls_back(
             "1.0.0",
             "--duration",
             "60",
+            "--password",
+            provision(gateway, ids),
             "-c",
             cfg,
         )

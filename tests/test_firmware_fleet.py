@@ -13,7 +13,14 @@ import pytest
 
 from device_sim.firmware import FleetSpec, run_firmware_fleet
 from gateway.dev.kafka import KafkaState
-from tests.firmware_helpers import campaign_state, fw_setup, registered, release_state, status_until
+from tests.firmware_helpers import (
+    campaign_state,
+    fw_setup,
+    provision,
+    registered,
+    release_state,
+    status_until,
+)
 from tests.harness import GatewayProcess, eventually, run_cli
 
 pytestmark = [pytest.mark.kafka, pytest.mark.long]
@@ -85,6 +92,7 @@ async def test_200_devices_1mb_image_10_percent_interrupted(
             device_type=DEVICE_TYPE,
             version="1.0.0",
             trusted=[setup.public],
+            password=provision(gateway, ids),
             until=lambda ds: all(
                 d.agent.version == "2.0.0" and d.final_acked.is_set() for d in ds.values()
             ),
