@@ -281,12 +281,20 @@ class FirmwareDevice:
         self._connected.clear()
         self._lost.clear()
         self._client = client
-        await asyncio.to_thread(client.connect, self._host, self._port, 30)
-        async with asyncio.timeout(10):
-            await self._connected.wait()
+        try:
+            await asyncio.to_thread(client.connect, self._host, self._port, 30)
+            async with asyncio.timeout(30):
+                await self._connected.wait()
+        except BaseException:
+            # Abandoned for good: a late CONNACK must not bring up a second connection.
+            self._client = None
+            self._driver.forget(client)
+            raise
         self.connects += 1
 
-    def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if client is not self._client or reason.is_failure:
+            return  # a stale client, or refused (the connect times out and is retried)
         client.subscribe([(f"{self._base}/offer", 1), (f"{self._base}/chunk", 0)])
         meta = {"type": self._type, "firmware_version": self.agent.version}
         client.publish(f"d/{self.device_id}/meta", json.dumps(meta), qos=1)
@@ -296,15 +304,18 @@ class FirmwareDevice:
             ).mid
         self._connected.set()
 
-    def _on_disconnect(self, *_: Any) -> None:
-        self._lost.set()
+    def _on_disconnect(self, client: mqtt.Client, *_: Any) -> None:
+        if client is self._client:  # a stale client's end says nothing about this one
+            self._lost.set()
 
-    def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        if mid == self._final_mid and self._final is not None:
+    def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        if client is self._client and mid == self._final_mid and self._final is not None:
             self._final = None
             self.final_acked.set()
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if client is not self._client:
+            return  # a connection this device already gave up
         leaf = msg.topic.rsplit("/", 1)[-1]
         payload = bytes(msg.payload)
         out = self.agent.on_offer(payload) if leaf == "offer" else self.agent.on_chunk(payload)
