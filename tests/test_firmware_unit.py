@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -29,6 +31,9 @@ from edge.firmware_rollout import (
 )
 from edge.firmware_store import Release
 from edge.firmware_wire import offer_payload, parse_control, parse_request, parse_status
+from gateway.config import parse_config
+from gateway.errors import ConfigError
+from tests.harness import run_cli
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -251,3 +256,72 @@ def test_agent_refuses_a_tampered_chunk_and_an_untrusted_offer() -> None:
     out = stranger.on_offer(offer)
     assert [(leaf, b["state"]) for leaf, b in out.publish] == [("status", "failed")]
     assert out.publish[0][1]["reason"].startswith("untrusted signing key")
+
+
+# ------------------------------------------------------------------------- config and CLI
+
+
+def _kafka() -> dict[str, Any]:
+    tls = {"cafile": "ca.pem", "certfile": "c.pem", "keyfile": "k.pem"}
+    return {"bootstrap_servers": ["127.0.0.1:9093"], "tls": tls}
+
+
+def test_firmware_config_errors_name_the_field() -> None:
+    config = parse_config(
+        {"kafka": _kafka(), "firmware": {"trusted_keys": ["k.pub"]}}, check_files=False
+    )
+    assert config.firmware is not None
+    assert config.firmware.default_rings == [1.0, 10.0, 50.0, 100.0]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {"kafka": _kafka(), "firmware": {"trusted_keys": ["k.pub"], "default_rings": [50]}},
+            check_files=False,
+        )
+    assert caught.value.errors[0][0] == "firmware.default_rings"
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"kafka": _kafka(), "firmware": {}}, check_files=False)
+    assert caught.value.errors[0][0] == "firmware.trusted_keys"
+
+
+def test_fw_cli_bad_arguments_give_a_clear_error(tmp_path: Path) -> None:
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"x" * 100)
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        '[kafka]\nbootstrap_servers = ["127.0.0.1:1"]\n'
+        f'[kafka.tls]\ncafile = "{image}"\ncertfile = "{image}"\nkeyfile = "{image}"\n'
+        f'[firmware]\ntrusted_keys = ["{image}"]\n'
+    )
+    out = run_cli(
+        "fw",
+        "publish",
+        str(image),
+        "--version",
+        "1 0",
+        "--device-type",
+        "t",
+        "--key",
+        str(tmp_path / "missing.pem"),
+        "-c",
+        str(config),
+    )
+    assert out.returncode == 2
+    assert "missing.pem" in out.stderr
+    key = tmp_path / "k.pem"
+    assert run_cli("fw", "keygen", str(key)).returncode == 0
+    out = run_cli(
+        "fw",
+        "publish",
+        str(image),
+        "--version",
+        "1 0",
+        "--device-type",
+        "t",
+        "--key",
+        str(key),
+        "-c",
+        str(config),
+    )
+    assert out.returncode == 2
+    assert "version '1 0'" in out.stderr
+    assert run_cli("fw", "keygen", str(key)).returncode == 2  # never overwrites a key
