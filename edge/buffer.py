@@ -301,14 +301,22 @@ class Buffer(GroupCommitter, DeadLetterStore):
             async with asyncio.timeout(max_wait):
                 await self._rows_committed.wait()
 
-    async def lease(self, limit: int) -> list[StoredMessage]:
+    async def lease(
+        self, limit: int, *, after: Mapping[str, int] | None = None
+    ) -> list[StoredMessage]:
         """The next rows to forward: by class priority with a guaranteed share for lower
         classes, FIFO inside a class (so per device and class in order). Expired rows of
-        lossy classes are swept first and never returned."""
-        await self._sweep_expired()
+        lossy classes are swept first and never returned.
+
+        ``after`` (class -> row id) leases ahead: only rows after a batch still in flight,
+        and without the expiry sweep (it could delete rows of that batch under it).
+        """
+        if after is None:
+            await self._sweep_expired()
         priority = {c: cfg.priority for c, cfg in self._classes.items()}
         plan = plan_lease(self.stats.class_rows, priority, limit, self._config.lease_min_share)
-        rows = await self.in_thread(functools.partial(_lease_rows, plan))
+        floors = dict(after or {})
+        rows = await self.in_thread(functools.partial(_lease_rows, plan, floors))
         out: list[StoredMessage] = []
         for class_name, class_rows in rows.items():
             messages = [StoredMessage(*r) for r in class_rows]
@@ -346,11 +354,14 @@ class Buffer(GroupCommitter, DeadLetterStore):
         """At start no device is connected, whatever the last run recorded (done in open)."""
 
 
-def _lease_rows(plan: Mapping[str, int], conn: sqlite3.Connection) -> dict[str, list[Any]]:
+def _lease_rows(
+    plan: Mapping[str, int], floors: Mapping[str, int], conn: sqlite3.Connection
+) -> dict[str, list[Any]]:
     """The leased rows of each class (in the worker thread, one hand-off for all classes)."""
     out: dict[str, list[Any]] = {}
     for class_name, count in plan.items():
-        rows = conn.execute(sql.LEASE_CLASS, (class_name, count)).fetchall()
+        floor = floors.get(class_name, 0)
+        rows = conn.execute(sql.LEASE_CLASS, (class_name, floor, count)).fetchall()
         if rows:
             out[class_name] = rows
     return out
