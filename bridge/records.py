@@ -108,6 +108,9 @@ class RecordBuilder:
             ("tg-ingest-ts", str(message.ingest_ms).encode()),
             ("tg-qos", str(message.qos).encode()),
         ]
+        if not message.topic:
+            # Written by the gateway itself (lifecycle events, heartbeats): no MQTT publish.
+            headers = [h for h in headers if h[0] not in ("tg-mqtt-topic", "tg-qos")]
         if topic is None:
             reason = (
                 "topic matched no configured class"

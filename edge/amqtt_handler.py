@@ -62,6 +62,19 @@ from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
 from edge.broker_state import EdgeContext, Qos2State
 from edge.ingest import InboundPublish
+from edge.lifecycle import (
+    CLEAN,
+    CONNECTION_LOST,
+    DENIED,
+    GATEWAY_SHUTDOWN,
+    INTERNAL_ERROR,
+    KEEPALIVE_TIMEOUT,
+    PROTOCOL_ERROR,
+    STORE_FAILED,
+    TAKEN_OVER,
+    ConnectionEnded,
+    SessionInfo,
+)
 from edge.mqtt_wire import (
     CONNECT,
     DISCONNECT,
@@ -81,12 +94,18 @@ from edge.mqtt_wire import (
     read_packet,
 )
 
-__all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
+__all__ = ["AUTH_METHOD_KEY", "QOS2_STATE_KEY", "TLS_KEY", "TOOK_OVER_KEY", "EdgeProtocolHandler"]
 
 log = logging.getLogger(__name__)
 
 QOS2_STATE_KEY: Final = "tidegate.edge.qos2"
 """Key of :class:`Qos2State` in amqtt's ``Session.attributes``."""
+AUTH_METHOD_KEY: Final = "tidegate.auth_method"
+"""``Session.attributes``: how the CONNECT was authenticated (set by the broker)."""
+TLS_KEY: Final = "tidegate.tls"
+"""``Session.attributes``: the connection came in over TLS."""
+TOOK_OVER_KEY: Final = "tidegate.took_over"
+"""``Session.attributes``: the CONNECT replaced a live connection of the same client id."""
 
 _PENDING_SUBSCRIBE_LIMIT: Final = 16
 """amqtt queues SUBSCRIBE/UNSUBSCRIBE for the broker loop without limit; we bound it so a
@@ -143,6 +162,11 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._announced = False
         self._disconnect_seen = False
         self._disconnect_result: Any = None
+        self.close_reason: str | None = None
+        """Why the connection ended (:data:`edge.lifecycle.REASONS`); the first cause wins."""
+        self._close_detail = ""
+        self._will_due: bool | None = None
+        self._session_info: SessionInfo | None = None
 
     # -- identity -----------------------------------------------------------------------
 
@@ -180,10 +204,13 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         edge = self._edge
         device_id = self.device_id
         old = edge.live.get(device_id)
+        took_over = bool(self.session.attributes.get(TOOK_OVER_KEY))
         if old is not None and old is not self:
             edge.stats.takeovers += 1
+            took_over = True
+            old.mark_taken_over()
             old._retire()
-            await old.abort("session taken over by a new connection")
+            await old.abort("session taken over by a new connection", TAKEN_OVER)
         edge.live[device_id] = self
         if not self.session.transitions.is_connected():
             # amqtt's takeover of a clean_session=0 session can let the old connection's
@@ -193,6 +220,8 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._announced = True
         edge.stats.sessions_started += 1
         edge.notify_connected(device_id, self.peer)
+        self._session_info = self._describe(took_over)
+        edge.lifecycle_started(self._session_info)
         self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
         await super().start()
 
@@ -218,13 +247,63 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._qos0_pending.clear()
         self._abort_if_peer_not_reading()
         await super().stop()
+        if self._edge.stopping:
+            self._ended(GATEWAY_SHUTDOWN, "the gateway is shutting down")
+        else:
+            self._ended(CONNECTION_LOST, "the connection ended")
         self._retire()
 
-    async def abort(self, reason: str) -> None:
+    def _describe(self, took_over: bool) -> SessionInfo:
+        session = self.session
+        attributes: dict[str, Any] = session.attributes
+        will = bool(session.will_flag)
+        return SessionInfo(
+            device_id=self.device_id,
+            peer=self.peer,
+            clean_session=bool(session.clean_session),
+            keep_alive_s=int(session.keep_alive or 0),
+            auth_method=str(attributes.get(AUTH_METHOD_KEY, "anonymous")),
+            tls=bool(attributes.get(TLS_KEY, False)),
+            session_present=bool(session.parent),
+            will_topic=str(session.will_topic) if will else None,
+            will_qos=int(session.will_qos or 0) if will else 0,
+            will_retain=bool(session.will_retain) if will else False,
+            took_over=took_over,
+            connected_ms=time.time_ns() // 1_000_000,
+        )
+
+    def _ended(self, reason: str, detail: str) -> None:
+        """Record why the connection ends; the first cause recorded wins."""
+        if self.close_reason is None:
+            self.close_reason, self._close_detail = reason, detail
+
+    def mark_taken_over(self) -> None:
+        """A CONNECT with this client id arrived: this connection ends as taken over, and
+        its will is not published (amqtt's behaviour on takeover)."""
+        self._ended(TAKEN_OVER, "session taken over by a new connection")
+
+    def will_due(self) -> bool:
+        """Whether this connection's will is published. Decided once, by whoever asks
+        first (the broker publishing it, or the lifecycle event reporting it), so the two
+        always agree: a will exists, no DISCONNECT was received, the connection was not
+        taken over, and the gateway is not shutting down."""
+        if self._will_due is None:
+            self._will_due = (
+                self.session is not None
+                and bool(self.session.will_flag)
+                and not isinstance(self._disconnect_result, DisconnectPacket)
+                and self.close_reason not in (CLEAN, TAKEN_OVER, GATEWAY_SHUTDOWN)
+                and not self._edge.stopping
+            )
+        return self._will_due
+
+    async def abort(self, reason: str, code: str = INTERNAL_ERROR) -> None:
         """Close this connection without acknowledging anything more (amqtt's broker loop
-        then stops the handler and publishes the will, as for any abnormal disconnect)."""
+        then stops the handler and publishes the will, as for any abnormal disconnect).
+        ``code`` is the lifecycle reason (:data:`edge.lifecycle.REASONS`)."""
         if self._closing:
             return
+        self._ended(code, reason)
         self._closing = True
         self._capacity.set()
         log.info("device %s (%s): closing connection: %s", self.device_id, self.peer, reason)
@@ -238,6 +317,18 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         if self._edge.live.get(device_id) is self:
             del self._edge.live[device_id]
         self._edge.notify_disconnected(device_id)
+        if self._session_info is not None:
+            self._ended(CONNECTION_LOST, "the connection ended")
+            self._edge.lifecycle_ended(
+                ConnectionEnded(
+                    device_id=device_id,
+                    session=self._session_info,
+                    reason=self.close_reason or CONNECTION_LOST,
+                    detail=self._close_detail,
+                    will_published=self.will_due(),
+                    disconnected_ms=time.time_ns() // 1_000_000,
+                )
+            )
 
     def _abort_if_peer_not_reading(self) -> None:
         # amqtt's close drains the write buffer first; a peer that stopped reading would
@@ -271,15 +362,27 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             self._reader_ready.set()
             try:
                 reason = await self._read_until_closed()
+                if reason == "DISCONNECT":
+                    self._ended(CLEAN, "DISCONNECT received")
+                elif reason != "closing":
+                    self._ended(CONNECTION_LOST, reason)
             except MalformedPacketError as exc:
                 self._edge.stats.malformed(self.device_id, self.peer, str(exc))
                 reason = f"malformed packet: {exc}"
+                # A device killed while sending ends mid-packet: lost, not misbehaving.
+                lost = str(exc).startswith("connection ended")
+                self._ended(CONNECTION_LOST if lost else PROTOCOL_ERROR, reason)
             except TimeoutError:
                 self._edge.stats.keepalive_expired(self.device_id, self.peer)
                 reason = "keep-alive expired"
+                self._ended(KEEPALIVE_TIMEOUT, reason)
+            except OSError as exc:
+                reason = f"socket error: {exc!r}"
+                self._ended(CONNECTION_LOST, reason)
             except Exception as exc:  # last resort: a bug costs one connection, not the broker
                 log.exception("device %s: reader failed", self.device_id)
                 reason = f"internal error: {exc!r}"
+                self._ended(INTERNAL_ERROR, reason)
             log.debug("device %s (%s): reader ends: %s", self.device_id, self.peer, reason)
             self._closing = True
             await self.handle_connection_closed()
@@ -416,7 +519,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         edge = self._edge
         edge.publish_denied(self.device_id, self.peer, publish.topic, publish.qos)
         if edge.security.on_deny == "disconnect":
-            await self.abort(f"publish to {publish.topic!r} denied")
+            await self.abort(f"publish to {publish.topic!r} denied", DENIED)
             return
         if publish.qos == 0:
             return
@@ -485,7 +588,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                 error = _failure(item.future)
                 if error is not None:
                     edge.stats.sink_failed(self.device_id, item.publish.topic, error)
-                    await self.abort("a publish could not be stored")
+                    await self.abort(f"a publish could not be stored: {error}", STORE_FAILED)
                     return
                 ack = (PubackPacket if item.kind == PUBACK else PubrecPacket).build(item.packet_id)
                 await self._send_packet(ack)
@@ -501,4 +604,4 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                 return
             log.exception("device %s: acknowledging failed", self.device_id)
             with contextlib.suppress(Exception):
-                await self.abort("acknowledging failed")
+                await self.abort("acknowledging failed", CONNECTION_LOST)

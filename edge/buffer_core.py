@@ -59,6 +59,7 @@ class BufferCore:
         self._drop_rows = 0
         self._evict_credit: dict[str, int] = {}
         self._reclaim = 0
+        self._unclean: list[str] = []
         self.stats = BufferStats()
 
     @property

@@ -27,11 +27,13 @@ from bridge.records import RecordBuilder
 from edge.broker import EdgeBroker
 from edge.buffer import Buffer
 from edge.intake import Intake
+from edge.lifecycle import internal_classes
 from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
+from gateway.lifecycle_service import LifecycleService
 from gateway.security_setup import broker_security, listener_tls_contexts
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
@@ -63,7 +65,11 @@ class Gateway:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
-        self.buffer = Buffer(config.buffer_path, config.buffer, config.classes)
+        lifecycle = config.lifecycle if config.lifecycle and config.lifecycle.enabled else None
+        # Lifecycle records are rows of internal classes ("!..."): same buffer, same
+        # forwarder, never reachable by a device publish (the router knows only config.classes).
+        classes = {**config.classes, **(internal_classes(lifecycle) if lifecycle else {})}
+        self.buffer = Buffer(config.buffer_path, config.buffer, classes)
         router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
         self.intake = Intake(self.buffer, router, config.classes)
         self.commands = (
@@ -75,13 +81,24 @@ class Gateway:
             self.buffer,
             RecordBuilder(
                 gateway_id=config.gateway.id,
-                class_topics={n: c.kafka_topic for n, c in config.classes.items()},
-                content_types={n: c.content_type for n, c in config.classes.items()},
+                class_topics={n: c.kafka_topic for n, c in classes.items()},
+                content_types={n: c.content_type for n, c in classes.items()},
                 dead_letter_topic=config.routing.dead_letter_topic,
             ),
             config.kafka,
             lease_batch=config.buffer.lease_batch,
             gateway_id=config.gateway.id,
+        )
+        self.lifecycle = (
+            None
+            if lifecycle is None
+            else LifecycleService(
+                lifecycle,
+                gateway_id=config.gateway.id,
+                buffer=self.buffer,
+                kafka_state=self._kafka_state,
+                started_at=self.started_at,
+            )
         )
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
@@ -93,6 +110,7 @@ class Gateway:
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
             security=broker_security(config),
+            lifecycle=self.lifecycle,
         )
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)
@@ -121,6 +139,11 @@ class Gateway:
                         if self.commands is None
                         else tasks.create_task(self.commands.run(), name="commands")
                     )
+                    heartbeat = (
+                        None
+                        if self.lifecycle is None
+                        else tasks.create_task(self.lifecycle.run(), name="lifecycle-heartbeat")
+                    )
                     try:
                         async with self.broker, self.admin:
                             self._write_runtime(data_dir)
@@ -137,6 +160,8 @@ class Gateway:
                         # The broker is closed: nothing new is acknowledged. Rows that are
                         # not yet in Kafka stay in the buffer for the next start.
                         forwarder.cancel()
+                        if heartbeat is not None:
+                            heartbeat.cancel()
                         if commands is not None and self.commands is not None:
                             commands.cancel()
                             await self.commands.close(deadline=max(1.0, deadline / 4))
@@ -273,4 +298,12 @@ class Gateway:
             },
             "intake": {"unrouted": self.intake.unrouted},
             "commands": None if self.commands is None else self.commands.status(),
+            "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
+        }
+
+    def _kafka_state(self) -> dict[str, Any]:
+        """The heartbeat's ``kafka`` object."""
+        return {
+            "connected": self.forwarder.status.kafka_connected,
+            "breaker": self.forwarder.breaker.state.value,
         }

@@ -40,6 +40,7 @@ __all__ = [
     "GatewayIdentity",
     "KafkaConfig",
     "KafkaTlsConfig",
+    "LifecycleConfig",
     "ListenerConfig",
     "RoutingConfig",
     "default_config",
@@ -374,6 +375,25 @@ class CommandsConfig(_Model):
         return self.group_id.replace("{gateway_id}", gateway_id)
 
 
+class LifecycleConfig(_Model):
+    """Device connect/disconnect events and the gateway heartbeat to Kafka
+    (docs/lifecycle.md). Absent section: off."""
+
+    enabled: bool = True
+    """Record lifecycle events and heartbeats (false keeps the section but turns them off)."""
+    topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.lifecycle"
+    """Kafka topic for connected/disconnected events (key = device id)."""
+    heartbeat_topic: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = None
+    """Kafka topic for heartbeats (key = gateway id); None: the events' ``topic``."""
+    heartbeat_period_s: Annotated[float, Field(ge=0.1, le=86_400)] = 30.0
+    """Seconds between heartbeats."""
+    heartbeat_ttl_s: Annotated[float | None, Field(gt=0)] = 300.0
+    """A heartbeat not yet in Kafka after this long is dropped (recorded in the drop
+    ledger): a backlog of stale heartbeats tells the cloud nothing. None: keep them."""
+    priority: Annotated[int, Field(ge=0, le=9)] = 9
+    """Forwarding priority of events and heartbeats (tiny; highest by default)."""
+
+
 class AdminConfig(_Model):
     """The local admin API (status, later operations)."""
 
@@ -394,6 +414,8 @@ class GatewayConfig(_Model):
     admin: AdminConfig = AdminConfig()
     commands: CommandsConfig | None = None
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
+    lifecycle: LifecycleConfig | None = None
+    """Device lifecycle events and heartbeats; None (no ``[lifecycle]`` section): off."""
 
     @field_validator("classes")
     @classmethod
