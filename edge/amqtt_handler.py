@@ -286,15 +286,25 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         """Whether this connection's will is published. Decided once, by whoever asks
         first (the broker publishing it, or the lifecycle event reporting it), so the two
         always agree: a will exists, no DISCONNECT was received, the connection was not
-        taken over, and the gateway is not shutting down."""
+        taken over, the gateway is not shutting down, and the ACL lets the device publish
+        on the will's topic (a denial is counted and audited here, once)."""
         if self._will_due is None:
-            self._will_due = (
+            edge = self._edge
+            due = (
                 self.session is not None
                 and bool(self.session.will_flag)
                 and not isinstance(self._disconnect_result, DisconnectPacket)
                 and self.close_reason not in (CLEAN, TAKEN_OVER, GATEWAY_SHUTDOWN)
-                and not self._edge.stopping
+                and not edge.stopping
             )
+            acl = edge.security.acl
+            topic = str(self.session.will_topic) if due else ""
+            if due and acl is not None and not acl.may_publish(self.device_id, topic):
+                edge.stats.wills_denied += 1
+                qos = int(self.session.will_qos or 0)
+                edge.publish_denied(self.device_id, self.peer, topic, qos)
+                due = False
+            self._will_due = due
         return self._will_due
 
     async def abort(self, reason: str, code: str = INTERNAL_ERROR) -> None:

@@ -346,7 +346,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # down); the lifecycle event reports the same decision. A takeover is marked in
         # _initialize_client_session, before amqtt's takeover resolves this waiter.
         if handler.will_due():  # every handler of this broker is an EdgeProtocolHandler
-            await self._publish_will(client_session, handler.peer)
+            await self._publish_will(client_session)
         await self._stop_handler(handler)
         # Check again: the takeover may have happened while the handler stopped. If it
         # happened before, EdgeProtocolHandler.start puts the session back to "connected".
@@ -358,18 +358,13 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 client_session=client_session,
             )
 
-    async def _publish_will(self, session: Any, peer: str) -> None:
-        """Publish a device's will as if the device had published it: through the ACL and
-        the sink (so a will on an uplink topic is stored and forwarded to Kafka like any
-        publish), then to edge subscribers. amqtt only broadcast it, unchecked."""
+    async def _publish_will(self, session: Any) -> None:
+        """Publish a device's will as if the device had published it: through the sink (so
+        a will on an uplink topic is stored and forwarded to Kafka like any publish), then
+        to edge subscribers. The ACL was checked by ``will_due``. amqtt only broadcast it."""
         device_id = str(session.client_id)
         topic, qos = str(session.will_topic), int(session.will_qos or 0)
         retain, payload = bool(session.will_retain), bytes(session.will_message or b"")
-        acl = self.edge.security.acl
-        if acl is not None and not acl.may_publish(device_id, topic):
-            self.edge.stats.wills_denied += 1
-            self.edge.publish_denied(device_id, peer, topic, qos)
-            return
         self.edge.stats.wills_published += 1
         inbound = InboundPublish(device_id, topic, qos, retain, payload, time.time())
         try:

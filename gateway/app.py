@@ -267,6 +267,7 @@ class Gateway:
                 "tls_handshake_failures": self.broker.stats.tls_handshake_failures,
                 "publishes_denied": self.broker.stats.publishes_denied,
                 "subscriptions_denied": self.broker.stats.subscriptions_denied,
+                "wills_denied": self.broker.stats.wills_denied,
                 "acl": self.config.broker.acl.enabled,
                 "allow_anonymous": self.config.broker.allow_anonymous,
             },

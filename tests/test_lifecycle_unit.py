@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from edge.buffer import Buffer
 from edge.lifecycle import (
     ABNORMAL_REASONS,
@@ -23,7 +25,8 @@ from edge.lifecycle import (
     disconnected_record,
     internal_classes,
 )
-from gateway.config import BufferConfig, ClassConfig, LifecycleConfig
+from gateway.config import BufferConfig, ClassConfig, LifecycleConfig, parse_config
+from gateway.errors import ConfigError
 from gateway.lifecycle_service import LifecycleService
 from tests.harness import eventually
 
@@ -221,3 +224,22 @@ async def test_events_in_a_full_buffer_are_dropped_and_recorded(tmp_path: Path) 
             "buffer full: drop_oldest",
         )
         assert buffer.stats.blocked_writes == 0
+
+
+def test_config_section_errors_name_the_field(tmp_path: Path) -> None:
+    kafka = {
+        "bootstrap_servers": ["127.0.0.1:9093"],
+        "tls": {"cafile": "ca", "certfile": "c", "keyfile": "k"},
+    }
+    parsed = parse_config({"kafka": kafka}, check_files=False)
+    assert parsed.lifecycle is None  # no section: off
+    parsed = parse_config({"kafka": kafka, "lifecycle": {}}, check_files=False)
+    assert parsed.lifecycle == LifecycleConfig()
+    assert parsed.lifecycle.heartbeat_period_s == 30.0
+    with pytest.raises(ConfigError) as raised:
+        parse_config(
+            {"kafka": kafka, "lifecycle": {"heartbeat_period_s": 0, "topik": "x"}},
+            check_files=False,
+        )
+    fields = {path for path, _ in raised.value.errors}
+    assert fields == {"lifecycle.heartbeat_period_s", "lifecycle.topik"}
