@@ -72,6 +72,7 @@ from edge.lifecycle import (
     PROTOCOL_ERROR,
     STORE_FAILED,
     TAKEN_OVER,
+    TOOK_OVER_KEY,
     ConnectionEnded,
     SessionInfo,
 )
@@ -88,24 +89,23 @@ from edge.mqtt_wire import (
     UNSUBSCRIBE,
     DecodedPublish,
     MalformedPacketError,
+    PacketSplitter,
     RawPacket,
     decode_packet_id,
     decode_publish,
+    encode_acks,
     read_packet,
 )
 
-__all__ = ["AUTH_METHOD_KEY", "QOS2_STATE_KEY", "TLS_KEY", "TOOK_OVER_KEY", "EdgeProtocolHandler"]
+__all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
 
 log = logging.getLogger(__name__)
 
 QOS2_STATE_KEY: Final = "tidegate.edge.qos2"
 """Key of :class:`Qos2State` in amqtt's ``Session.attributes``."""
-AUTH_METHOD_KEY: Final = "tidegate.auth_method"
-"""``Session.attributes``: how the CONNECT was authenticated (set by the broker)."""
-TLS_KEY: Final = "tidegate.tls"
-"""``Session.attributes``: the connection came in over TLS."""
-TOOK_OVER_KEY: Final = "tidegate.took_over"
-"""``Session.attributes``: the CONNECT replaced a live connection of the same client id."""
+
+_READ_CHUNK: Final = 65536
+"""Bytes asked of the socket per read: under load one read holds dozens of publishes."""
 
 _PENDING_SUBSCRIBE_LIMIT: Final = 16
 """amqtt queues SUBSCRIBE/UNSUBSCRIBE for the broker loop without limit; we bound it so a
@@ -167,6 +167,10 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._close_detail = ""
         self._will_due: bool | None = None
         self._session_info: SessionInfo | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._keepalive_expired = False
+        self._idle_since: float | None = None
+        """loop.time() since which the reader waits for a packet's first byte (None: not)."""
 
     # -- identity -----------------------------------------------------------------------
 
@@ -204,7 +208,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         edge = self._edge
         device_id = self.device_id
         old = edge.live.get(device_id)
-        took_over = bool(self.session.attributes.get(TOOK_OVER_KEY))
+        took_over = bool(self.session.attributes.get(TOOK_OVER_KEY))  # set by the broker
         if old is not None and old is not self:
             edge.stats.takeovers += 1
             took_over = True
@@ -220,7 +224,9 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._announced = True
         edge.stats.sessions_started += 1
         edge.notify_connected(device_id, self.peer)
-        self._session_info = self._describe(took_over)
+        self._session_info = SessionInfo.of_amqtt_session(
+            self.session, self.peer, took_over=took_over
+        )
         edge.lifecycle_started(self._session_info)
         self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
         await super().start()
@@ -252,25 +258,6 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         else:
             self._ended(CONNECTION_LOST, "the connection ended")
         self._retire()
-
-    def _describe(self, took_over: bool) -> SessionInfo:
-        session = self.session
-        attributes: dict[str, Any] = session.attributes
-        will = bool(session.will_flag)
-        return SessionInfo(
-            device_id=self.device_id,
-            peer=self.peer,
-            clean_session=bool(session.clean_session),
-            keep_alive_s=int(session.keep_alive or 0),
-            auth_method=str(attributes.get(AUTH_METHOD_KEY, "anonymous")),
-            tls=bool(attributes.get(TLS_KEY, False)),
-            session_present=bool(session.parent),
-            will_topic=str(session.will_topic) if will else None,
-            will_qos=int(session.will_qos or 0) if will else 0,
-            will_retain=bool(session.will_retain) if will else False,
-            took_over=took_over,
-            connected_ms=time.time_ns() // 1_000_000,
-        )
 
     def _ended(self, reason: str, detail: str) -> None:
         """Record why the connection ends; the first cause recorded wins."""
@@ -405,17 +392,65 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         keep_alive = int(self.session.keep_alive)
         # MQTT-3.1.2-24: disconnect after 1.5 x keep-alive without any packet.
         first_byte_timeout = keep_alive * 1.5 if keep_alive > 0 else None
+        stream = getattr(self.reader, "_reader", None)
+        if not isinstance(stream, asyncio.StreamReader):  # not amqtt's TCP adapter
+            return await self._read_packet_by_packet(first_byte_timeout)
+        max_inflight = self._edge.max_inflight
+        splitter = PacketSplitter(self._edge.max_packet_size)
+        loop = asyncio.get_running_loop()
+        if first_byte_timeout is not None:
+            self._keepalive = loop.call_at(
+                loop.time() + first_byte_timeout, self._check_keepalive, first_byte_timeout
+            )
+        try:
+            while not self._closing:
+                if self._inflight >= max_inflight:
+                    await self._wait_for_capacity(max_inflight)
+                    continue
+                packet = splitter.next_packet()
+                if packet is None:
+                    # Only silence between packets counts against the keep-alive (inside a
+                    # packet a timeout would leave the stream mid-packet, see read_packet).
+                    self._idle_since = None if splitter.pending else loop.time()
+                    data = await stream.read(_READ_CHUNK)
+                    self._idle_since = None
+                    if not data:
+                        if self._keepalive_expired:
+                            raise TimeoutError("keep-alive expired")
+                        if splitter.pending:
+                            raise MalformedPacketError("connection ended inside a packet")
+                        return "connection closed by the device"
+                    splitter.feed(data)
+                    continue
+                if not await self._dispatch(packet):
+                    return "DISCONNECT"
+            return "closing"
+        finally:
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+
+    def _check_keepalive(self, timeout: float) -> None:
+        """MQTT-3.1.2-24 without a timer per read: one timer per keep-alive period checks how
+        long the reader has been waiting for a packet's first byte, and closes the socket
+        (the read then ends) once that is 1.5 x the keep-alive."""
+        loop = asyncio.get_running_loop()
+        idle_since = self._idle_since
+        now = loop.time()
+        if idle_since is not None and now - idle_since >= timeout and not self._closing:
+            self._keepalive_expired = True
+            transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+                return
+        start = idle_since if idle_since is not None else now
+        self._keepalive = loop.call_at(start + timeout, self._check_keepalive, timeout)
+
+    async def _read_packet_by_packet(self, first_byte_timeout: float | None) -> str:
         max_inflight = self._edge.max_inflight
         max_size = self._edge.max_packet_size
         while not self._closing:
             if self._inflight >= max_inflight:
-                # Back-pressure: leave the bytes in the kernel until an ack frees a slot.
-                # No keep-alive timeout here: the silence is ours, not the device's.
-                self._edge.stats.reader_paused += 1
-                self._capacity.clear()
-                while self._inflight >= max_inflight and not self._closing:
-                    await self._capacity.wait()
-                    self._capacity.clear()
+                await self._wait_for_capacity(max_inflight)
                 continue
             packet = await read_packet(
                 self.reader, max_size=max_size, first_byte_timeout=first_byte_timeout
@@ -425,6 +460,16 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             if not await self._dispatch(packet):
                 return "DISCONNECT"
         return "closing"
+
+    async def _wait_for_capacity(self, max_inflight: int) -> None:
+        # Back-pressure: stop reading (bytes stay in the kernel, at most one read's worth
+        # in the splitter) until an ack frees a slot. No keep-alive timeout here: the
+        # silence is ours, not the device's.
+        self._edge.stats.reader_paused += 1
+        self._capacity.clear()
+        while self._inflight >= max_inflight and not self._closing:
+            await self._capacity.wait()
+            self._capacity.clear()
 
     async def _dispatch(self, packet: RawPacket) -> bool:
         """Handle one packet; False when the device said DISCONNECT."""
@@ -585,7 +630,12 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._pump_wakeup.set()
 
     async def _ack_pump(self) -> None:
-        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection."""
+        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection.
+
+        Every acknowledgement that is ready goes out in one socket write (under load about
+        one commit's worth per device): a write, not a packet object and a plugin event
+        per message, is what amqtt's ``_send_packet`` would cost.
+        """
         acks = self._acks
         edge = self._edge
         try:
@@ -594,19 +644,27 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                     self._pump_wakeup.clear()
                     await self._pump_wakeup.wait()
                     continue
-                item = acks.popleft()
-                error = _failure(item.future)
-                if error is not None:
+                ready: list[tuple[int, int]] = []
+                forwards: list[DecodedPublish] = []
+                failed: tuple[_PendingAck, BaseException] | None = None
+                while acks and acks[0].future.done():
+                    item = acks.popleft()
+                    error = _failure(item.future)
+                    if error is not None:
+                        failed = (item, error)
+                        break
+                    ready.append((item.kind, item.packet_id))
+                    if item.forward:
+                        forwards.append(item.publish)
+                if ready:
+                    await self._write_acks(ready)
+                for publish in forwards:
+                    await edge.forward(self.session, publish)
+                if failed is not None:
+                    item, error = failed
                     edge.stats.sink_failed(self.device_id, item.publish.topic, error)
                     await self.abort(f"a publish could not be stored: {error}", STORE_FAILED)
                     return
-                ack = (PubackPacket if item.kind == PUBACK else PubrecPacket).build(item.packet_id)
-                await self._send_packet(ack)
-                edge.stats.acks_sent += 1
-                self._inflight -= 1
-                self._capacity.set()
-                if item.forward:
-                    await edge.forward(self.session, item.publish)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -615,3 +673,21 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             log.exception("device %s: acknowledging failed", self.device_id)
             with contextlib.suppress(Exception):
                 await self.abort("acknowledging failed", CONNECTION_LOST)
+
+    async def _write_acks(self, ready: list[tuple[int, int]]) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            # amqtt's write lock: a delivery to this device (mqtt_publish) writes its packets
+            # under it too, so an ack never lands inside another packet's bytes.
+            async with self._write_lock:
+                writer.write(encode_acks(ready))
+                await writer.drain()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            self._ended(CONNECTION_LOST, f"writing acknowledgements failed: {exc!r}")
+            await self.handle_connection_closed()
+            return
+        self._edge.stats.acks_sent += len(ready)
+        self._inflight -= len(ready)
+        self._capacity.set()

@@ -69,11 +69,11 @@ from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
 
-from edge.amqtt_handler import AUTH_METHOD_KEY, TLS_KEY, TOOK_OVER_KEY, EdgeProtocolHandler
+from edge.amqtt_handler import EdgeProtocolHandler
 from edge.broker_state import BrokerStats, EdgeContext, Security, SubscriptionIndex
 from edge.device_auth import AuthDecision, DeviceAuthenticator, peer_certificate_cn
 from edge.ingest import InboundPublish, IngestSink, SessionObserver
-from edge.lifecycle import LifecycleListener
+from edge.lifecycle import AUTH_METHOD_KEY, TLS_KEY, TOOK_OVER_KEY, LifecycleListener
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
 from gateway.errors import TidegateError
 

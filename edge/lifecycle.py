@@ -10,6 +10,7 @@ documented in docs/lifecycle.md.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -17,6 +18,7 @@ from gateway.config import ClassConfig, LifecycleConfig
 
 __all__ = [
     "ABNORMAL_REASONS",
+    "AUTH_METHOD_KEY",
     "CLEAN",
     "CONNECTION_LOST",
     "DENIED",
@@ -31,6 +33,8 @@ __all__ = [
     "RECORD_SCHEMA",
     "STORE_FAILED",
     "TAKEN_OVER",
+    "TLS_KEY",
+    "TOOK_OVER_KEY",
     "ConnectionEnded",
     "LifecycleListener",
     "SessionInfo",
@@ -72,6 +76,13 @@ GATEWAY_RESTART: Final = "gateway_restart"
 """Written at start for devices the last run left connected: that run ended without
 closing them (crash, kill -9, power loss)."""
 
+AUTH_METHOD_KEY: Final = "tidegate.auth_method"
+"""amqtt ``Session.attributes``: how the CONNECT was authenticated (set by the broker)."""
+TLS_KEY: Final = "tidegate.tls"
+"""amqtt ``Session.attributes``: the connection came in over TLS."""
+TOOK_OVER_KEY: Final = "tidegate.took_over"
+"""amqtt ``Session.attributes``: the CONNECT replaced a live connection of the client id."""
+
 REASONS: Final = (
     CLEAN,
     CONNECTION_LOST,
@@ -109,6 +120,26 @@ class SessionInfo:
     took_over: bool
     """This connection replaced a live one with the same client id."""
     connected_ms: int
+
+    @classmethod
+    def of_amqtt_session(cls, session: Any, peer: str, *, took_over: bool) -> SessionInfo:
+        """From amqtt's ``Session`` of a connection that has just been accepted."""
+        attributes: dict[str, Any] = session.attributes
+        will = bool(session.will_flag)
+        return cls(
+            device_id=str(session.client_id),
+            peer=peer,
+            clean_session=bool(session.clean_session),
+            keep_alive_s=int(session.keep_alive or 0),
+            auth_method=str(attributes.get(AUTH_METHOD_KEY, "anonymous")),
+            tls=bool(attributes.get(TLS_KEY, False)),
+            session_present=bool(session.parent),  # amqtt: 1 when a session was resumed
+            will_topic=str(session.will_topic) if will else None,
+            will_qos=int(session.will_qos or 0) if will else 0,
+            will_retain=bool(session.will_retain) if will else False,
+            took_over=took_over,
+            connected_ms=time.time_ns() // 1_000_000,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
