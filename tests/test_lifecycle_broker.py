@@ -23,12 +23,15 @@ class Recorder:
     def __init__(self) -> None:
         self.started: list[SessionInfo] = []
         self.ended: list[ConnectionEnded] = []
+        self.order: list[str] = []
 
     def connection_started(self, info: SessionInfo) -> None:
         self.started.append(info)
+        self.order.append("started")
 
     def connection_ended(self, ended: ConnectionEnded) -> None:
         self.ended.append(ended)
+        self.order.append("ended")
 
 
 @pytest.fixture
@@ -108,3 +111,28 @@ async def test_protocol_error_and_shutdown_reasons(harness: Harness) -> None:
         False,
     )
     assert [p.topic for p in sink.received] == ["d/dev-bad/up/x"]  # no will at shutdown
+
+
+@pytest.mark.parametrize("clean", [True, False])
+async def test_takeover_ends_the_old_connection_first_without_its_will(
+    harness: Harness, clean: bool
+) -> None:
+    """amqtt takes over a clean_session=0 session itself, a clean one is taken over by our
+    handler: either way the old connection's end (taken_over, no will) is reported before
+    the new connection's start, and the new one says it took over."""
+    sink, recorder = FakeSink(), Recorder()
+    broker = await harness.broker(sink, lifecycle=recorder)
+    packet = connect_packet("dev-t", clean=clean, will=("d/dev-t/up/event", b"old-will"))
+    old = await connect(harness, broker, packet)
+    await connect(harness, broker, connect_packet("dev-t", clean=clean))
+    await old.expect_closed()
+    await eventually(lambda: len(recorder.started) == 2, "second connection")
+    await eventually(lambda: recorder.ended, "first connection ended")
+    (ended,) = recorder.ended
+    assert (ended.reason, ended.will_published) == ("taken_over", False)
+    assert recorder.order == ["started", "ended", "started"]
+    first, second = recorder.started
+    assert (first.took_over, second.took_over) == (False, True)
+    assert second.session_present is (not clean)
+    assert sink.received == []
+    assert broker.stats.wills_published == 0
