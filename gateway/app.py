@@ -34,7 +34,12 @@ from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
 from gateway.lifecycle_service import LifecycleService
-from gateway.security_setup import broker_security, listener_tls_contexts
+from gateway.security_setup import (
+    broker_security,
+    listener_tls_contexts,
+    tenant_map,
+    tenant_shares,
+)
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
 
@@ -69,13 +74,20 @@ class Gateway:
         # Lifecycle records are rows of internal classes ("!..."): same buffer, same
         # forwarder, never reachable by a device publish (the router knows only config.classes).
         classes = {**config.classes, **(internal_classes(lifecycle) if lifecycle else {})}
-        self.buffer = Buffer(config.buffer_path, config.buffer, classes)
+        self.buffer = Buffer(
+            config.buffer_path,
+            config.buffer,
+            classes,
+            relaxed_release=config.kafka.delivery != "exactly_once",
+        )
+        self.tenants = tenant_map(config)
+        self.buffer.tenant_shares = tenant_shares(config, self.tenants)
         router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
         self.intake = Intake(self.buffer, router, config.classes)
         self.commands = (
             None
             if config.commands is None
-            else CommandService(config, config.commands, self.buffer)
+            else CommandService(config, config.commands, self.buffer, self.tenants)
         )
         self.forwarder = Forwarder(
             self.buffer,
@@ -84,6 +96,7 @@ class Gateway:
                 class_topics={n: c.kafka_topic for n, c in classes.items()},
                 content_types={n: c.content_type for n, c in classes.items()},
                 dead_letter_topic=config.routing.dead_letter_topic,
+                tenants=self.tenants,
             ),
             config.kafka,
             lease_batch=config.buffer.lease_batch,
@@ -109,7 +122,7 @@ class Gateway:
             allow_anonymous=config.broker.allow_anonymous,
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
-            security=broker_security(config),
+            security=broker_security(config, self.tenants),
             lifecycle=self.lifecycle,
         )
         if self.commands is not None:
@@ -298,6 +311,15 @@ class Gateway:
                 "recovered_rows": fwd.recovered_rows,
             },
             "intake": {"unrouted": self.intake.unrouted},
+            "tenants": None
+            if self.tenants is None
+            else {
+                "mode": self.tenants.mode,
+                "names": self.tenants.names,
+                "buffer": None
+                if self.buffer.tenant_shares is None
+                else self.buffer.tenant_shares.snapshot(),
+            },
             "commands": None if self.commands is None else self.commands.status(),
             "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
         }

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from edge.buffer import Buffer
+from bridge.records import RecordBuilder
+from edge.buffer import Buffer, StoredMessage
 from edge.lifecycle import (
     ABNORMAL_REASONS,
     CLEAN,
@@ -25,6 +26,7 @@ from edge.lifecycle import (
     disconnected_record,
     internal_classes,
 )
+from edge.tenants import TenantMap
 from gateway.config import BufferConfig, ClassConfig, LifecycleConfig, parse_config
 from gateway.errors import ConfigError
 from gateway.lifecycle_service import LifecycleService
@@ -243,3 +245,43 @@ def test_config_section_errors_name_the_field(tmp_path: Path) -> None:
         )
     fields = {path for path, _ in raised.value.errors}
     assert fields == {"lifecycle.heartbeat_period_s", "lifecycle.topik"}
+
+
+def test_tenants_events_follow_the_device_heartbeats_belong_to_the_gateway() -> None:
+    config = LifecycleConfig(topic="lc.{tenant}", heartbeat_topic="hb")
+    internal = internal_classes(config)
+    builder = RecordBuilder(
+        gateway_id="gw-1",
+        class_topics={n: c.kafka_topic for n, c in internal.items()},
+        content_types={n: c.content_type for n, c in internal.items()},
+        dead_letter_topic="dlq.{tenant}",
+        tenants=TenantMap(patterns={"acme": ("acme-*",)}),
+    )
+    event = builder.build(StoredMessage(1, "acme-7", EVENT_CLASS, "", 1, b"{}", 5, 9))
+    assert event.topic == "lc.acme"
+    assert ("tg-tenant", b"acme") in event.headers
+    beat = builder.build(StoredMessage(2, "gw-1", HEARTBEAT_CLASS, "", 1, b"{}", 5, 9))
+    assert beat.topic == "hb"
+    assert not any(name == "tg-tenant" for name, _ in beat.headers)
+    with pytest.raises(ValueError, match="heartbeat_topic"):
+        LifecycleConfig(topic="lc.{tenant}")
+
+
+def test_tenant_topic_mode_needs_a_tenant_lifecycle_topic() -> None:
+    kafka = {
+        "bootstrap_servers": ["127.0.0.1:9093"],
+        "tls": {"cafile": "ca", "certfile": "c", "keyfile": "k"},
+    }
+    base = {
+        "kafka": kafka,
+        "classes": {"event": {"kafka_topic": "ev.{tenant}"}},
+        "routing": {"dead_letter_topic": "dlq.{tenant}"},
+        "tenants": {"devices": {"acme": ["acme-*"]}},
+    }
+    with pytest.raises(ConfigError, match=r"lifecycle\.topic"):
+        parse_config({**base, "lifecycle": {}}, check_files=False)
+    parsed = parse_config(
+        {**base, "lifecycle": {"topic": "lc.{tenant}", "heartbeat_topic": "hb"}},
+        check_files=False,
+    )
+    assert parsed.lifecycle is not None
