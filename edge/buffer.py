@@ -320,6 +320,19 @@ class Buffer(GroupCommitter, DeadLetterStore):
             async with asyncio.timeout(max_wait):
                 await self._rows_committed.wait()
 
+    async def wait_for_class_empty(self, class_name: str, max_wait: float) -> bool:
+        """Wait until no row of ``class_name`` is left (released after Kafka acks, or
+        dropped), at most ``max_wait`` seconds; True when none is left."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max_wait):
+                while self.stats.class_rows.get(class_name, 0):
+                    # Set after every removal (release, drop, dead letter). Clearing it here
+                    # cannot make the committer miss a wake-up: it clears it itself before
+                    # each wait, and set() wakes whoever already waits.
+                    self._space_freed.clear()
+                    await self._space_freed.wait()
+        return not self.stats.class_rows.get(class_name, 0)
+
     async def lease(self, limit: int) -> list[StoredMessage]:
         """The next rows to forward: by class priority with a guaranteed share for lower
         classes, FIFO inside a class (so per device and class in order). Expired rows of

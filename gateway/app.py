@@ -172,9 +172,10 @@ class Gateway:
                     finally:
                         # The broker is closed: nothing new is acknowledged. Rows that are
                         # not yet in Kafka stay in the buffer for the next start.
-                        forwarder.cancel()
-                        if heartbeat is not None:
+                        if heartbeat is not None and self.lifecycle is not None:
                             heartbeat.cancel()
+                            await self.lifecycle.flush(deadline=min(2.0, deadline / 4))
+                        forwarder.cancel()
                         if commands is not None and self.commands is not None:
                             commands.cancel()
                             await self.commands.close(deadline=max(1.0, deadline / 4))

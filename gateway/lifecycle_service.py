@@ -12,6 +12,7 @@ restarts, in order per device. Format: docs/lifecycle.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import time
@@ -164,6 +165,23 @@ class LifecycleService:
             "kafka": self._kafka_state(),
             "heartbeats_dropped": stats.class_dropped.get(HEARTBEAT_CLASS, 0),
         }
+
+    async def flush(self, deadline: float) -> bool:
+        """At shutdown, after the broker closed every connection: give the still running
+        forwarder up to ``deadline`` seconds to send the queued events (the
+        ``gateway_shutdown`` ones), so the cloud does not think those devices are online
+        until this gateway comes back. True when none is left; what is left stays in the
+        buffer for the next start, as always."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        with contextlib.suppress(Exception):  # a closed buffer: nothing more to flush
+            async with asyncio.timeout(deadline):
+                await self._buffer.enqueue_marker()  # the events just enqueued are committed
+        await self._buffer.wait_for_class_empty(EVENT_CLASS, max(0.0, end - loop.time()))
+        left = self._buffer.stats.class_rows.get(EVENT_CLASS, 0)
+        if left:
+            log.warning("%d lifecycle events stay buffered for the next start", left)
+        return not left
 
     # -- storing -----------------------------------------------------------------------------
 
