@@ -100,6 +100,8 @@ id = "drain-bench"
 data_dir = "{data}"
 [[broker.listeners]]
 port = 0
+[broker]
+allow_anonymous = true  # loopback benchmark, like the bare-amqtt and Mosquitto peers
 [buffer]
 max_rows = 10_000_000
 max_bytes = 8_589_934_592

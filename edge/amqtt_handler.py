@@ -70,6 +70,7 @@ from edge.lifecycle import (
     INTERNAL_ERROR,
     KEEPALIVE_TIMEOUT,
     PROTOCOL_ERROR,
+    REVOKED,
     STORE_FAILED,
     TAKEN_OVER,
     TOOK_OVER_KEY,
@@ -281,7 +282,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                 self.session is not None
                 and bool(self.session.will_flag)
                 and not isinstance(self._disconnect_result, DisconnectPacket)
-                and self.close_reason not in (CLEAN, TAKEN_OVER, GATEWAY_SHUTDOWN)
+                and self.close_reason not in (CLEAN, TAKEN_OVER, REVOKED, GATEWAY_SHUTDOWN)
                 and not edge.stopping
             )
             acl = edge.security.acl

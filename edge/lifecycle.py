@@ -31,6 +31,7 @@ __all__ = [
     "PROTOCOL_ERROR",
     "REASONS",
     "RECORD_SCHEMA",
+    "REVOKED",
     "STORE_FAILED",
     "TAKEN_OVER",
     "TLS_KEY",
@@ -70,6 +71,10 @@ STORE_FAILED: Final = "store_failed"
 """A publish could not be stored (e.g. blocked past ``buffer.block_timeout_s``)."""
 INTERNAL_ERROR: Final = "internal_error"
 """A gateway bug ended the connection (logged)."""
+REVOKED: Final = "revoked"
+"""A configuration reload (SIGHUP) revoked the device's credentials or certificate, or its
+tenant or ACL no longer admits it; the gateway closed the connection (no will: the device is
+no longer trusted)."""
 GATEWAY_SHUTDOWN: Final = "gateway_shutdown"
 """The gateway stopped (SIGTERM) and closed every connection."""
 GATEWAY_RESTART: Final = "gateway_restart"
@@ -92,6 +97,7 @@ REASONS: Final = (
     DENIED,
     STORE_FAILED,
     INTERNAL_ERROR,
+    REVOKED,
     GATEWAY_SHUTDOWN,
     GATEWAY_RESTART,
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import socket
 import statistics
@@ -20,11 +21,13 @@ from typing import Any
 
 import pytest
 
+from edge.passwords import read_entries, write_entries
 from gateway.dev.kafka import KafkaState
 from tests.harness import (
     REPO,
     GatewayProcess,
     ReadRecord,
+    device_credentials,
     eventually,
     kafka_tls,
     read_topics,
@@ -84,8 +87,10 @@ class RawDevice:
         self.sock: socket.socket | None = None
 
     def connect(self) -> RawDevice:
+        username, password = device_credentials(self.port, self.client_id)
+        options = {"username": username, "password": password, **self.connect_args}
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        sock.sendall(connect_packet(self.client_id, **self.connect_args))
+        sock.sendall(connect_packet(self.client_id, **options))
         connack = b""
         while len(connack) < 4:
             chunk = sock.recv(4 - len(connack))
@@ -112,8 +117,9 @@ _KILLED_DEVICE = textwrap.dedent(
     """
     import sys, time
     import paho.mqtt.client as mqtt
-    port, device = int(sys.argv[1]), sys.argv[2]
+    port, device, username, password = int(sys.argv[1]), *sys.argv[2:5]
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=device)
+    client.username_pw_set(username, password)
     client.will_set(f"d/{device}/up/event", b"will-of-" + device.encode(), qos=1)
     client.connect("127.0.0.1", port, keepalive=60)
     client.loop_start()
@@ -136,8 +142,9 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
 
 def spawn_killable_device(port: int, device: str, cleanup: list[Callable[[], None]]) -> Any:
     """A paho device in its own process, connected with a will; SIGKILL it to "kill" it."""
+    credentials = device_credentials(port, device)
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_DEVICE, str(port), device],
+        [sys.executable, "-c", _KILLED_DEVICE, str(port), device, *credentials],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
@@ -267,7 +274,7 @@ async def test_connect_disconnect_reasons_wills_and_heartbeat(
     assert b"will-of-dev-clean" not in will_values
     assert connected["session"]["clean_session"] is True
     assert connected["session"]["keep_alive_s"] == 60
-    assert connected["session"]["auth_method"] == "anonymous"
+    assert connected["session"]["auth_method"] == "password"
     assert connected["session"]["tls"] is False
     assert connected["session"]["peer"].startswith("127.0.0.1:")
     assert connected["gateway_id"] == "gw-test"
@@ -344,7 +351,8 @@ async def test_gateway_crash_and_shutdown_are_reported_for_connected_devices(
 ) -> None:
     """kill -9 leaves devices "connected" in the registry: the next start reports them
     disconnected (gateway_restart). SIGTERM reports gateway_shutdown, and the shutdown sends
-    those events before it stops the forwarder (no gateway runs afterwards to send them)."""
+    those events before it stops the forwarder (no gateway runs afterwards to send them). A
+    device whose password is revoked by a reload (SIGHUP) ends as ``revoked``, without will."""
     topics = {"event": kafka_topic_factory("events"), "lifecycle": kafka_topic_factory("lc")}
     config = lifecycle_config(tmp_path, kafka, topics, "heartbeat_period_s = 60\n")
     with running_gateway(config) as gateway:
@@ -361,9 +369,20 @@ async def test_gateway_crash_and_shutdown_are_reported_for_connected_devices(
     with running_gateway(config) as gateway:
         assert registry(gateway)["dev-crash"]["connected"] is False
         device = RawDevice(gateway.mqtt_port, "dev-stay")
-        cleanup.append(device.close)
-        device.connect()
-        gateway.wait_status(lambda s: s["lifecycle"]["connected_devices"] == 1, 10, "connected")
+        revoked = RawDevice(gateway.mqtt_port, "dev-revoked", will=("d/dev-revoked/up/event", b"r"))
+        for each in (device, revoked):
+            cleanup.append(each.close)
+            each.connect()
+        gateway.wait_status(lambda s: s["lifecycle"]["connected_devices"] == 2, 10, "connected")
+        # Revoke dev-revoked's password and reload (SIGHUP): it is disconnected, no will.
+        passwords = config.parent / "devices.passwd"
+        entries = read_entries(passwords)
+        del entries["dev-revoked"]
+        write_entries(passwords, entries)
+        os.kill(gateway.runtime["pid"], signal.SIGHUP)
+        gateway.wait_status(
+            lambda s: s["lifecycle"]["disconnect_reasons"].get("revoked") == 1, 30, "revoked"
+        )
         assert gateway.terminate(timeout=20) < 15
         assert "stay buffered for the next start" not in gateway.log()
     # The gateway is gone: whatever is in Kafka now was sent by the runs above.
@@ -379,3 +398,7 @@ async def test_gateway_crash_and_shutdown_are_reported_for_connected_devices(
     assert stay[1]["reason"] == "gateway_shutdown"
     assert stay[1]["abnormal"] is False
     assert stay[1]["will_published"] is False
+    gone = device_events(records, "dev-revoked")[-1]
+    assert (gone["reason"], gone["abnormal"], gone["will_published"]) == ("revoked", True, False)
+    wills = await read_topics(kafka.bootstrap, kafka_tls(kafka), [topics["event"]])
+    assert wills == []  # no will of any of these devices was due
