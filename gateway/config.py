@@ -95,8 +95,10 @@ class GatewayIdentity(_Model):
     shutdown_deadline_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     """SIGTERM: the gateway exits within this many seconds, even when Kafka is down."""
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
-    """``auto``: uvloop when installed (it is a dependency on Linux and macOS), else asyncio's
-    own loop. uvloop lowers the CPU every socket wake-up costs (docs/benchmarks.md)."""
+    """``auto``: uvloop when installed (a dependency on Linux and macOS) and no broker
+    listener has ``tls = true``, else asyncio's own loop. uvloop lowers the CPU each socket
+    wake-up costs; TLS listeners upgrade accepted sockets with ``start_tls``, which under
+    uvloop 0.23 lost the device's first TLS bytes and hung the handshake."""
 
 
 class ListenerConfig(_Model):
