@@ -117,16 +117,22 @@ def run(
         await gateway.run()
 
     try:
-        with _runner(cfg.gateway.event_loop) as runner:
+        tls = any(listener.tls for listener in cfg.broker.listeners)
+        with _runner(cfg.gateway.event_loop, tls_listeners=tls) as runner:
             runner.run(main())
     except TidegateError as exc:
         raise _fail(str(exc), code=1) from None
 
 
-def _runner(choice: str) -> asyncio.Runner:
+def _runner(choice: str, *, tls_listeners: bool) -> asyncio.Runner:
     """An asyncio runner on the configured event loop (gateway.event_loop)."""
-    if choice == "asyncio":
+    if choice == "asyncio" or (choice == "auto" and tls_listeners):
         return asyncio.Runner()
+    if tls_listeners:
+        raise _fail(
+            "gateway.event_loop = 'uvloop' cannot serve TLS listeners (their start_tls upgrade"
+            " hangs under uvloop); use 'auto' or 'asyncio'"
+        )
     try:
         import uvloop
     except ImportError:

@@ -45,6 +45,7 @@ __all__ = [
     "KafkaConfig",
     "KafkaSaslConfig",
     "KafkaTlsConfig",
+    "LifecycleConfig",
     "ListenerConfig",
     "RevocationConfig",
     "RoutingConfig",
@@ -95,8 +96,10 @@ class GatewayIdentity(_Model):
     shutdown_deadline_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     """SIGTERM: the gateway exits within this many seconds, even when Kafka is down."""
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
-    """``auto``: uvloop when installed (it is a dependency on Linux and macOS), else asyncio's
-    own loop. uvloop lowers the CPU every socket wake-up costs (docs/benchmarks.md)."""
+    """``auto``: uvloop when installed (a dependency on Linux and macOS) and no broker
+    listener has ``tls = true``, else asyncio's own loop. uvloop lowers the CPU each socket
+    wake-up costs; TLS listeners upgrade accepted sockets with ``start_tls``, which under
+    uvloop 0.23 lost the device's first TLS bytes and hung the handshake."""
 
 
 class ListenerConfig(_Model):
@@ -565,6 +568,33 @@ class FirmwareConfig(_Model):
         return value
 
 
+class LifecycleConfig(_Model):
+    """Device connect/disconnect events and the gateway heartbeat to Kafka
+    (docs/lifecycle.md). Absent section: off."""
+
+    enabled: bool = True
+    """Record lifecycle events and heartbeats (false keeps the section but turns them off)."""
+    topic: Annotated[str, Field(pattern=_TOPIC)] = "iot.lifecycle"
+    """Kafka topic for connected/disconnected events (key = device id); ``{tenant}`` is the
+    device's tenant (required with ``tenants.mode = "topic"``)."""
+    heartbeat_topic: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = None
+    """Kafka topic for heartbeats (key = gateway id; a heartbeat belongs to the gateway, not
+    to a tenant); None: the events' ``topic``, which then must not contain ``{tenant}``."""
+    heartbeat_period_s: Annotated[float, Field(ge=0.1, le=86_400)] = 30.0
+    """Seconds between heartbeats."""
+    heartbeat_ttl_s: Annotated[float | None, Field(gt=0)] = 300.0
+    """A heartbeat not yet in Kafka after this long is dropped (recorded in the drop
+    ledger): a backlog of stale heartbeats tells the cloud nothing. None: keep them."""
+    priority: Annotated[int, Field(ge=0, le=9)] = 9
+    """Forwarding priority of events and heartbeats (tiny; highest by default)."""
+
+    @model_validator(mode="after")
+    def _gateway_heartbeat_topic(self) -> LifecycleConfig:
+        if "{tenant}" in self.topic and self.heartbeat_topic is None:
+            raise ValueError("topic has {tenant}: set heartbeat_topic (heartbeats have no tenant)")
+        return self
+
+
 class TenantsConfig(_Model):
     """Tenants (docs/security.md): devices belong to a tenant by device-id patterns; a
     tenant's uplink goes to its own topics or carries a ``tg-tenant`` header, its commands
@@ -624,6 +654,8 @@ class GatewayConfig(_Model):
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
     firmware: FirmwareConfig | None = None
     """Firmware releases and rollouts; None (no ``[firmware]`` section) turns them off."""
+    lifecycle: LifecycleConfig | None = None
+    """Device lifecycle events and heartbeats; None (no ``[lifecycle]`` section): off."""
     tenants: TenantsConfig | None = None
     """Tenants; None (no ``[tenants]`` section): one implicit tenant, no ``{tenant}``."""
 
@@ -644,6 +676,8 @@ class GatewayConfig(_Model):
         if self.commands is not None:
             topics["commands.topic"] = self.commands.topic
             topics["commands.results_topic"] = self.commands.results_topic
+        if self.lifecycle is not None:
+            topics["lifecycle.topic"] = self.lifecycle.topic
         acl = self.broker.acl
         rules = {
             f"broker.acl.{kind}": rule
