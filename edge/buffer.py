@@ -42,6 +42,7 @@ from edge.buffer_commit import GroupCommitter
 from edge.buffer_core import in_transaction
 from edge.buffer_crypto import OVERHEAD, load_keyring, prepare_file, reencrypt
 from edge.buffer_dead import DeadLetterStore
+from edge.buffer_ops import BufferOps
 from edge.buffer_types import (
     BufferStats,
     DeadLetter,
@@ -70,12 +71,13 @@ __all__ = [
 ]
 
 
-class Buffer(GroupCommitter, DeadLetterStore):
+class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
     """The gateway's only writer of the buffer file. Use as ``async with Buffer(...)``.
 
     Parts: :class:`~edge.buffer_core.BufferCore` (connection, lock, counters),
     :class:`~edge.buffer_commit.GroupCommitter` (ingest commits and policies) and
-    :class:`~edge.buffer_dead.DeadLetterStore` (expiry, dead letters, drop ledger).
+    :class:`~edge.buffer_dead.DeadLetterStore` (expiry, dead letters, drop ledger) and
+    :class:`~edge.buffer_ops.BufferOps` (the operator's purge).
     """
 
     on_unclean_devices: Callable[[list[str]], None] | None = None

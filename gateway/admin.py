@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.buffer_admin import add_buffer_routes
+
 __all__ = ["TOKEN_FILE", "AdminApi", "AdminServer", "read_token", "write_token"]
 
 TOKEN_FILE = "admin.token"
@@ -82,6 +84,7 @@ class AdminServer:
         app.router.add_post("/dead-letters/replay", self._guard(self._replay))
         app.router.add_post("/dead-letters/purge", self._guard(self._purge))
         app.router.add_get("/drops", self._guard(self._drops))
+        add_buffer_routes(app, self._api, self._guard)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +23,7 @@ import typer
 from device_sim.chaos_cli import chaos as chaos_command
 from device_sim.cli import sim as sim_command
 from device_sim.cli import verify as verify_command
+from gateway.buffer_cli import buffer_app
 from gateway.commands_cli import cmd_app
 from gateway.config import load_config
 from gateway.dev.cli import certs_app, dev_app
@@ -45,6 +47,7 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(devices_app, name="devices")
 app.add_typer(fw_app, name="fw")
+app.add_typer(buffer_app, name="buffer")
 app.command("sim")(sim_command)
 app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)
@@ -85,16 +88,18 @@ def check_config(
 @app.command("run")
 def run(
     config: ConfigOption = Path("configs/dev.toml"),
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="DEBUG, INFO, WARNING, ERROR (default: [logging] level)"),
+    ] = None,
 ) -> None:
     """Run the gateway in the foreground until SIGTERM or Ctrl-C."""
-    level = logging.getLevelName(log_level.upper())
-    if not isinstance(level, int):
+    if log_level is not None and log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise _fail(f"--log-level: unknown level {log_level!r}")
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
     cfg = _load(config)
+    from gateway.logging_setup import configure_logging
+
+    configure_logging(cfg.logging, None if log_level is None else log_level.upper())
     # Imported here so `check-config` and `status` stay fast and light.
     from gateway.app import Gateway
 
@@ -152,25 +157,42 @@ def _hard_exit() -> None:
 def status(
     config: ConfigOption = Path("configs/dev.toml"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+    sample: Annotated[
+        float,
+        typer.Option(min=0, max=60, help="Seconds between two samples for the drain estimate."),
+    ] = 1.0,
 ) -> None:
-    """Show a running gateway's listeners, buffer depth, oldest row age and Kafka state."""
+    """Show a running gateway's health, buffer (depth, age, drain estimate), drops, Kafka
+    and breaker state, devices, commands and firmware."""
     cfg = _load(config)
     from gateway.app import read_runtime
 
     runtime = read_runtime(cfg.gateway.data_dir)
     admin = (runtime or {}).get("admin") or {"host": cfg.admin.host, "port": cfg.admin.port}
     url = f"http://{admin['host']}:{admin['port']}/status"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # loopback admin API
-            data = json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise _fail(f"no running gateway answers at {url}: {exc}", code=1) from None
+
+    def fetch() -> Any:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:  # loopback admin API
+                return json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise _fail(f"no running gateway answers at {url}: {exc}", code=1) from None
+
+    data = fetch()
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    from gateway.status_view import render_status
+    from gateway.status_view import drain_estimate, render_status
 
-    render_status(data)
+    drain = None
+    if sample > 0 and data["buffer"]["rows"]:
+        started = time.monotonic()
+        time.sleep(sample)  # a rate needs two samples
+        later = fetch()
+        drain = drain_estimate(data, later, time.monotonic() - started)
+        data = later
+    limits = {"max_rows": cfg.buffer.max_rows, "max_bytes": cfg.buffer.max_bytes}
+    render_status(data, drain=drain, limits=limits)
 
 
 def _admin_call(cfg: Any, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -32,6 +32,7 @@ from gateway.errors import ConfigError
 __all__ = [
     "AclConfig",
     "AdminConfig",
+    "LoggingConfig",
     "AuditConfig",
     "BrokerConfig",
     "BufferConfig",
@@ -640,6 +641,22 @@ class AdminConfig(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 8181
 
 
+class LoggingConfig(_Model):
+    """Logs on stderr (docs/operations-cli.md). ``tidegate run --log-level`` overrides
+    ``level``; SIGHUP re-reads ``level``."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Least severe level written."""
+    format: Literal["text", "json"] = "text"
+    """``text``: one readable line per record; ``json``: one JSON object per line (ts, level,
+    logger, message and structured extras such as device_id, msg_id, correlation_id)."""
+    rate_limit_burst: Annotated[int, Field(ge=0)] = 10
+    """Records of the same logger, level and message template let through per interval; the
+    rest are counted and reported once the interval ends. 0 turns rate limiting off."""
+    rate_limit_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    """Length of a rate-limiting interval."""
+
+
 class GatewayConfig(_Model):
     """A whole gateway."""
 
@@ -658,6 +675,7 @@ class GatewayConfig(_Model):
     """Device lifecycle events and heartbeats; None (no ``[lifecycle]`` section): off."""
     tenants: TenantsConfig | None = None
     """Tenants; None (no ``[tenants]`` section): one implicit tenant, no ``{tenant}``."""
+    logging: LoggingConfig = LoggingConfig()
 
     @field_validator("classes")
     @classmethod

@@ -7,10 +7,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["render_status"]
+__all__ = ["drain_estimate", "fmt_bytes", "health_summary", "render_status"]
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -19,13 +19,83 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def render_status(data: dict[str, Any], console: Console | None = None) -> None:
-    """Print a gateway status document as a compact table."""
+def drain_estimate(before: dict[str, Any], after: dict[str, Any], seconds: float) -> str:
+    """How long until the buffer is empty, from two ``/status`` samples ``seconds`` apart
+    (net of what arrives meanwhile). Pure."""
+    rows = int(after["buffer"]["rows"])
+    if rows == 0:
+        return "empty"
+    if seconds <= 0:
+        return "-"
+    forwarded = after["kafka"]["forwarded"] - before["kafka"]["forwarded"]
+    net = (before["buffer"]["rows"] - rows) / seconds
+    rate = f"forwarding {forwarded / seconds:.0f} msg/s"
+    if net <= 0:
+        return f"not draining ({rate}, ingest keeps up or exceeds it)"
+    eta = rows / net
+    text = (
+        f"{eta:.0f} s"
+        if eta < 120
+        else f"{eta / 60:.1f} min"
+        if eta < 7200
+        else f"{eta / 3600:.1f} h"
+    )
+    return f"~{text} ({rate}, net -{net:.0f} rows/s)"
+
+
+def health_summary(data: dict[str, Any]) -> tuple[str, list[str]]:
+    """``OK`` / ``DEGRADED`` and why, from a status document. Pure."""
+    buffer, kafka = data["buffer"], data["kafka"]
+    problems = []
+    if not kafka["connected"]:
+        problems.append("Kafka not connected")
+    breaker = kafka.get("breaker") or {}
+    if breaker.get("state", "closed") != "closed":
+        problems.append(f"circuit breaker {breaker['state']}")
+    if buffer.get("full"):
+        problems.append("buffer full")
+    if buffer.get("disk_full"):
+        problems.append("disk full")
+    elif buffer.get("low_disk"):
+        problems.append("disk low")
+    if buffer.get("commit_failures"):
+        problems.append(f"{buffer['commit_failures']} buffer commit failures")
+    return ("DEGRADED" if problems else "OK"), problems
+
+
+def _limits(buffer: dict[str, Any], limits: dict[str, int] | None) -> str:
+    if not limits:
+        return ""
+    rows = 100 * buffer["rows"] / max(1, limits["max_rows"])
+    size = 100 * buffer.get("used_bytes", 0) / max(1, limits["max_bytes"])
+    return f" ({rows:.0f}% of {limits['max_rows']} rows, file {size:.0f}% of " + (
+        f"{fmt_bytes(limits['max_bytes'])})"
+    )
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
+
+
+def render_status(
+    data: dict[str, Any],
+    console: Console | None = None,
+    *,
+    drain: str | None = None,
+    limits: dict[str, int] | None = None,
+) -> None:
+    """Print a gateway status document as a compact table (``drain``: a
+    :func:`drain_estimate`; ``limits``: the buffer's max_rows and max_bytes)."""
     console = console or Console()
     buffer, kafka = data["buffer"], data["kafka"]
     table = Table(title=f"tidegate {data['gateway_id']}", show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
+    verdict, problems = health_summary(data)
+    table.add_row(
+        "health",
+        "[green]OK[/green]" if verdict == "OK" else f"[red]DEGRADED[/red]: {'; '.join(problems)}",
+    )
     table.add_row("uptime", f"{data['uptime_s']} s")
     table.add_row("listeners", ", ".join(f"{k} {v}" for k, v in data["listeners"].items()))
     security = data.get("security")
@@ -49,11 +119,15 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             table.add_row("last reload", f"{last['age_s']} s ago ({last['trigger']}): {outcome}")
     table.add_row(
         "buffer",
-        f"{buffer['rows']} rows, {_fmt_bytes(buffer['payload_bytes'])}"
+        f"{buffer['rows']} rows, {fmt_bytes(buffer['payload_bytes'])}"
+        + _limits(buffer, limits)
         + (" [red]FULL: acknowledgements withheld[/red]" if buffer["full"] else ""),
     )
     age = buffer["oldest_age_s"]
     table.add_row("oldest row", "-" if age is None else f"{age} s old")
+    if drain is not None:
+        table.add_row("drain", drain)
+    table.add_row("drops", _counts(buffer.get("dropped", {})))
     table.add_row(
         "durability",
         f"journal {buffer['journal_mode']}, synchronous {buffer['synchronous']}, "
@@ -90,6 +164,13 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             f"to {lifecycle['topic']}; dropped: {dropped['events']} events, "
             f"{dropped['heartbeats']} heartbeats",
         )
+    for section in ("commands", "firmware"):
+        facts = data.get(section)
+        if facts:
+            table.add_row(
+                section,
+                ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items() if v is not None),
+            )
     if kafka["last_error"]:
         table.add_row("last error", f"{kafka['last_error']} ({kafka['last_error_age_s']} s ago)")
     console.print(table)
