@@ -45,6 +45,7 @@ from gateway.security_setup import (
     tenant_map,
     tenant_shares,
 )
+from gateway.shutdown import drain, drain_budget
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
 
@@ -203,6 +204,12 @@ class Gateway:
                         if heartbeat is not None and self.lifecycle is not None:
                             heartbeat.cancel()
                             await self.lifecycle.flush(deadline=min(2.0, deadline / 4))
+                        if self._stop.is_set():  # a requested stop: hand Kafka what it takes
+                            await drain(
+                                lambda: self.buffer.stats.rows,
+                                lambda: self.forwarder.status.forwarded,
+                                drain_budget(deadline),
+                            )
                         forwarder.cancel()
                         if commands is not None and self.commands is not None:
                             commands.cancel()
