@@ -26,7 +26,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bridge.breaker import BreakerPolicy, BreakerState, CircuitBreaker
@@ -437,6 +437,10 @@ class Forwarder:
         self.status.kafka_connected = self._producer.connected and not stuck
         self.status.last_error = message
         self.status.last_error_at = time.time()
+
+    def update_routes(self, class_topics: Mapping[str, str]) -> None:
+        """New Kafka topics for these classes (a reload): applies to the next batch built."""
+        self._builder.update_topics(class_topics)
 
     async def close(self, deadline: float) -> None:
         """Stop the producer within ``deadline`` (aiokafka's stop can hang while Kafka is down)."""

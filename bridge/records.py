@@ -99,6 +99,12 @@ class RecordBuilder:
         self._dead_letter_topic = dead_letter_topic
         self._routes: dict[str, _ClassRoute] = {}
 
+    def update_topics(self, class_topics: Mapping[str, str]) -> None:
+        """New topics for these classes (a reload), used from the next record built."""
+        self._class_topics.update(class_topics)
+        for name in class_topics:
+            self._routes.pop(name, None)
+
     @property
     def topics(self) -> set[str]:
         """Every topic this builder can produce to (each tenant's, with tenants)."""

@@ -24,6 +24,7 @@ from edge import buffer_sql as sql
 from edge.buffer_core import BufferCore, in_transaction, used_bytes
 from edge.buffer_crypto import OVERHEAD, Keyring
 from edge.buffer_types import Evicted, StoredMessage, now_ms
+from gateway.config import BufferConfig
 
 __all__ = [
     "PURGE_REASON",
@@ -200,6 +201,13 @@ def _preview(payload: bytes) -> str | None:
 
 class BufferOps(BufferCore):
     """The purge, as part of the buffer (module docstring)."""
+
+    def update_limits(self, config: BufferConfig) -> None:
+        """New bounds (``max_rows``, ``max_bytes``; a reload) for the next commits; a raised
+        bound lets waiting ``block`` writes in at once."""
+        self._config = config
+        self._space_freed.set()
+        self._wakeup.set()
 
     def _trim_drop_ledger(self, db: sqlite3.Connection, added: int) -> None:
         raise NotImplementedError  # GroupCommitter's, earlier in Buffer's MRO

@@ -17,9 +17,10 @@ access turned off, certificate not issued by a CA of a changed CA bundle), each 
 ``device_disconnected``, and subscriptions the new ACL no longer allows are removed
 (``subscription_revoked``). Connections that remain valid are not touched.
 
-Other config changes (listeners' addresses, buffer, Kafka, classes ...) are not applied:
-the reload says which fields need a restart. This module is where later reloadable settings
-(routes, limits, log level) belong.
+Routes (``classes.*.kafka_topic``), limits (``buffer.max_rows``, ``buffer.max_bytes``) and
+``logging.level`` apply too (gateway/runtime_reload.py). Other config changes (listeners'
+addresses, Kafka, a class's policy ...) are not applied: the reload says which fields need
+a restart.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from edge.revocation import (
 )
 from gateway.config import BrokerConfig, GatewayConfig, ListenerConfig, load_config
 from gateway.errors import TidegateError
+from gateway.runtime_reload import RuntimeChanges, apply_runtime, split_changes
 from gateway.security_setup import broker_security, listener_tls_contexts, revocation
 
 __all__ = ["ReloadPlan", "ReloadResult", "SecurityReloader", "merge_config", "plan_reload"]
@@ -95,9 +97,10 @@ def _listener_key(listener: ListenerConfig) -> tuple[str, str, int, bool]:
 def merge_config(old: GatewayConfig, new: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
     """``old`` with the reloadable security settings of ``new``, and the dotted paths of
     other changes (which need a restart). Pure."""
-    restart: list[str] = []
+    # Outside [broker]: routes, limits and the log level apply, the rest needs a restart.
+    runtime = split_changes(old, new)
+    restart = list(runtime.restart_needed)
     old_dump, new_dump = old.model_dump(), new.model_dump()
-    restart += [key for key in old_dump if key != "broker" and old_dump[key] != new_dump[key]]
     old_broker, new_broker = old_dump["broker"], new_dump["broker"]
     restart += [
         f"broker.{key}"
@@ -123,7 +126,7 @@ def merge_config(old: GatewayConfig, new: GatewayConfig) -> tuple[GatewayConfig,
             "listeners": listeners,
         }
     )
-    return old.model_copy(update={"broker": broker}), restart
+    return runtime.config.model_copy(update={"broker": broker}), restart
 
 
 def _changed(old: BrokerConfig, new: BrokerConfig) -> list[str]:
@@ -153,6 +156,8 @@ class ReloadPlan:
     security: Security
     cas: list[x509.Certificate]
     """The CA certificates of every TLS listener."""
+    runtime_changed: list[str] = field(default_factory=list)
+    """Routes, limits, log level that changed (gateway/runtime_reload.py)."""
 
 
 def trusted_cas(config: GatewayConfig) -> list[x509.Certificate]:
@@ -180,7 +185,10 @@ def plan_reload(current: GatewayConfig, config_path: Path | None, audit: Any) ->
     tls = listener_tls_contexts(merged)
     security = dataclasses.replace(broker_security(merged), audit=audit)
     cas = trusted_cas(merged)
-    return ReloadPlan(merged, restart, passwords, revocation(merged), tls, security, cas)
+    runtime_changed = split_changes(current, new).changed
+    return ReloadPlan(
+        merged, restart, passwords, revocation(merged), tls, security, cas, runtime_changed
+    )
 
 
 class SecurityReloader:
@@ -227,6 +235,8 @@ class SecurityReloader:
         broker.replace_tls_contexts(plan.tls)
         broker.replace_security(plan.security)
         target.config = plan.config
+        apply_runtime(target, RuntimeChanges(plan.config, plan.runtime_changed))
+        changed += plan.runtime_changed
         entries: Mapping[str, str] | None = (
             None if plan.passwords is None else plan.passwords.entries()
         )
