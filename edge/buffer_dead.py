@@ -82,7 +82,13 @@ class DeadLetterStore(BufferCore):
         for message in messages:
             self._count_rows(message.class_name, -1, len(message.payload), message.device_id)
         self.stats.dead_letters += len(messages)
-        log.warning("%d messages moved to dead letters: %s", len(messages), reason)
+        first = messages[0]  # structured fields for JSON logs (gateway/logging_setup.py)
+        log.warning(
+            "%d messages moved to dead letters: %s",
+            len(messages),
+            reason,
+            extra={"device_id": first.device_id, "msg_id": first.msg_id, "row_id": first.row_id},
+        )
         await self._after_removal()
 
     async def lease_dead_letters(self, limit: int) -> list[DeadLetter]:

@@ -96,6 +96,7 @@ class Intake:
                 publish.device_id,
                 publish.topic,
                 route.reason,
+                extra={"device_id": publish.device_id},
             )
         envelope = _envelope_fields(publish.payload)
         msg_id = envelope[0] if envelope else None
