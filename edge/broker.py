@@ -71,6 +71,7 @@ from edge.broker_state import BrokerStats, EdgeContext, Security, SubscriptionIn
 from edge.device_auth import AuthDecision, DeviceAuthenticator, peer_certificate_cn
 from edge.ingest import IngestSink, SessionObserver
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
+from edge.session_state import slim_session
 from gateway.errors import TidegateError
 
 __all__ = ["DEFAULT_MAX_PACKET_SIZE", "EdgeBroker", "EdgeBrokerError"]
@@ -257,6 +258,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if decision is not None:
             # amqtt's session monitor drops disconnected anonymous sessions at once.
             session.is_anonymous = decision.anonymous
+        slim_session(session)  # ~14 KB less per connection (edge/session_state.py)
         handler = EdgeProtocolHandler(self.plugins_manager, loop=self._loop, edge=self.edge)
         return handler, session
 

@@ -32,6 +32,7 @@ from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
+from gateway.limits import raise_fd_limit
 from gateway.security_setup import broker_security, listener_tls_contexts
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
@@ -110,6 +111,7 @@ class Gateway:
         data_dir = self.config.gateway.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(data_dir)
+        raise_fd_limit()  # one descriptor per device: 10,000 devices need more than 1,024
         self.admin.token = write_token(data_dir)
         try:
             async with self.buffer:

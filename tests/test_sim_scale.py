@@ -251,3 +251,53 @@ def test_source_addresses_spread_and_established_count() -> None:
     assert len(addresses) == 10_000
     assert all(a.startswith("127.") and not a.endswith((".0", ".255")) for a in addresses)
     assert count_established(1) == 0  # nothing listens on port 1
+
+
+# ------------------------------------------------------------------ gateway side
+
+
+def test_slim_session_states_match_amqtt_machine() -> None:
+    """edge.session_state replaces amqtt's per-session transitions.Machine: same table,
+    same enter callbacks (reflexive included), same MachineError."""
+    from amqtt.session import Session
+    from transitions import MachineError
+
+    from edge.session_state import SessionStates, slim_session
+
+    sequences = [
+        ["connect", "disconnect", "connect", "disconnect", "disconnect"],
+        ["disconnect", "connect", "connect"],
+        ["connect", "connect"],
+        ["disconnect", "disconnect", "connect"],
+    ]
+    for steps in sequences:
+        outcomes = []
+        for slim in (False, True):
+            session = Session()
+            if slim:
+                slim_session(session)
+                assert isinstance(session.transitions, SessionStates)
+            seen: list[tuple[str, str, Any]] = []
+            for step in steps:
+                try:
+                    getattr(session.transitions, step)()
+                    seen.append(
+                        (step, session.transitions.state, session.last_disconnect_time is None)
+                    )
+                except MachineError:
+                    seen.append((step, "error", None))
+            outcomes.append((seen, session.transitions.is_connected()))
+        assert outcomes[0] == outcomes[1], steps
+
+
+def test_gateway_raises_its_open_file_limit() -> None:
+    from gateway.limits import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        now = raise_fd_limit()
+        assert now == (65_536 if hard == resource.RLIM_INFINITY else min(65_536, hard))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
