@@ -301,3 +301,29 @@ def test_gateway_raises_its_open_file_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_lazy_queue_behaves_like_asyncio_queue() -> None:
+    import asyncio
+
+    from edge.session_state import LazyQueue
+
+    queue: LazyQueue[int] = LazyQueue(2)
+    assert "_getters" not in queue.__dict__  # nothing built yet
+    assert queue.empty()
+    waiter = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    await queue.put(1)
+    assert await waiter == 1
+    queue.put_nowait(2)
+    queue.put_nowait(3)
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(4)
+    for _ in range(2):
+        queue.get_nowait()
+    for _ in range(3):
+        queue.task_done()
+    async with asyncio.timeout(1):
+        await queue.join()
+    async with asyncio.timeout(1):
+        await LazyQueue[int]().join()  # never used: join returns at once
