@@ -60,6 +60,10 @@ class Sample:
     gateway_rss_mb: float
     gateway_cpu_s: float
     sim_rss_mb: float
+    sim_cpu_s: float = 0.0
+    """CPU seconds of the simulator and its workers so far."""
+    load_1m: float = 0.0
+    """The machine's 1-minute load average (other work shares the cores)."""
 
 
 def cheap_password_entries(ids: list[str], password: str, scrypt_n: int) -> str:
@@ -102,6 +106,16 @@ def _descendants(pid: int) -> list[int]:
             except OSError:
                 continue
     return out
+
+
+def _tree_cpu_s(pid: int) -> float:
+    total = 0.0
+    for p in _descendants(pid):
+        try:
+            total += cpu_sample(p).total_s
+        except OSError:
+            continue
+    return total
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -157,11 +171,12 @@ def _plateaus(samples: list[Sample], levels: list[int]) -> dict[str, Any]:
     return out
 
 
-def _cpu_share(samples: list[Sample], start_s: float, end_s: float) -> float | None:
+def _share(samples: list[Sample], field: str, start_s: float, end_s: float) -> float | None:
+    """CPU of ``field`` over [start_s, end_s] in % of one core."""
     window = [s for s in samples if start_s <= s.t_s <= end_s]
     if len(window) < 2 or window[-1].t_s <= window[0].t_s:
         return None
-    used = window[-1].gateway_cpu_s - window[0].gateway_cpu_s
+    used: float = getattr(window[-1], field) - getattr(window[0], field)
     return round(100 * used / (window[-1].t_s - window[0].t_s), 1)
 
 
@@ -217,6 +232,8 @@ def run(args: argparse.Namespace, root: Path, kafka: KafkaState) -> dict[str, An
                     gateway_rss_mb=rss_mb(gateway.pid)[0],
                     gateway_cpu_s=cpu_sample(gateway.pid).total_s,
                     sim_rss_mb=_tree_rss_mb(sim.pid),
+                    sim_cpu_s=_tree_cpu_s(sim.pid),
+                    load_1m=os.getloadavg()[0],
                 )
             )
             time.sleep(1.0)  # sampling period; the loop is bounded by the deadline
@@ -284,12 +301,16 @@ def _result(  # noqa: PLR0917 (one call site, all facts of one run)
         "gateway_idle_rss_mb": round(idle_rss, 1),
         "gateway_rss_by_connected": _plateaus(samples, levels),
         "gateway_peak_rss_mb": round(peak_gateway, 1),
-        "gateway_cpu_pct_connecting": _cpu_share(samples, 0.0, all_connected_at or 0.0),
-        "gateway_cpu_pct_holding": _cpu_share(
-            samples, hold[0].t_s if hold else 0, hold[-1].t_s if hold else 0
+        "gateway_cpu_pct_connecting": _share(
+            samples, "gateway_cpu_s", 0.0, all_connected_at or 0.0
+        ),
+        "gateway_cpu_pct_holding": _share(
+            samples, "gateway_cpu_s", hold[0].t_s if hold else 0, hold[-1].t_s if hold else 0
         ),
         "hold_s": round(hold[-1].t_s - hold[0].t_s, 1) if hold else 0,
         "sim_peak_rss_mb_all_workers": round(max((s.sim_rss_mb for s in samples), default=0), 1),
+        "sim_cpu_pct_connecting": _share(samples, "sim_cpu_s", 0.0, all_connected_at or 0.0),
+        "load_avg_1m_max": round(max((s.load_1m for s in samples), default=0), 1),
         "sim": sim,
         "verify": verdict,
         "samples": [asdict(s) for s in samples],
@@ -313,6 +334,8 @@ def markdown(result: dict[str, Any]) -> str:
         (f"gateway CPU holding {result['devices']:,} (~1 msg/min each, {result['hold_s']} s)",
          f"{result['gateway_cpu_pct_holding']} %"),
         ("simulator RSS, all workers", f"{result['sim_peak_rss_mb_all_workers']} MB"),
+        ("simulator CPU while connecting", f"{result['sim_cpu_pct_connecting']} %"),
+        ("machine load average (1 min, max)", f"{result['load_avg_1m_max']}"),
     ]  # fmt: skip
     if result["verify"] is not None:
         rows.append(

@@ -53,6 +53,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -84,6 +85,8 @@ DEFAULT_MAX_PACKET_SIZE: Final = 1 << 20
 _ANONYMOUS_AUTH_PLUGIN: Final = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 _CLOSE_TIMEOUT_S: Final = 1.0
 _CONNECTION_DRAIN_TIMEOUT_S: Final = 5.0
+_ACCEPT_BACKLOG: Final = 4096
+"""listen() backlog of TCP listeners (the kernel caps it at net.core.somaxconn)."""
 
 
 class EdgeBrokerError(TidegateError):
@@ -183,6 +186,17 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # instead of only being logged by asyncio.
         if listener_name in self._tls_contexts:
             ssl_context = None
+        if listener_type == ListenerType.TCP:
+            # amqtt's call with asyncio's default backlog of 100: 10,000 devices connecting
+            # at once overflow it and wait out SYN retransmits (1 s, 3 s, ...).
+            return await asyncio.start_server(
+                partial(self.stream_connected, listener_name=listener_name),
+                address,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
+                backlog=_ACCEPT_BACKLOG,
+            )
         return await super()._create_server_instance(
             listener_name, listener_type, address, port, ssl_context
         )
