@@ -241,11 +241,13 @@ class SimDevice:
                 # No DISCONNECT: the gateway sees the connection die, paho sees EOF.
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
-                await self._lost.wait()
-        await asyncio.sleep(event.seconds)
-        self._offline = False
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._lost.wait()
+            await asyncio.sleep(event.seconds)
+        finally:
+            self._offline = False  # also when the publishing phase ends during the window
 
     def _misbehave(self, kind: str) -> None:
         """One bad message, QoS0 (nothing is promised, nothing goes into the ledger)."""

@@ -42,6 +42,8 @@ class LiveProgress:
         self._total = FleetCounters()
         self._last_line = 0.0
         self._live: Live | None = None
+        self._sharded = False
+        """True once worker snapshots arrive (multi-process run)."""
 
     def __enter__(self) -> LiveProgress:
         if self._console.is_terminal:
@@ -64,6 +66,10 @@ class LiveProgress:
 
     def workers(self, snapshots: dict[int, FleetCounters]) -> None:
         """Per-worker counters (called about once a second)."""
+        self._sharded = True
+        self._update(snapshots)
+
+    def _update(self, snapshots: dict[int, FleetCounters]) -> None:
         now = time.monotonic()
         for index, snap in snapshots.items():
             done = snap.acked or snap.sent
@@ -76,9 +82,9 @@ class LiveProgress:
     def __call__(self, total: FleetCounters) -> None:
         """Merged counters (called about once a second)."""
         self._total = total
-        if not self._workers:
+        if not self._sharded:
             # A single-process run reports only the total: show it as worker 0.
-            self.workers({0: total})
+            self._update({0: total})
         if self._live is not None:
             self._live.update(self._table())
             return

@@ -327,3 +327,29 @@ async def test_lazy_queue_behaves_like_asyncio_queue() -> None:
         await queue.join()
     async with asyncio.timeout(1):
         await LazyQueue[int]().join()  # never used: join returns at once
+
+
+def test_live_progress_lines_and_table() -> None:
+    import io
+
+    from rich.console import Console
+
+    from device_sim.live import LiveProgress
+    from device_sim.stats import FleetCounters
+
+    out = io.StringIO()
+    with LiveProgress(Console(file=out, width=200), line_every_s=0) as live:
+        live(FleetCounters(devices=10, connected=3, sent=5, acked=4))
+        live(FleetCounters(devices=10, connected=10, sent=50, acked=40, sent_garbage=2))
+        lines = out.getvalue().splitlines()
+        assert lines[-1].startswith("connected=10/10 sent=50 acked=40")
+        assert "bad=2" in lines[-1]
+        assert "workers=1" in lines[-1]
+        live.workers({0: FleetCounters(devices=5, connected=5), 1: FleetCounters(devices=5)})
+        live(FleetCounters(devices=10, connected=5))
+        assert out.getvalue().splitlines()[-1].endswith("workers=2")
+        table = Console(file=io.StringIO(), width=200)
+        table.print(live._table())
+        text = table.file.getvalue()  # type: ignore[attr-defined]
+        assert "5/5" in text
+        assert "total" in text
