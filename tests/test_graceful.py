@@ -129,7 +129,7 @@ def test_reload_applies_routes_limits_and_log_level_and_lists_the_rest() -> None
 
 
 @pytest.mark.kafka
-async def test_sighup_changes_a_route_the_buffer_bounds_and_the_log_level(
+async def test_sighup_changes_a_route_and_the_log_level_and_lists_what_needs_a_restart(
     tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Any
 ) -> None:
     first, second = kafka_topic_factory("first"), kafka_topic_factory("second")
