@@ -3,6 +3,7 @@ reloads what can change at runtime."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -56,6 +57,7 @@ async def test_sigterm_under_load_every_acknowledged_message_reaches_kafka(
         tls=_tls(kafka),
         topics={"event": kafka_topic},
         shutdown_deadline_s=deadline,
+        extra='[logging]\nformat = "json"\n',
     )
     devices = [f"term-load-{i:02d}" for i in range(8)]
     gateway = GatewayProcess(config)
@@ -74,11 +76,12 @@ async def test_sigterm_under_load_every_acknowledged_message_reaches_kafka(
         gateway.stop()
     acked = publisher.total_acked()
     assert acked < 8 * 4000, "the fleet finished before SIGTERM: no load at the stop"
-    log = gateway.log()
-    assert "stopping: closing listeners" in log
-    drained = re.search(r"stopping: drained \d+ of \d+ buffered rows.*", log)
-    assert drained, log[-3000:]
-    print(drained.group(0), "acked", acked)
+    # The whole run logged JSON lines ([logging] format = "json").
+    lines = [json.loads(line) for line in gateway.log().splitlines()]
+    messages = [line["message"] for line in lines]
+    assert "stopping: closing listeners" in messages
+    assert any(re.match(r"stopping: drained \d+ of \d+ buffered rows", m) for m in messages)
+    assert {"ts", "level", "logger", "message"} <= set(lines[0])
     with running_gateway(config) as restarted:
         restarted.wait_status(lambda s: s["buffer"]["rows"] == 0, 120, "the buffer to drain")
     records = await read_topics(kafka.bootstrap, _tls(kafka), [kafka_topic], deadline_s=60)
