@@ -67,7 +67,7 @@ PROFILES: dict[str, Profile] = {
     ),
     # Under 10 minutes: 1,000 msg/s from 100 devices, 3 repetitions of short phases.
     "quick": Profile(
-        Params(devices=100, rate_per_device=10, fixed_s=6, saturate_s=5, inflight=20, latency_s=5),
+        Params(devices=100, rate_per_device=10, fixed_s=5, saturate_s=4, inflight=20, latency_s=4),
         reps=3, outage_s=30, outage_devices=100, outage_rate=500,
         drain_rows=100_000, drain_live_devices=50, drain_live_s=10,
     ),
