@@ -15,12 +15,15 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AioKafkaError
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.producer.message_accumulator import BatchBuilder
 
+from bridge.batching import PartitionChooser, PartitionRun, plan_partition_runs
 from bridge.outcomes import classify_error
 from bridge.records import KafkaRecord
 from bridge.tls import build_ssl_context
@@ -53,6 +56,7 @@ class KafkaProducerHandle:
         self._transactional_id = transactional_id
         self._producer: AIOKafkaProducer | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._chooser = PartitionChooser()
         self.rebuilds = 0
         self.generation = 0
         """Incremented for every producer started (exactly-once recovery runs per producer)."""
@@ -137,25 +141,16 @@ class KafkaProducerHandle:
         deadline = self._config.send_deadline_s
         if self._transactional_id is not None:
             raise RuntimeError("a transactional producer sends with send_transaction()")
-        futures: list[asyncio.Future[object] | None] = []
+        futures: list[asyncio.Future[object] | None] = [None] * len(records)
         early: dict[int, BaseException] = {}
         try:
             async with asyncio.timeout(deadline):
-                for index, record in enumerate(records):
-                    try:
-                        futures.append(
-                            await producer.send(
-                                record.topic, record.value, key=record.key, headers=record.headers
-                            )
-                        )
-                    except AioKafkaError as exc:
-                        # Not enqueued. A record that can never go is skipped (the forwarder
-                        # dead-letters it); anything else stops the batch here, in order.
-                        futures.append(None)
-                        early[index] = exc
-                        verdict = classify_error(exc)
-                        if verdict.dead_reason is None and not verdict.size_suspect:
-                            break
+                partitions_of: dict[str, Collection[int]] = {}
+                for topic in {record.topic for record in records}:
+                    partitions_of[topic] = await producer.partitions_for(topic)
+                for run in plan_partition_runs(records, partitions_of, self._chooser):
+                    if not await self._send_run(producer, run, records, futures, early):
+                        break
         except TimeoutError:
             self.discard("enqueueing a batch missed its deadline")
             return self._outcome(futures, len(records), stuck=True, early=early)
@@ -173,6 +168,49 @@ class KafkaProducerHandle:
                 # (new producer id) starts clean; rows are resent only if not acked.
                 self.discard(f"a batch failed at the broker ({failed!r})")
         return self._outcome(futures, len(records), stuck=False, early=early)
+
+    async def _send_run(
+        self,
+        producer: AIOKafkaProducer,
+        run: PartitionRun,
+        records: Sequence[KafkaRecord],
+        futures: list[asyncio.Future[object] | None],
+        early: dict[int, BaseException],
+    ) -> bool:
+        """Enqueue one partition's records as record batches (``send_batch``); a record's
+        future is its batch's. False when the whole send must stop here (in order): an
+        enqueue failure that is neither a poison record nor a size problem."""
+        batches: list[tuple[BatchBuilder, list[int]]] = []
+        builder: BatchBuilder = producer.create_batch()
+        members: list[int] = []
+        for index in run.indices:
+            record = records[index]
+            fields = {"key": record.key, "value": record.value, "headers": record.headers}
+            if builder.append(timestamp=None, **fields) is None:  # full: start the next
+                if members:
+                    batches.append((builder, members))
+                    builder, members = producer.create_batch(), []
+                if builder.append(timestamp=None, **fields) is None:
+                    early[index] = MessageSizeTooLargeError(
+                        f"a record of {len(record.value)} bytes does not fit an empty batch"
+                    )
+                    continue
+            members.append(index)
+        if members:
+            batches.append((builder, members))
+        for builder, members in batches:
+            try:
+                future = await producer.send_batch(builder, run.topic, partition=run.partition)
+            except AioKafkaError as exc:
+                for index in members:
+                    early[index] = exc
+                verdict = classify_error(exc)
+                if verdict.dead_reason is None and not verdict.size_suspect:
+                    return False
+                continue
+            for index in members:
+                futures[index] = future
+        return True
 
     async def send_transaction(
         self, records: Sequence[KafkaRecord], marker: KafkaRecord

@@ -306,12 +306,12 @@ class GroupCommitter(BufferCore):
         for start in range(0, len(pairs), 400):
             chunk = pairs[start : start + 400]
             values = ",".join("(?,?)" for _ in chunk)
-            cursor = await db.execute(
+            rows = await db.execute_fetchall(
                 "SELECT device_id, slot, fingerprint FROM inbound_dedup"
                 f" WHERE (device_id, slot) IN (VALUES {values})",
                 [x for pair in chunk for x in pair],
             )
-            remembered.update(((r[0], r[1]), r[2]) for r in await cursor.fetchall())
+            remembered.update(((r[0], r[1]), r[2]) for r in rows)
         duplicates: set[int] = set()
         for write in batch:
             slots = [((write.device_id, slot), fp) for slot, fp in write.dedup_keys]

@@ -96,10 +96,12 @@ class BufferCore:
         self.stats.payload_bytes = max(0, self.stats.payload_bytes + delta * nbytes)
 
     async def _refresh_used_bytes(self, db: aiosqlite.Connection) -> None:
-        pages = int(await scalar(db, "PRAGMA page_count"))
-        free = int(await scalar(db, "PRAGMA freelist_count"))
-        size = int(await scalar(db, "PRAGMA page_size"))
-        self.stats.used_bytes = (pages - free) * size
+        used = await scalar(
+            db,
+            "SELECT (page_count - freelist_count) * page_size"
+            " FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
+        )
+        self.stats.used_bytes = int(used)
 
     async def _maybe_cleanup_dedup(self) -> None:
         now = time.monotonic()
