@@ -37,7 +37,7 @@ from bench.suite_phases import (
 from bench.suite_report import evaluate_targets, markdown, median_of, ratios, write_chart
 from bench.suite_schema import KAFKA_SYSTEMS, SCHEMA, SYSTEMS
 from bench.suite_systems import make_system
-from bench.suite_tidegate import drain_figures, outage_figures, scale_figures
+from bench.suite_tidegate import drain_figures, find_scale_json, outage_figures, scale_figures
 from bench.targets import mosquitto_path
 from gateway.dev.kafka import KafkaState, read_state, start_kafka, stop_kafka
 
@@ -178,7 +178,8 @@ def run_suite(args: argparse.Namespace, profile: Profile, root: Path) -> dict[st
     finally:
         if own_kafka:
             stop_kafka(kafka.state_file)
-    tidegate["scale_10k"] = scale_figures(args.scale_json)
+    scale_json = args.scale_json or find_scale_json(REPO / "docs" / "bench-results")
+    tidegate["scale_10k"] = scale_figures(scale_json)
     systems: dict[str, Any] = {}
     for name, data in raw.items():
         runs = data["runs"]
@@ -248,8 +249,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--scale-json", type=Path,
-        default=REPO / "docs" / "bench-results" / "sim-10k.json",
-        help="results of the 10,000-device benchmark to take the 10k figure from",
+        help="results of the 10,000-device benchmark (bench/fleet_scale.py) to take the 10k "
+        "figure from (default: the newest docs/bench-results/*10k*.json or fleet*scale*.json)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.reps is not None and not 1 <= args.reps <= 20:

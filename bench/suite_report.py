@@ -155,7 +155,7 @@ def evaluate_targets(
         ),
         "rss_mb_10k_devices": _target(
             "rss_mb_10k_devices",
-            (scale or {}).get("rss_mb") if (scale or {}).get("connected") else None,
+            None if (scale or {}).get("reason") else (scale or {}).get("rss_mb"),
             (scale or {}).get("reason") or "not measured in this run",
             {"connected": (scale or {}).get("connected"), "source": (scale or {}).get("source")},
         ),

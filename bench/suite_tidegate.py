@@ -24,7 +24,7 @@ from bench.procs import Child, rss_mb, wait_for
 from bench.suite_systems import make_system
 from gateway.dev.kafka import KafkaState
 
-__all__ = ["FLAT_MB", "drain_figures", "outage_figures", "scale_figures"]
+__all__ = ["FLAT_MB", "drain_figures", "find_scale_json", "outage_figures", "scale_figures"]
 
 FLAT_MB = 10.0
 
@@ -121,7 +121,14 @@ def drain_figures(
 
 
 _RSS_KEYS = ("gateway_peak_rss_mb", "gateway_rss_mb", "peak_rss_mb", "rss_mb")
-_CONNECTED_KEYS = ("connected_peak", "peak_connected", "max_connected", "connected")
+_CONNECTED_KEYS = (
+    "max_connections_seen",  # bench/fleet_scale.py
+    "connected_peak",
+    "peak_connected",
+    "max_connected",
+    "connected",
+)
+_SCALE_DEVICES = 10_000
 
 
 def _find(data: Any, keys: tuple[str, ...]) -> float | None:
@@ -138,8 +145,18 @@ def _find(data: Any, keys: tuple[str, ...]) -> float | None:
     return None
 
 
+def find_scale_json(results_dir: Path) -> Path | None:
+    """The newest 10,000-device benchmark result in ``results_dir`` (``*10k*.json`` or
+    ``fleet*scale*.json``), if any."""
+    found = {*results_dir.glob("*10k*.json"), *results_dir.glob("fleet*scale*.json")}
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def scale_figures(path: Path | None) -> dict[str, Any]:
-    """Connected devices and gateway RSS from the 10,000-device benchmark's JSON, if given."""
+    """Connected devices and gateway RSS from the 10,000-device benchmark's JSON, if given.
+
+    The RSS counts as the 10k figure only if that run had 10,000 devices connected at once.
+    """
     if path is None or not path.exists():
         return {"connected": None, "rss_mb": None, "reason": "not measured in this run"}
     data = json.loads(path.read_text())
@@ -147,4 +164,6 @@ def scale_figures(path: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {"source": str(path), "connected": connected, "rss_mb": rss}
     if connected is None or rss is None:
         out["reason"] = f"{path} has no connected-devices or RSS figure"
+    elif connected < _SCALE_DEVICES:
+        out["reason"] = f"{path}: only {connected:,.0f} devices were connected at once"
     return out
