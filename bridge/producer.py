@@ -24,11 +24,11 @@ from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from bridge.batching import PartitionChooser, PartitionRun, plan_partition_runs
+from bridge.kafka_security import client_security, diagnose_sasl
 from bridge.outcomes import classify_error
 from bridge.records import KafkaRecord
-from bridge.tls import build_ssl_context
 from gateway.config import KafkaConfig
-from gateway.errors import KafkaError, KafkaUnavailableError
+from gateway.errors import KafkaAuthError, KafkaError, KafkaUnavailableError
 
 __all__ = ["KafkaProducerHandle", "SendOutcome", "diagnose_connection"]
 
@@ -73,15 +73,14 @@ class KafkaProducerHandle:
         """Start a producer if there is none; raise a translated error if Kafka refuses."""
         if self._producer is not None:
             return
-        context = build_ssl_context(self._config.tls)
+        security = client_security(self._config)
         cfg = self._config
         producer = AIOKafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers,
             # aiokafka's 100 ms default retries metadata ten times a second during outages.
             retry_backoff_ms=500,
             client_id=cfg.client_id,
-            security_protocol="SSL",
-            ssl_context=context,
+            **security.kwargs(),
             acks="all",
             enable_idempotence=True,
             linger_ms=cfg.linger_ms,
@@ -104,7 +103,11 @@ class KafkaProducerHandle:
                     await producer.commit_transaction()
         except (AioKafkaError, OSError, TimeoutError) as exc:
             self._retire(producer)
-            reason = await diagnose_connection(cfg, context)
+            reason = await diagnose_connection(cfg, security.ssl_context)
+            if reason is None:
+                refused = await diagnose_sasl(cfg, security)
+                if refused is not None:
+                    raise KafkaAuthError(f"cannot start Kafka producer: {refused}") from exc
             raise KafkaUnavailableError(f"cannot start Kafka producer: {reason or exc!r}") from exc
         self._producer = producer
         self.generation += 1
@@ -362,7 +365,7 @@ class KafkaProducerHandle:
                 task.cancel()
 
 
-async def diagnose_connection(config: KafkaConfig, context: ssl.SSLContext) -> str | None:
+async def diagnose_connection(config: KafkaConfig, context: ssl.SSLContext | None) -> str | None:
     """Open one TLS connection to the first bootstrap server to say *why* Kafka is unreachable.
 
     aiokafka reports "Unable to bootstrap"; an operator needs "certificate verify failed" or
@@ -373,7 +376,10 @@ async def diagnose_connection(config: KafkaConfig, context: ssl.SSLContext) -> s
     try:
         async with asyncio.timeout(5):
             _, writer = await asyncio.open_connection(
-                host.strip("[]"), int(port), ssl=context, server_hostname=host.strip("[]")
+                host.strip("[]"),
+                int(port),
+                ssl=context,
+                server_hostname=host.strip("[]") if context is not None else None,
             )
     except ssl.SSLCertVerificationError as exc:
         return f"TLS: broker certificate rejected ({exc.verify_message}); check kafka.tls.cafile"

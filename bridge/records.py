@@ -11,6 +11,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from edge.buffer import StoredMessage
 from edge.routing import UNROUTED_CLASS
+from edge.tenants import TENANT_HEADER, UNASSIGNED, TenantMap, render
 
 __all__ = [
     "HEADER_PREFIX",
@@ -87,7 +88,9 @@ class RecordBuilder:
         class_topics: Mapping[str, str],
         content_types: Mapping[str, str],
         dead_letter_topic: str,
+        tenants: TenantMap | None = None,
     ) -> None:
+        self._tenants = tenants
         self._gateway_id = gateway_id
         self._gateway_header = gateway_id.encode()
         self._class_topics = dict(class_topics)
@@ -97,8 +100,20 @@ class RecordBuilder:
 
     @property
     def topics(self) -> set[str]:
-        """Every topic this builder can produce to."""
-        return {*self._class_topics.values(), self._dead_letter_topic}
+        """Every topic this builder can produce to (each tenant's, with tenants)."""
+        templates = {*self._class_topics.values(), self._dead_letter_topic}
+        if self._tenants is None:
+            return templates
+        return {render(t, tenant) for t in templates for tenant in self._tenants.names}
+
+    def _tenant(self, device_id: str, headers: list[tuple[str, bytes]]) -> tuple[bool, str | None]:
+        """``(tenants on, tenant)``; adds the ``tg-tenant`` header. Decided from the device id
+        at forward time, like the class route (docs/security.md)."""
+        if self._tenants is None:
+            return False, None
+        tenant = self._tenants.tenant_of(device_id)
+        headers.append((TENANT_HEADER, (tenant or UNASSIGNED).encode()))
+        return True, tenant
 
     def build(self, message: StoredMessage) -> KafkaRecord:
         """The record for ``message``."""
@@ -118,6 +133,12 @@ class RecordBuilder:
         ]
         if reason_header is not None:
             headers.append(reason_header)
+        tenants_on, tenant = self._tenant(message.device_id, headers)
+        if tenants_on:
+            if tenant is None and reason_header is None:
+                headers.append(("tg-dead-letter-reason", b"device belongs to no tenant"))
+                topic = self._dead_letter_topic
+            topic = render(topic, tenant)
         return KafkaRecord(
             topic=topic, key=message.device_id.encode(), value=message.payload, headers=headers
         )
@@ -165,14 +186,16 @@ class RecordBuilder:
             ("tg-dead-letter-reason", dead.reason.encode()),
             ("tg-dead-letter-ts", str(dead.dead_ms).encode()),
         ]
+        tenants_on, tenant = self._tenant(dead.device_id, headers)
+        topic = render(self._dead_letter_topic, tenant) if tenants_on else self._dead_letter_topic
         key = dead.device_id.encode()
         value = dead.payload
-        record = KafkaRecord(self._dead_letter_topic, key, value, headers)
+        record = KafkaRecord(topic, key, value, headers)
         if record_size(record) > max_record_bytes:
             headers.append(("tg-dead-letter-truncated", str(len(value)).encode()))
-            overhead = record_size(KafkaRecord(self._dead_letter_topic, key, b"", headers))
+            overhead = record_size(KafkaRecord(topic, key, b"", headers))
             value = value[: max(0, max_record_bytes - overhead - _SIZE_MARGIN)]
-            record = KafkaRecord(self._dead_letter_topic, key, value, headers)
+            record = KafkaRecord(topic, key, value, headers)
         return record
 
 

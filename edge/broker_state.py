@@ -126,6 +126,9 @@ class Security:
     on_deny: str = "puback_discard"
     """Denied PUBLISH: ``puback_discard`` (acknowledge, store nothing) or ``disconnect``."""
     audit: AuditLog | None = None
+    tenant_of: Callable[[str], tuple[str | None, str]] | None = None
+    """With tenants: device id -> ``(tenant, why)``; a device without a tenant is refused
+    at CONNECT (:meth:`edge.tenants.TenantMap.resolve`)."""
 
 
 @dataclass(eq=False)

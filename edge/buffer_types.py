@@ -100,7 +100,8 @@ class PendingWrite:
     future: asyncio.Future[None]
     enqueued: float = field(default_factory=time.monotonic)
     action: str = "insert"
-    """``insert``, ``drop_newest`` (dropped on arrival) or ``evict_oldest``."""
+    """``insert``, ``drop_newest`` (dropped on arrival), ``drop_tenant_share`` (dropped:
+    its tenant is at its buffer share) or ``evict_oldest``."""
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,14 @@ from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
-from gateway.security_setup import broker_security, listener_tls_contexts
+from gateway.reload import SecurityReloader
+from gateway.security_setup import (
+    broker_security,
+    listener_tls_contexts,
+    revocation,
+    tenant_map,
+    tenant_shares,
+)
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
 
@@ -58,18 +66,25 @@ def read_runtime(data_dir: Path) -> dict[str, Any] | None:
 class Gateway:
     """One gateway. ``async with Gateway(cfg) as gw: await gw.stopped()``."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, config_path: Path | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
-        self.buffer = Buffer(config.buffer_path, config.buffer, config.classes)
+        self.buffer = Buffer(
+            config.buffer_path,
+            config.buffer,
+            config.classes,
+            relaxed_release=config.kafka.delivery != "exactly_once",
+        )
+        self.tenants = tenant_map(config)
+        self.buffer.tenant_shares = tenant_shares(config, self.tenants)
         router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
         self.intake = Intake(self.buffer, router, config.classes)
         self.commands = (
             None
             if config.commands is None
-            else CommandService(config, config.commands, self.buffer)
+            else CommandService(config, config.commands, self.buffer, self.tenants)
         )
         self.forwarder = Forwarder(
             self.buffer,
@@ -78,6 +93,7 @@ class Gateway:
                 class_topics={n: c.kafka_topic for n, c in config.classes.items()},
                 content_types={n: c.content_type for n, c in config.classes.items()},
                 dead_letter_topic=config.routing.dead_letter_topic,
+                tenants=self.tenants,
             ),
             config.kafka,
             lease_batch=config.buffer.lease_batch,
@@ -92,8 +108,11 @@ class Gateway:
             allow_anonymous=config.broker.allow_anonymous,
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
-            security=broker_security(config),
+            security=broker_security(config, self.tenants),
+            revocation=revocation(config),
         )
+        # SIGHUP re-reads the security settings from config_path (gateway/reload.py).
+        self.reloader = SecurityReloader(self, config_path)
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
@@ -123,13 +142,15 @@ class Gateway:
                     )
                     try:
                         async with self.broker, self.admin:
+                            self._install_sighup()
                             self._write_runtime(data_dir)
                             log.info(
-                                "gateway %s running: mqtt %s, admin %s, buffer %s",
+                                "gateway %s running: mqtt %s, admin %s, buffer %s, loop %s",
                                 self.config.gateway.id,
                                 self.broker.bound_addresses,
                                 self.admin.bound,
                                 self.config.buffer_path,
+                                type(asyncio.get_running_loop()).__module__.split(".")[0],
                             )
                             await self._stop.wait()
                             log.info("stopping: closing listeners")
@@ -145,6 +166,11 @@ class Gateway:
             with contextlib.suppress(OSError):
                 (data_dir / RUNTIME_FILE).unlink()
             self._release_lock()
+
+    def _install_sighup(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # main thread
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
 
     def _take_lock(self, data_dir: Path) -> None:
         fd = os.open(data_dir / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -244,6 +270,7 @@ class Gateway:
                 "subscriptions_denied": self.broker.stats.subscriptions_denied,
                 "acl": self.config.broker.acl.enabled,
                 "allow_anonymous": self.config.broker.allow_anonymous,
+                "reload": self.reloader.status(),
             },
             "buffer": {
                 **dataclasses.asdict(stats),
@@ -263,6 +290,9 @@ class Gateway:
                 "forwarded": fwd.forwarded,
                 "batches": fwd.batches,
                 "failed_batches": fwd.failed_batches,
+                "lease_s": round(fwd.lease_s, 3),
+                "send_s": round(fwd.send_s, 3),
+                "release_s": round(fwd.release_s, 3),
                 "producer_rebuilds": fwd.producer_rebuilds,
                 "delivery": self.config.kafka.delivery,
                 "breaker": self.forwarder.breaker.snapshot(),
@@ -272,5 +302,14 @@ class Gateway:
                 "recovered_rows": fwd.recovered_rows,
             },
             "intake": {"unrouted": self.intake.unrouted},
+            "tenants": None
+            if self.tenants is None
+            else {
+                "mode": self.tenants.mode,
+                "names": self.tenants.names,
+                "buffer": None
+                if self.buffer.tenant_shares is None
+                else self.buffer.tenant_shares.snapshot(),
+            },
             "commands": None if self.commands is None else self.commands.status(),
         }
