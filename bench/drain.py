@@ -136,8 +136,6 @@ def run_drain(
 [gateway]
 id = "drain-bench"
 data_dir = "{data}"
-[broker]
-allow_anonymous = true
 [[broker.listeners]]
 port = 0
 [broker]

@@ -160,7 +160,7 @@ def run_suite(args: argparse.Namespace, profile: Profile, root: Path) -> dict[st
                     kafka, root / "drain", code=code, rows=profile.drain_rows,
                     live_devices=profile.drain_live_devices, live_s=profile.drain_live_s,
                 )  # fmt: skip
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # drain.py reports failures as exits
                 tidegate["drain"] = {"error": f"{type(exc).__name__}: {exc}"}
                 _log(traceback.format_exc())
         if not args.skip_outage:
@@ -172,7 +172,7 @@ def run_suite(args: argparse.Namespace, profile: Profile, root: Path) -> dict[st
                     devices=profile.outage_devices, rate=profile.outage_rate,
                     warm_s=profile.outage_warm_s,
                 )  # fmt: skip
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # drain.py reports failures as exits
                 tidegate["outage"] = {"error": f"{type(exc).__name__}: {exc}"}
                 _log(traceback.format_exc())
     finally:
