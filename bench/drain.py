@@ -92,6 +92,7 @@ def main() -> None:
             devices=args.devices,
             live_devices=args.live_devices,
             live_rate=args.live_rate,
+            lease_batch=args.lease_batch,
         )
         result["command"] = " ".join(sys.argv)
         print(json.dumps(result, indent=2))
@@ -111,6 +112,7 @@ def run_drain(
     live_devices: int = 100,
     live_rate: float = 10.0,
     live_s: float | None = None,
+    lease_batch: int = 2000,
     code: Path = REPO,
 ) -> dict[str, Any]:
     """Fill a buffer with ``rows`` messages, start the gateway on it with live traffic,
@@ -120,6 +122,7 @@ def run_drain(
         devices=devices,
         live_devices=live_devices,
         live_rate=live_rate,
+        lease_batch=lease_batch,
         # Live traffic for about as long as the drain should take, unless told.
         live_s=live_s if live_s is not None else max(20, rows // 15_000),
     )
