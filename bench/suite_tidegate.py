@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.drain import run_drain
-from bench.procs import Child, rss_mb, wait_for
+from bench.procs import REPO, Child, rss_mb, wait_for
 from bench.suite_systems import make_system
 from gateway.dev.kafka import KafkaState
 
@@ -161,7 +161,9 @@ def scale_figures(path: Path | None) -> dict[str, Any]:
         return {"connected": None, "rss_mb": None, "reason": "not measured in this run"}
     data = json.loads(path.read_text())
     connected, rss = _find(data, _CONNECTED_KEYS), _find(data, _RSS_KEYS)
-    out: dict[str, Any] = {"source": str(path), "connected": connected, "rss_mb": rss}
+    source = path.resolve()
+    shown = source.relative_to(REPO) if source.is_relative_to(REPO) else source
+    out: dict[str, Any] = {"source": str(shown), "connected": connected, "rss_mb": rss}
     if connected is None or rss is None:
         out["reason"] = f"{path} has no connected-devices or RSS figure"
     elif connected < _SCALE_DEVICES:

@@ -128,7 +128,11 @@ def test_validate_names_what_is_missing(damage: Any, problem: str) -> None:
 def test_scale_figure_counts_only_with_10000_connected(tmp_path: Path) -> None:
     path = tmp_path / "fleet-scale-10k.json"
     path.write_text(json.dumps({"max_connections_seen": 10_000, "gateway_peak_rss_mb": 180.5}))
-    assert scale_figures(path) == {"source": str(path), "connected": 10_000, "rss_mb": 180.5}
+    assert scale_figures(path) == {
+        "source": str(path.resolve()),
+        "connected": 10_000,
+        "rss_mb": 180.5,
+    }
     path.write_text(json.dumps({"max_connections_seen": 9_000, "gateway_peak_rss_mb": 120.0}))
     assert "only 9,000 devices" in scale_figures(path)["reason"]
     assert scale_figures(tmp_path / "absent.json")["reason"] == "not measured in this run"
