@@ -119,7 +119,7 @@ function renderStatus(s, now) {
   text("oldest-age", buffer.oldest_age_s === null ? "-" : buffer.oldest_age_s.toFixed(1));
 
   const kafkaState = $("kafka-state");
-  kafkaState.textContent = kafka.connected ? "connected" : "not connected";
+  kafkaState.textContent = kafka.connected ? "connected" : "down";
   kafkaState.className = "value " + (kafka.connected ? "ok" : "bad");
   const breaker = kafka.breaker || {};
   const breakerState = $("breaker-state");
@@ -186,7 +186,9 @@ function renderDevices(d, now) {
   const rows = [];
   const next = new Map();
   let connected = 0;
-  for (const dev of d.devices) {
+  // The server picks the most recently seen; shown by id so rows do not jump between polls.
+  const devices = d.devices.slice().sort((a, b) => (a.device_id < b.device_id ? -1 : 1));
+  for (const dev of devices) {
     if (dev.connected) connected++;
     const before = devicePrevious.get(dev.device_id);
     let rate = "-";
