@@ -132,11 +132,19 @@ def test_dashboard_shows_live_numbers_in_headless_chromium(
         assert driver.find_element(By.ID, "gateway-id").text == "gw-test"
         assert driver.find_element(By.ID, "kafka-state").text == "connected"
         assert driver.find_element(By.ID, "breaker-state").text == "closed"
-        assert driver.find_element(By.ID, "conn-state").text == "live"
-        # With the token from the URL fragment the guarded lists load (empty here).
+        # With the token from the URL fragment the guarded lists load (empty here); they are
+        # read after the numbers in each poll, so wait for the poll to complete.
+        wait_for(
+            lambda: (
+                driver.find_element(By.ID, "conn-state").text == "live"
+                and driver.find_element(By.ID, "drops-list").text == "none"
+                and driver.find_element(By.ID, "dead-letters-list").text == "none"
+            ),
+            10,
+            "the guarded lists to load with the token",
+            interval=0.2,
+        )
         assert not driver.find_element(By.ID, "token-hint").is_displayed()
-        assert driver.find_element(By.ID, "drops-list").text == "none"
-        assert driver.find_element(By.ID, "dead-letters-list").text == "none"
         first_read = _number(driver, "forwarded")
         assert first_read is not None
         first_ingested = _number(driver, "ingested")
