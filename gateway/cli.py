@@ -171,14 +171,14 @@ def status(
 
     runtime = read_runtime(cfg.gateway.data_dir)
     admin = (runtime or {}).get("admin") or {"host": cfg.admin.host, "port": cfg.admin.port}
-    url = f"http://{admin['host']}:{admin['port']}/status"
+    base = f"http://{admin['host']}:{admin['port']}"
 
-    def fetch() -> Any:
+    def fetch(path: str = "/status") -> Any:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:  # loopback admin API
+            with urllib.request.urlopen(base + path, timeout=5) as response:  # loopback admin
                 return json.loads(response.read())
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise _fail(f"no running gateway answers at {url}: {exc}", code=1) from None
+            raise _fail(f"no running gateway answers at {base + path}: {exc}", code=1) from None
 
     data = fetch()
     if as_json:
@@ -194,7 +194,9 @@ def status(
         drain = drain_estimate(data, later, time.monotonic() - started)
         data = later
     limits = {"max_rows": cfg.buffer.max_rows, "max_bytes": cfg.buffer.max_bytes}
-    render_status(data, drain=drain, limits=limits)
+    registry = fetch("/devices")["devices"]
+    devices = (sum(1 for d in registry if d.get("connected")), len(registry))
+    render_status(data, drain=drain, limits=limits, devices=devices)
 
 
 def _admin_call(cfg: Any, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -30,6 +30,8 @@ def drain_estimate(before: dict[str, Any], after: dict[str, Any], seconds: float
     forwarded = after["kafka"]["forwarded"] - before["kafka"]["forwarded"]
     net = (before["buffer"]["rows"] - rows) / seconds
     rate = f"forwarding {forwarded / seconds:.0f} msg/s"
+    if forwarded <= 0:
+        return "not draining (nothing forwarded)"
     if net <= 0:
         return f"not draining ({rate}, ingest keeps up or exceeds it)"
     eta = rows / net
@@ -83,9 +85,11 @@ def render_status(
     *,
     drain: str | None = None,
     limits: dict[str, int] | None = None,
+    devices: tuple[int, int] | None = None,
 ) -> None:
     """Print a gateway status document as a compact table (``drain``: a
-    :func:`drain_estimate`; ``limits``: the buffer's max_rows and max_bytes)."""
+    :func:`drain_estimate`; ``limits``: the buffer's max_rows and max_bytes; ``devices``:
+    connected and known devices, from ``/devices``)."""
     console = console or Console()
     buffer, kafka = data["buffer"], data["kafka"]
     table = Table(title=f"tidegate {data['gateway_id']}", show_header=False, box=None)
@@ -97,6 +101,8 @@ def render_status(
         "[green]OK[/green]" if verdict == "OK" else f"[red]DEGRADED[/red]: {'; '.join(problems)}",
     )
     table.add_row("uptime", f"{data['uptime_s']} s")
+    if devices is not None:
+        table.add_row("devices", f"{devices[0]} connected, {devices[1]} known")
     table.add_row("listeners", ", ".join(f"{k} {v}" for k, v in data["listeners"].items()))
     security = data.get("security")
     if security is not None:

@@ -63,7 +63,10 @@ def test_drain_estimate_and_health_summary() -> None:
         }
 
     assert drain_estimate(doc(1000, 0), doc(900, 150), 1.0).startswith("~9 s (forwarding 150")
-    assert drain_estimate(doc(1000, 0), doc(1000, 0), 1.0).startswith("not draining")
+    assert drain_estimate(doc(1000, 0), doc(1000, 0), 1.0) == "not draining (nothing forwarded)"
+    assert drain_estimate(doc(1000, 0), doc(1100, 50), 1.0).startswith(
+        "not draining (forwarding 50 msg/s, ingest"
+    )
     assert drain_estimate(doc(10, 0), doc(0, 10), 1.0) == "empty"
     assert health_summary(doc(0, 0)) == ("OK", [])
     assert health_summary(doc(0, 0, connected=False)) == ("DEGRADED", ["Kafka not connected"])
@@ -146,6 +149,8 @@ def test_buffer_stats_peek_purge_through_the_gateway_and_on_the_file(
         assert "DEGRADED" in _ok(shown)
         assert "Kafka not connected" in shown.stdout
         assert f"{gone} purged by operator" in shown.stdout
+        assert "0 connected, 2 known" in shown.stdout  # dev-a and dev-b published and left
+        assert "not draining (nothing forwarded" in shown.stdout
         gateway.terminate(timeout=15)
     finally:
         gateway.stop()
