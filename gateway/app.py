@@ -36,7 +36,9 @@ from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
 from gateway.firmware_service import FirmwareService
+from gateway.health import read_admin_token, readiness
 from gateway.lifecycle_service import LifecycleService
+from gateway.metrics import GatewayMetrics
 from gateway.reload import SecurityReloader
 from gateway.security_setup import (
     broker_security,
@@ -143,6 +145,7 @@ class Gateway:
         if self.firmware is not None:
             self.firmware.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
+        self.prometheus = GatewayMetrics(self)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -162,7 +165,7 @@ class Gateway:
         data_dir = self.config.gateway.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(data_dir)
-        self.admin.token = write_token(data_dir)
+        self.admin.token = write_token(data_dir, read_admin_token(self.config.admin.token_file))
         try:
             async with self.buffer:
                 await self.buffer.mark_all_disconnected()
@@ -365,6 +368,14 @@ class Gateway:
             "firmware": None if self.firmware is None else self.firmware.status(),
             "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
         }
+
+    def readiness(self) -> dict[str, Any]:
+        """``GET /readyz``: ready = broker listening and buffer writable; Kafka apart."""
+        return readiness(self)
+
+    async def metrics(self) -> bytes:
+        """``GET /metrics``: the Prometheus text exposition."""
+        return await self.prometheus.render()
 
     def _kafka_state(self) -> dict[str, Any]:
         """The heartbeat's ``kafka`` object."""
