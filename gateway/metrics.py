@@ -23,7 +23,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -108,6 +113,8 @@ class GatewayMetrics:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
+        # No ``*_created`` series: they double the output and nothing here reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
         self.puback_latency = Histogram(
             "tidegate_puback_latency_seconds",

@@ -13,8 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from gateway.admin import AdminServer
 from gateway.config import parse_config
 from gateway.dev.kafka import KafkaState
 from gateway.errors import ConfigError
@@ -104,6 +106,52 @@ def test_admin_beyond_loopback_requires_a_token_file(tmp_path: Path) -> None:
     assert parse({"host": "0.0.0.0", "token_file": str(token)}).admin.token_file == token
     assert parse({"host": "::1"}).admin.token_file is None
     assert parse({}).admin.host == "127.0.0.1"
+
+
+class _FakeApi:
+    """Just enough gateway for the admin server's guard and probe logic."""
+
+    def __init__(self) -> None:
+        self.ready = True
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": self.ready}
+
+    async def metrics(self) -> bytes:
+        return b"tidegate_buffer_rows 0\n"
+
+
+async def test_beyond_loopback_every_endpoint_but_the_probes_needs_the_token() -> None:
+    api = _FakeApi()
+    token = "t" * 32
+    async with AdminServer("0.0.0.0", 0, api, token=token) as server:  # type: ignore[arg-type]
+        assert server.bound is not None
+        base = f"http://127.0.0.1:{server.bound[1]}"
+        async with aiohttp.ClientSession() as http:
+            for path in ("/metrics", "/status", "/devices"):
+                async with http.get(base + path) as response:
+                    assert response.status == 401, path
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(base + "/metrics", headers=headers) as response:
+                assert response.status == 200
+                assert "tidegate_buffer_rows" in await response.text()
+            async with http.get(base + "/healthz") as response:
+                assert response.status == 200
+            async with http.get(base + "/readyz") as response:
+                assert response.status == 200
+            api.ready = False
+            async with http.get(base + "/readyz") as response:
+                assert response.status == 503
+    async with AdminServer("127.0.0.1", 0, api, token=token) as server:  # type: ignore[arg-type]
+        assert server.bound is not None
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{server.bound[1]}/metrics") as response,
+        ):
+            assert response.status == 200  # loopback: read-only endpoints stay open
 
 
 # ------------------------------------------------------------------ real gateway
