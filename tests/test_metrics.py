@@ -281,6 +281,13 @@ def test_every_metric_the_alert_rules_name_is_exported(
     with running_gateway(config) as gateway:
         exported = metric_names(scrape(gateway))
     assert named - exported == set(), f"named by the rules but not exported: {named - exported}"
+    documented = set(
+        re.findall(r"`(tidegate_[a-z0-9_]+)", (REPO / "docs" / "metrics.md").read_text())
+    )
+    tidegate = {
+        re.sub(r"_(bucket|sum|count)$", "", n) for n in exported if n.startswith("tidegate_")
+    }
+    assert tidegate - documented == set(), "exported but not in docs/metrics.md"
 
 
 def _rule_exprs() -> str:
