@@ -20,6 +20,7 @@ from gateway.admin import AdminServer
 from gateway.config import parse_config
 from gateway.dev.kafka import KafkaState
 from gateway.errors import ConfigError
+from gateway.health import read_admin_token
 from gateway.metrics import DrainRate
 from tests.harness import (
     REPO,
@@ -154,6 +155,18 @@ async def test_beyond_loopback_every_endpoint_but_the_probes_needs_the_token() -
             assert response.status == 200  # loopback: read-only endpoints stay open
 
 
+def test_operator_token_file_is_read_and_checked(tmp_path: Path) -> None:
+    assert read_admin_token(None) is None
+    path = tmp_path / "token"
+    path.write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        read_admin_token(path)
+    path.write_text("  long-enough-token-value \n")
+    assert read_admin_token(path) == "long-enough-token-value"
+    with pytest.raises(ConfigError, match=r"admin\.token_file"):
+        read_admin_token(tmp_path / "missing")
+
+
 # ------------------------------------------------------------------ real gateway
 
 
@@ -270,16 +283,23 @@ def test_promtool_checks_the_alert_rules() -> None:
 def test_every_metric_the_alert_rules_name_is_exported(
     tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Any
 ) -> None:
+    """(The rules also use ``up``: Prometheus's own series per scrape target.) The same
+    gateway runs with an operator's ``admin.token_file``, which the CLI's token file mirrors."""
     named = set(re.findall(r"\btidegate_[a-z0-9_]+", _rule_exprs()))
     assert len(named) >= 8, named
+    token = tmp_path / "operator.token"
+    token.write_text("operator-token-0123456789\n")
     config = write_gateway_config(
         tmp_path,
         bootstrap=kafka.bootstrap,
         tls=_tls(kafka),
         topics={"event": kafka_topic_factory("event")},
     )
+    text = config.read_text().replace("[admin]\n", f'[admin]\ntoken_file = "{token}"\n')
+    config.write_text(text)
     with running_gateway(config) as gateway:
         exported = metric_names(scrape(gateway))
+        assert (gateway.data_dir / "admin.token").read_text() == "operator-token-0123456789"
     assert named - exported == set(), f"named by the rules but not exported: {named - exported}"
     documented = set(
         re.findall(r"`(tidegate_[a-z0-9_]+)", (REPO / "docs" / "metrics.md").read_text())
