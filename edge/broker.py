@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -205,7 +206,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     # -- connection overrides -----------------------------------------------------------
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
-        if not self._accepting:
+        if not self._accepting or not self._connection_allowed(writer):
             await _close_quietly(writer)
             return
         task = asyncio.current_task()
@@ -220,6 +221,17 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         finally:
             if task is not None:
                 self._connection_tasks.discard(task)
+
+    def _connection_allowed(self, writer: Any) -> bool:
+        """The per-source-address connection rate limit (:mod:`edge.quotas`)."""
+        quotas = self.edge.security.quotas
+        if quotas is None:
+            return True
+        address = str((writer.get_peer_info() or ("?",))[0])
+        if quotas.may_connect(address, time.monotonic()):
+            return True
+        quotas.connection_refused(address)
+        return False
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -352,8 +364,16 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             peer = f"{session.remote_address}:{session.remote_port}"
             self.edge.subscribe_denied(str(session.client_id), peer, subscription[0])
             return 0x80  # SUBACK failure [MQTT-3.9.3]
+        quotas = self.edge.security.quotas
+        client_id = str(session.client_id)
+        if quotas is not None and not quotas.may_subscribe(client_id, subscription[0]):
+            peer = f"{session.remote_address}:{session.remote_port}"
+            quotas.subscription_refused(client_id, peer, subscription[0])
+            return 0x80
         result = int(await super().add_subscription(subscription, session))
         self._index.refresh(subscription[0], self._subscriptions)
+        if quotas is not None and result != 0x80:
+            quotas.subscribed(client_id, subscription[0])
         return result
 
     def _del_subscription(self, a_filter: str, session: Any) -> int:
@@ -361,6 +381,9 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         deleted = int(super()._del_subscription(a_filter, session))
         if deleted:
             self._index.refresh(a_filter, self._subscriptions)
+            quotas = self.edge.security.quotas
+            if quotas is not None:
+                quotas.unsubscribed(str(session.client_id), a_filter)
         return deleted
 
     async def _forward(self, session: Any, publish: DecodedPublish) -> None:

@@ -17,6 +17,7 @@ from edge.acl import AclPolicy
 from edge.audit import AuditLog
 from edge.ingest import IngestSink, SessionObserver
 from edge.mqtt_wire import DecodedPublish
+from edge.quotas import Quotas
 
 if TYPE_CHECKING:
     from edge.amqtt_handler import EdgeProtocolHandler
@@ -126,6 +127,8 @@ class Security:
     on_deny: str = "puback_discard"
     """Denied PUBLISH: ``puback_discard`` (acknowledge, store nothing) or ``disconnect``."""
     audit: AuditLog | None = None
+    quotas: Quotas | None = None
+    """Per-device rate/size/subscription quotas and the connection rate limit; None: none."""
 
 
 @dataclass(eq=False)

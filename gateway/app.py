@@ -27,6 +27,7 @@ from bridge.records import RecordBuilder
 from edge.broker import EdgeBroker
 from edge.buffer import Buffer
 from edge.intake import Intake
+from edge.quotas import quota_status
 from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
@@ -83,6 +84,8 @@ class Gateway:
             lease_batch=config.buffer.lease_batch,
             gateway_id=config.gateway.id,
         )
+        security = broker_security(config)
+        self.quotas = security.quotas
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
             sink=self.intake,
@@ -92,7 +95,7 @@ class Gateway:
             allow_anonymous=config.broker.allow_anonymous,
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
-            security=broker_security(config),
+            security=security,
         )
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)
@@ -245,6 +248,7 @@ class Gateway:
                 "acl": self.config.broker.acl.enabled,
                 "allow_anonymous": self.config.broker.allow_anonymous,
             },
+            "quotas": quota_status(self.quotas),
             "buffer": {
                 **dataclasses.asdict(stats),
                 "path": str(self.config.buffer_path),

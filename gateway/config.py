@@ -27,6 +27,7 @@ from pydantic import (
 
 from edge.acl import validate_rule
 from gateway.errors import ConfigError
+from gateway.quotas_config import QuotasConfig
 
 __all__ = [
     "AclConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "KafkaConfig",
     "KafkaTlsConfig",
     "ListenerConfig",
+    "QuotasConfig",
     "RoutingConfig",
     "default_config",
     "load_config",
@@ -392,6 +394,8 @@ class GatewayConfig(_Model):
     routing: RoutingConfig = RoutingConfig()
     kafka: KafkaConfig
     admin: AdminConfig = AdminConfig()
+    quotas: QuotasConfig = QuotasConfig()
+    """Per-device quotas and the connection rate limit (gateway/quotas_config.py)."""
     commands: CommandsConfig | None = None
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
 

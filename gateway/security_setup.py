@@ -11,6 +11,7 @@ from edge.audit import AuditLog
 from edge.broker import EdgeBrokerError
 from edge.broker_state import Security
 from edge.device_auth import server_tls_context
+from edge.quotas import Quotas
 from gateway.config import GatewayConfig
 
 __all__ = ["broker_security", "listener_tls_contexts"]
@@ -34,7 +35,7 @@ def listener_tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
 
 
 def broker_security(config: GatewayConfig) -> Security:
-    """ACL (when enabled), deny policy and the audit log under ``gateway.data_dir``."""
+    """ACL (when enabled), deny policy, quotas and the audit log under ``gateway.data_dir``."""
     broker = config.broker
     acl = (
         AclPolicy.with_extra(publish=broker.acl.publish, subscribe=broker.acl.subscribe)
@@ -42,4 +43,6 @@ def broker_security(config: GatewayConfig) -> Security:
         else None
     )
     audit = AuditLog(config.audit_path, max_bytes=broker.audit.max_bytes, keep=broker.audit.keep)
-    return Security(acl=acl, on_deny=broker.on_deny, audit=audit)
+    settings = config.quotas.settings()
+    quotas = None if settings is None else Quotas(settings, audit)
+    return Security(acl=acl, on_deny=broker.on_deny, audit=audit, quotas=quotas)
