@@ -1,0 +1,420 @@
+"""Fuzz targets (hypothesis) for the hostile-input surface: the MQTT wire decoders, the
+payload decoders of the intake, and the live packet path of a real :class:`EdgeBroker`.
+
+Used by ``tests/test_fuzz.py``: a short seeded run in CI and the full campaign
+(``scripts/fuzz``, ``pytest -m long``) whose results are in docs/fuzzing.md.
+
+What counts as a failure:
+
+* wire decoders: any exception other than :class:`MalformedPacketError`;
+* payload decoders: any exception at all (bad payloads must become None / dead letters);
+* live path: an ERROR log record from the broker (a handler "reader failed" is a bug caught
+  by the last-resort handler), a connection the broker does not close within
+  ``CLOSE_DEADLINE_S`` after the client half-closed, or a broker that no longer answers a
+  well-behaved client (checked every ``HEALTH_EVERY`` inputs and at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Final
+
+from hypothesis import strategies as st
+
+from edge.acl import AclPolicy
+from edge.broker import EdgeBroker
+from edge.broker_state import Security
+from edge.ingest import InboundPublish
+from edge.intake import _envelope_fields, _parse_device_info
+from edge.mqtt_wire import (
+    MalformedPacketError,
+    RawPacket,
+    decode_packet_id,
+    decode_publish,
+    encode_packet,
+    read_packet,
+)
+from edge.quotas import QuotaLimits, Quotas, QuotaSettings
+
+__all__ = [
+    "LiveBroker",
+    "mutants",
+    "decode_target",
+    "live_inputs",
+    "payload_target",
+    "payloads",
+    "wire_inputs",
+]
+
+CLOSE_DEADLINE_S: Final = 5.0
+HEALTH_EVERY: Final = 250
+MAX_PACKET: Final = 4096
+"""The live broker's max packet size (small, so huge remaining lengths are the common case)."""
+CLIENT_IDS: Final = [f"fz{i}" for i in range(40)] + ["", "a" * 23, "ü-ß", "d/+/#"]
+"""Client ids of well-formed CONNECTs: a bounded set, as authentication bounds them in a
+real deployment (amqtt keeps clean_session=0 sessions of every id it ever saw)."""
+
+
+# -- generators -------------------------------------------------------------------------------
+
+
+def _field(data: bytes) -> bytes:
+    return struct.pack("!H", len(data) & 0xFFFF) + data
+
+
+def _remaining(length: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        out.append(byte | 0x80 if length else byte)
+        if not length:
+            return bytes(out)
+
+
+_text = st.text(max_size=24)
+_strings = st.one_of(
+    _text.map(lambda s: _field(s.encode())),
+    st.binary(max_size=24).map(_field),  # invalid UTF-8 included
+    st.sampled_from([b"", b"\x00", b"\xff\xff", b"\x00\x05ab"]),  # truncated / lying lengths
+)
+_topics = st.one_of(
+    st.sampled_from(["d/fz0/up/event", "d/fz1/meta", "a/+/b", "#", "$SYS/x", "", "d/\x00/x"]),
+    _text,
+).map(lambda s: _field(s.encode()))
+_packet_ids = st.integers(0, 0xFFFF).map(lambda n: struct.pack("!H", n))
+
+
+@st.composite
+def _connect_body(draw: st.DrawFn) -> bytes:
+    name = draw(st.sampled_from([_field(b"MQTT"), _field(b"MQIsdp"), b""]) | _strings)
+    level = draw(st.sampled_from([4, 3, 5, 0, 255]))
+    flags = draw(st.integers(0, 255))
+    keepalive = draw(st.integers(0, 0xFFFF))
+    body = name + bytes([level, flags]) + struct.pack("!H", keepalive)
+    body += draw(st.sampled_from(CLIENT_IDS).map(lambda s: _field(s.encode())) | _strings)
+    for _ in range(draw(st.integers(0, 4))):  # will topic/message, user name, password
+        body += draw(_strings)
+    return body
+
+
+@st.composite
+def _publish(draw: st.DrawFn) -> tuple[int, int, bytes]:
+    flags = draw(st.integers(0, 15))
+    body = draw(_topics)
+    if flags & 0x06:
+        body += draw(_packet_ids)
+    body += draw(st.binary(max_size=200))
+    return 3, flags, body
+
+
+@st.composite
+def _subscribe(draw: st.DrawFn) -> tuple[int, int, bytes]:
+    kind = draw(st.sampled_from([8, 10]))
+    body = draw(_packet_ids)
+    for _ in range(draw(st.integers(0, 4))):
+        body += draw(_topics | _strings)
+        if kind == 8:
+            body += bytes([draw(st.sampled_from([0, 1, 2, 3, 0x80]))])
+    return kind, draw(st.sampled_from([2, 0, 0xF])), body
+
+
+_other = st.tuples(
+    st.integers(0, 15), st.integers(0, 15), st.one_of(_packet_ids, st.binary(max_size=16))
+)
+_packet_parts = st.one_of(
+    _publish(), _subscribe(), _other, _connect_body().map(lambda b: (1, 0, b))
+)
+
+
+@st.composite
+def _framed(draw: st.DrawFn) -> bytes:
+    kind, flags, body = draw(_packet_parts)
+    length = draw(
+        st.one_of(
+            st.just(len(body)),
+            st.just(len(body)),
+            st.integers(0, 0x0FFF_FFFF),  # lies, up to the 4-byte maximum (256 MiB)
+            st.integers(len(body) + 1, len(body) + 8),
+        )
+    )
+    packet = bytes([(kind << 4) | flags]) + _remaining(length) + body
+    if draw(st.integers(0, 9)) == 0:  # a few byte-level mutations
+        data = bytearray(packet)
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        packet = bytes(data)
+    return packet
+
+
+wire_inputs: Final = st.one_of(
+    st.lists(_framed(), min_size=1, max_size=6).map(b"".join),
+    st.binary(max_size=64),
+    st.just(b"\x30\xff\xff\xff\x7f"),  # PUBLISH announcing 256 MiB
+    st.just(b"\x30\xff\xff\xff\xff\x01"),  # a 5-byte remaining length
+)
+"""Byte streams: framed packets (valid, lying lengths, mutated) and raw garbage."""
+
+
+def _valid_connect(client_id: str, clean: bool) -> bytes:
+    body = _field(b"MQTT") + bytes([4, 0x02 if clean else 0]) + struct.pack("!H", 60)
+    return encode_packet(RawPacket(1, 0, body + _field(client_id.encode())))
+
+
+live_inputs: Final = st.tuples(
+    st.one_of(
+        st.tuples(st.sampled_from(CLIENT_IDS[:40]), st.booleans()).map(
+            lambda t: _valid_connect(*t)
+        ),
+        st.just(b""),
+    ),
+    wire_inputs,
+).map(b"".join)
+"""A connection's bytes: mostly a valid CONNECT then a fuzzed stream, else fuzz from byte 0."""
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+
+
+@st.composite
+def _cbor(draw: st.DrawFn) -> bytes:
+    import cbor2
+
+    value = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "msg_id": st.text(max_size=300) | st.integers() | st.binary(max_size=8),
+                "ttl_s": st.integers() | st.floats() | st.text(max_size=4),
+                "seq": st.integers(-(2**70), 2**70) | st.booleans() | st.none(),
+                "type": st.text(max_size=8) | st.integers(),
+                "firmware_version": st.text(max_size=8) | st.none(),
+            },
+        )
+        | _json
+    )
+    return bytes(cbor2.dumps(value))
+
+
+payloads: Final = st.one_of(
+    st.binary(max_size=256),
+    st.binary(max_size=64).map(lambda b: bytes([0xA0 | (len(b) % 32)]) + b),  # "a CBOR map"
+    _cbor(),
+    _json.map(lambda v: repr(v).encode()),
+)
+"""Payloads: garbage, CBOR-map prefixes, real CBOR envelopes with wrong types, JSON-ish."""
+
+
+def mutants(data: bytes, rng: random.Random, count: int) -> list[bytes]:
+    """``count`` byte-level mutations of ``data`` (flip, set, insert, delete, truncate,
+    duplicate a slice): cheap extra inputs around each hypothesis-generated one."""
+    out = []
+    for _ in range(count):
+        buf = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            op = rng.randrange(6)
+            pos = rng.randrange(len(buf) + 1)
+            if op == 0 and buf:
+                buf[pos % len(buf)] ^= 1 << rng.randrange(8)
+            elif op == 1 and buf:
+                buf[pos % len(buf)] = rng.choice((0, 0x7F, 0x80, 0xFF, rng.randrange(256)))
+            elif op == 2:
+                buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif op == 3:
+                del buf[pos : pos + rng.randint(1, 8)]
+            elif op == 4:
+                del buf[pos:]
+            else:
+                end = min(len(buf), pos + rng.randint(1, 32))
+                buf[end:end] = buf[pos:end]
+        out.append(bytes(buf))
+    return out
+
+
+# -- targets ----------------------------------------------------------------------------------
+
+
+class _BytesReader:
+    """``read(n)``: exactly n bytes or IncompleteReadError, like amqtt's ReaderAdapter."""
+
+    def __init__(self, data: bytes) -> None:
+        self._reader = asyncio.StreamReader()
+        self._reader.feed_data(data)
+        self._reader.feed_eof()
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._reader.readexactly(n)
+
+
+async def _decode_all(data: bytes) -> int:
+    reader = _BytesReader(data)
+    packets = 0
+    while True:
+        try:
+            packet = await read_packet(reader, max_size=MAX_PACKET, first_byte_timeout=None)
+        except MalformedPacketError:
+            return packets
+        if packet is None:
+            return packets
+        packets += 1
+        assert len(packet.body) <= MAX_PACKET
+        assert encode_packet(packet).endswith(packet.body)
+        try:
+            if packet.packet_type == 3:
+                decoded = decode_publish(packet.flags, packet.body)
+                assert decoded.topic
+                assert "+" not in decoded.topic
+                assert "#" not in decoded.topic
+            else:
+                decode_packet_id(packet.body)
+        except MalformedPacketError:
+            pass
+
+
+def decode_target(data: bytes) -> None:
+    """Frame and decode ``data``; only MalformedPacketError may come out (it is caught)."""
+    asyncio.run(_decode_all(data))
+
+
+def payload_target(payload: bytes) -> None:
+    """The intake's envelope and device-info decoders never raise."""
+    envelope = _envelope_fields(payload)
+    if envelope is not None:
+        msg_id, ttl_ms, seq = envelope
+        assert isinstance(msg_id, str)
+        assert 0 < len(msg_id) <= 256
+        assert ttl_ms is None or 0 < ttl_ms < 2**62  # storable as an SQLite INTEGER
+        assert seq is None or isinstance(seq, int)
+    info = _parse_device_info(payload)
+    assert info is None or all(v is None or isinstance(v, str) for v in info)
+
+
+class _DiscardSink:
+    """Accepts every publish at once and keeps nothing (bounded memory)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def submit(self, publish: InboundPublish) -> asyncio.Future[None]:
+        self.count += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.name == "amqtt.broker" and message.startswith("No data from"):
+            return  # amqtt logs a peer that closed before CONNECT at ERROR: benign
+        self.records.append(f"{record.name}: {message}")
+
+
+class LiveBroker:
+    """A real EdgeBroker (ACL and quotas on) in its own event loop thread."""
+
+    def __init__(self) -> None:
+        self.sink = _DiscardSink()
+        self.inputs = 0
+        self.errors = _ErrorRecords()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        quotas = Quotas(
+            QuotaSettings(
+                on_oversize="puback_discard",
+                default=QuotaLimits(
+                    messages_per_s=1e6,
+                    messages_burst=1e6,
+                    max_payload_bytes=100,
+                    max_subscriptions=4,
+                ),
+                connections_per_s=1e6,
+                connections_burst=1e6,
+            )
+        )
+        self.broker = EdgeBroker(
+            listeners=[("default", "127.0.0.1", 0)],
+            sink=self.sink,
+            observer=None,
+            max_inflight_per_session=8,
+            allow_anonymous=True,
+            max_packet_size=MAX_PACKET,
+            connect_timeout=2.0,
+            security=Security(acl=AclPolicy.with_extra(), quotas=quotas),
+        )
+        self.port = 0
+
+    def _run(self, coro: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(30)
+
+    def __enter__(self) -> LiveBroker:
+        self._thread.start()
+        self._run(self.broker.start())
+        self.port = self.broker.bound_addresses["default"][1]
+        logging.getLogger().addHandler(self.errors)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        logging.getLogger().removeHandler(self.errors)
+        self._run(self.broker.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def target(self, data: bytes) -> None:
+        """Send ``data`` on a fresh connection, half-close, expect the broker to close."""
+        self.inputs += 1
+        with socket.create_connection(("127.0.0.1", self.port), timeout=CLOSE_DEADLINE_S) as sock:
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the broker closed first (e.g. after a bad first byte): fine
+            try:
+                while sock.recv(65536):
+                    pass
+            except TimeoutError as exc:
+                raise AssertionError(f"broker kept the connection open: {data[:64]!r}") from exc
+            except OSError:
+                pass  # reset by the broker: closed
+        if self.errors.records:
+            raise AssertionError(f"broker logged errors for {data[:64]!r}: {self.errors.records}")
+        if self.inputs % HEALTH_EVERY == 0:
+            self.check_health()
+
+    def check_health(self) -> None:
+        """A well-behaved client: CONNACK, then a QoS 1 PUBLISH is PUBACKed."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(_valid_connect("fz-health", True))
+            assert _recv(sock, 4)[:2] == b"\x20\x02", "no CONNACK"
+            body = _field(b"d/fz-health/up/event") + b"\x00\x07" + b"ok"
+            sock.sendall(encode_packet(RawPacket(3, 0x02, body)))
+            assert _recv(sock, 4) == b"\x40\x02\x00\x07", "no PUBACK"
+            sock.sendall(b"\xe0\x00")
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise AssertionError("connection closed")
+        data += chunk
+    return data
+
+
+Target = Callable[[bytes], None]
