@@ -69,6 +69,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 
 from edge.amqtt_handler import EdgeProtocolHandler
 from edge.broker_state import BrokerStats, EdgeContext, Security, SubscriptionIndex
+from edge.connect_rules import connect_string_error
 from edge.device_auth import AuthDecision, DeviceAuthenticator, peer_certificate_cn
 from edge.ingest import IngestSink, SessionObserver
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
@@ -252,6 +253,11 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if first is None:
             await _close_quietly(writer)
             raise MQTTError(f"{peer}: connection closed before CONNECT")
+        reason = connect_string_error(first.body)  # what amqtt lets through
+        if reason is not None:
+            self.edge.stats.malformed("?", peer, f"CONNECT refused: {reason}")
+            await _close_quietly(writer)
+            raise MQTTError(f"{peer}: {reason}")
         decision = await self._authenticate_connect(first, writer, peer)
         try:
             # amqtt parses and validates the CONNECT (and answers bad ones with a CONNACK

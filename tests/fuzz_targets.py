@@ -8,7 +8,8 @@ What counts as a failure:
 
 * wire decoders: any exception other than :class:`MalformedPacketError`;
 * payload decoders: any exception at all (bad payloads must become None / dead letters);
-* live path: an ERROR log record from the broker (a handler "reader failed" is a bug caught
+* live path (the broker runs in its own process, tests/fuzz_broker.py): an ERROR log line
+  from the broker (a handler "reader failed" is a bug caught
   by the last-resort handler), a connection the broker does not close within
   ``CLOSE_DEADLINE_S`` after the client half-closed, or a broker that no longer answers a
   well-behaved client (checked every ``HEALTH_EVERY`` inputs and at the end).
@@ -17,21 +18,18 @@ What counts as a failure:
 from __future__ import annotations
 
 import asyncio
-import logging
+import json
 import random
 import socket
 import struct
-import threading
+import subprocess
+import sys
 from collections.abc import Callable
-from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Final
 
 from hypothesis import strategies as st
 
-from edge.acl import AclPolicy
-from edge.broker import EdgeBroker
-from edge.broker_state import Security
-from edge.ingest import InboundPublish
 from edge.intake import _envelope_fields, _parse_device_info
 from edge.mqtt_wire import (
     MalformedPacketError,
@@ -41,7 +39,7 @@ from edge.mqtt_wire import (
     encode_packet,
     read_packet,
 )
-from edge.quotas import QuotaLimits, Quotas, QuotaSettings
+from tests.harness import rss_bytes
 
 __all__ = [
     "LiveBroker",
@@ -169,7 +167,7 @@ def _valid_connect(client_id: str, clean: bool) -> bytes:
 
 live_inputs: Final = st.tuples(
     st.one_of(
-        st.tuples(st.sampled_from(CLIENT_IDS[:40]), st.booleans()).map(
+        st.tuples(st.sampled_from(["fz0", "fz1", "fz2"]), st.booleans()).map(
             lambda t: _valid_connect(*t)
         ),
         st.just(b""),
@@ -298,82 +296,57 @@ def payload_target(payload: bytes) -> None:
     assert info is None or all(v is None or isinstance(v, str) for v in info)
 
 
-class _DiscardSink:
-    """Accepts every publish at once and keeps nothing (bounded memory)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def submit(self, publish: InboundPublish) -> asyncio.Future[None]:
-        self.count += 1
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
-class _ErrorRecords(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if record.name == "amqtt.broker" and message.startswith("No data from"):
-            return  # amqtt logs a peer that closed before CONNECT at ERROR: benign
-        self.records.append(f"{record.name}: {message}")
-
-
 class LiveBroker:
-    """A real EdgeBroker (ACL and quotas on) in its own event loop thread."""
+    """A real EdgeBroker (ACL and quotas on) in its own process (tests/fuzz_broker.py), so
+    its memory is measured apart from hypothesis and pytest; its ERROR log lines go to a
+    file that every input checks."""
 
-    def __init__(self) -> None:
-        self.sink = _DiscardSink()
+    def __init__(self, directory: Path) -> None:
         self.inputs = 0
-        self.errors = _ErrorRecords()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        quotas = Quotas(
-            QuotaSettings(
-                on_oversize="puback_discard",
-                default=QuotaLimits(
-                    messages_per_s=1e6,
-                    messages_burst=1e6,
-                    max_payload_bytes=100,
-                    max_subscriptions=4,
-                ),
-                connections_per_s=1e6,
-                connections_burst=1e6,
-            )
-        )
-        self.broker = EdgeBroker(
-            listeners=[("default", "127.0.0.1", 0)],
-            sink=self.sink,
-            observer=None,
-            max_inflight_per_session=8,
-            allow_anonymous=True,
-            max_packet_size=MAX_PACKET,
-            connect_timeout=2.0,
-            security=Security(acl=AclPolicy.with_extra(), quotas=quotas),
-        )
+        self.errors_path = directory / "fuzz-broker-errors.log"
         self.port = 0
-
-    def _run(self, coro: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(30)
+        self.pid = 0
+        self.final: dict[str, Any] = {}
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> LiveBroker:
-        self._thread.start()
-        self._run(self.broker.start())
-        self.port = self.broker.bound_addresses["default"][1]
-        logging.getLogger().addHandler(self.errors)
+        with self.errors_path.open("w") as errors:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.fuzz_broker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        assert self._proc.stdout is not None
+        ready = json.loads(self._proc.stdout.readline() or "{}")
+        assert "port" in ready, f"fuzz broker did not start: {self.errors_path.read_text()}"
+        self.port, self.pid = int(ready["port"]), self._proc.pid
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        logging.getLogger().removeHandler(self.errors)
-        self._run(self.broker.stop())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        proc = self._proc
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            proc.stdin.close()  # the broker stops and reports its counters
+            self.final = json.loads(proc.stdout.readline() or "{}")
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def _check_errors(self, data: bytes) -> None:
+        if self.errors_path.stat().st_size:
+            errors = self.errors_path.read_text(errors="replace")[:2000]
+            raise AssertionError(f"broker logged errors (last input {data[:64]!r}):\n{errors}")
 
     def target(self, data: bytes) -> None:
         """Send ``data`` on a fresh connection, half-close, expect the broker to close."""
@@ -391,13 +364,14 @@ class LiveBroker:
                 raise AssertionError(f"broker kept the connection open: {data[:64]!r}") from exc
             except OSError:
                 pass  # reset by the broker: closed
-        if self.errors.records:
-            raise AssertionError(f"broker logged errors for {data[:64]!r}: {self.errors.records}")
+        self._check_errors(data)
         if self.inputs % HEALTH_EVERY == 0:
             self.check_health()
 
     def check_health(self) -> None:
         """A well-behaved client: CONNACK, then a QoS 1 PUBLISH is PUBACKed."""
+        assert self._proc is not None
+        assert self._proc.poll() is None, "the fuzz broker process died"
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
             sock.sendall(_valid_connect("fz-health", True))
             assert _recv(sock, 4)[:2] == b"\x20\x02", "no CONNACK"
