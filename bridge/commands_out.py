@@ -9,13 +9,15 @@ a stable ``result_id`` (gateway id plus the outbox row id, never reused) to de-d
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 
 from bridge.producer import KafkaProducerHandle
 from bridge.records import KafkaRecord
 from edge.commands_model import result_value
-from edge.commands_store import CommandStore
+from edge.commands_store import CommandStore, OutboxResult
+from edge.tenants import TENANT_HEADER, TenantMap, render
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaError
 
@@ -30,8 +32,15 @@ class ResultSender:
     """``run()`` until cancelled; ``close()`` stops the producer within a deadline."""
 
     def __init__(
-        self, kafka: KafkaConfig, *, topic: str, gateway_id: str, store: CommandStore
+        self,
+        kafka: KafkaConfig,
+        *,
+        topic: str,
+        gateway_id: str,
+        store: CommandStore,
+        tenants: TenantMap | None = None,
     ) -> None:
+        self._tenants = tenants
         self._producer = KafkaProducerHandle(kafka)
         self._kafka = kafka
         self._topic = topic
@@ -58,7 +67,7 @@ class ResultSender:
                 continue
             records = [
                 KafkaRecord(
-                    self._topic,
+                    self._topic_of(r),
                     r.device_id.encode(),
                     result_value(
                         gateway_id=self._gateway_id,
@@ -74,6 +83,7 @@ class ResultSender:
                         ("tg-gateway-id", self._gateway_id.encode()),
                         ("tg-command-id", r.command_id.encode()),
                         ("tg-result-id", f"{self._gateway_id}:{r.id}".encode()),
+                        *self._tenant_headers(r),
                     ],
                 )
                 for r in results
@@ -101,6 +111,30 @@ class ResultSender:
             delay = min(self._kafka.retry_backoff_max_s, 0.2 * 2**failures)
             log.warning("command results not acked (%s); retry in %.1fs", self.last_error, delay)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+
+    def _tenant(self, result: OutboxResult) -> str | None:
+        """A rejection goes to the tenant the command came for (in its output); every other
+        result to the device's tenant."""
+        if self._tenants is None:
+            return None
+        if result.status == "rejected" and result.output_json:
+            try:
+                claimed = json.loads(result.output_json).get("tenant")
+            except (ValueError, AttributeError):
+                claimed = None
+            if isinstance(claimed, str):
+                return claimed
+        return self._tenants.tenant_of(result.device_id)
+
+    def _topic_of(self, result: OutboxResult) -> str:
+        if self._tenants is None:
+            return self._topic
+        return render(self._topic, self._tenant(result))
+
+    def _tenant_headers(self, result: OutboxResult) -> list[tuple[str, bytes]]:
+        if self._tenants is None:
+            return []
+        return [(TENANT_HEADER, render("{tenant}", self._tenant(result)).encode())]
 
     async def close(self, deadline: float) -> None:
         await self._producer.close(deadline=deadline)

@@ -15,17 +15,20 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AioKafkaError
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.producer.message_accumulator import BatchBuilder
 
+from bridge.batching import PartitionChooser, PartitionRun, plan_partition_runs
+from bridge.kafka_security import client_security, diagnose_sasl
 from bridge.outcomes import classify_error
 from bridge.records import KafkaRecord
-from bridge.tls import build_ssl_context
 from gateway.config import KafkaConfig
-from gateway.errors import KafkaError, KafkaUnavailableError
+from gateway.errors import KafkaAuthError, KafkaError, KafkaUnavailableError
 
 __all__ = ["KafkaProducerHandle", "SendOutcome", "diagnose_connection"]
 
@@ -53,6 +56,7 @@ class KafkaProducerHandle:
         self._transactional_id = transactional_id
         self._producer: AIOKafkaProducer | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._chooser = PartitionChooser()
         self.rebuilds = 0
         self.generation = 0
         """Incremented for every producer started (exactly-once recovery runs per producer)."""
@@ -69,15 +73,14 @@ class KafkaProducerHandle:
         """Start a producer if there is none; raise a translated error if Kafka refuses."""
         if self._producer is not None:
             return
-        context = build_ssl_context(self._config.tls)
+        security = client_security(self._config)
         cfg = self._config
         producer = AIOKafkaProducer(
             bootstrap_servers=cfg.bootstrap_servers,
             # aiokafka's 100 ms default retries metadata ten times a second during outages.
             retry_backoff_ms=500,
             client_id=cfg.client_id,
-            security_protocol="SSL",
-            ssl_context=context,
+            **security.kwargs(),
             acks="all",
             enable_idempotence=True,
             linger_ms=cfg.linger_ms,
@@ -100,7 +103,11 @@ class KafkaProducerHandle:
                     await producer.commit_transaction()
         except (AioKafkaError, OSError, TimeoutError) as exc:
             self._retire(producer)
-            reason = await diagnose_connection(cfg, context)
+            reason = await diagnose_connection(cfg, security.ssl_context)
+            if reason is None:
+                refused = await diagnose_sasl(cfg, security)
+                if refused is not None:
+                    raise KafkaAuthError(f"cannot start Kafka producer: {refused}") from exc
             raise KafkaUnavailableError(f"cannot start Kafka producer: {reason or exc!r}") from exc
         self._producer = producer
         self.generation += 1
@@ -137,25 +144,16 @@ class KafkaProducerHandle:
         deadline = self._config.send_deadline_s
         if self._transactional_id is not None:
             raise RuntimeError("a transactional producer sends with send_transaction()")
-        futures: list[asyncio.Future[object] | None] = []
+        futures: list[asyncio.Future[object] | None] = [None] * len(records)
         early: dict[int, BaseException] = {}
         try:
             async with asyncio.timeout(deadline):
-                for index, record in enumerate(records):
-                    try:
-                        futures.append(
-                            await producer.send(
-                                record.topic, record.value, key=record.key, headers=record.headers
-                            )
-                        )
-                    except AioKafkaError as exc:
-                        # Not enqueued. A record that can never go is skipped (the forwarder
-                        # dead-letters it); anything else stops the batch here, in order.
-                        futures.append(None)
-                        early[index] = exc
-                        verdict = classify_error(exc)
-                        if verdict.dead_reason is None and not verdict.size_suspect:
-                            break
+                partitions_of: dict[str, Collection[int]] = {}
+                for topic in {record.topic for record in records}:
+                    partitions_of[topic] = await producer.partitions_for(topic)
+                for run in plan_partition_runs(records, partitions_of, self._chooser):
+                    if not await self._send_run(producer, run, records, futures, early):
+                        break
         except TimeoutError:
             self.discard("enqueueing a batch missed its deadline")
             return self._outcome(futures, len(records), stuck=True, early=early)
@@ -173,6 +171,49 @@ class KafkaProducerHandle:
                 # (new producer id) starts clean; rows are resent only if not acked.
                 self.discard(f"a batch failed at the broker ({failed!r})")
         return self._outcome(futures, len(records), stuck=False, early=early)
+
+    async def _send_run(
+        self,
+        producer: AIOKafkaProducer,
+        run: PartitionRun,
+        records: Sequence[KafkaRecord],
+        futures: list[asyncio.Future[object] | None],
+        early: dict[int, BaseException],
+    ) -> bool:
+        """Enqueue one partition's records as record batches (``send_batch``); a record's
+        future is its batch's. False when the whole send must stop here (in order): an
+        enqueue failure that is neither a poison record nor a size problem."""
+        batches: list[tuple[BatchBuilder, list[int]]] = []
+        builder: BatchBuilder = producer.create_batch()
+        members: list[int] = []
+        for index in run.indices:
+            record = records[index]
+            fields = {"key": record.key, "value": record.value, "headers": record.headers}
+            if builder.append(timestamp=None, **fields) is None:  # full: start the next
+                if members:
+                    batches.append((builder, members))
+                    builder, members = producer.create_batch(), []
+                if builder.append(timestamp=None, **fields) is None:
+                    early[index] = MessageSizeTooLargeError(
+                        f"a record of {len(record.value)} bytes does not fit an empty batch"
+                    )
+                    continue
+            members.append(index)
+        if members:
+            batches.append((builder, members))
+        for builder, members in batches:
+            try:
+                future = await producer.send_batch(builder, run.topic, partition=run.partition)
+            except AioKafkaError as exc:
+                for index in members:
+                    early[index] = exc
+                verdict = classify_error(exc)
+                if verdict.dead_reason is None and not verdict.size_suspect:
+                    return False
+                continue
+            for index in members:
+                futures[index] = future
+        return True
 
     async def send_transaction(
         self, records: Sequence[KafkaRecord], marker: KafkaRecord
@@ -324,7 +365,7 @@ class KafkaProducerHandle:
                 task.cancel()
 
 
-async def diagnose_connection(config: KafkaConfig, context: ssl.SSLContext) -> str | None:
+async def diagnose_connection(config: KafkaConfig, context: ssl.SSLContext | None) -> str | None:
     """Open one TLS connection to the first bootstrap server to say *why* Kafka is unreachable.
 
     aiokafka reports "Unable to bootstrap"; an operator needs "certificate verify failed" or
@@ -335,7 +376,10 @@ async def diagnose_connection(config: KafkaConfig, context: ssl.SSLContext) -> s
     try:
         async with asyncio.timeout(5):
             _, writer = await asyncio.open_connection(
-                host.strip("[]"), int(port), ssl=context, server_hostname=host.strip("[]")
+                host.strip("[]"),
+                int(port),
+                ssl=context,
+                server_hostname=host.strip("[]") if context is not None else None,
             )
     except ssl.SSLCertVerificationError as exc:
         return f"TLS: broker certificate rejected ({exc.verify_message}); check kafka.tls.cafile"

@@ -11,6 +11,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from edge.buffer import StoredMessage
 from edge.routing import UNROUTED_CLASS
+from edge.tenants import TENANT_HEADER, UNASSIGNED, TenantMap, render
 
 __all__ = [
     "HEADER_PREFIX",
@@ -56,7 +57,9 @@ def message_id(gateway_id: str, row_id: int) -> str:
     return f"{gateway_id}:{row_id}"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~4x more (object.__setattr__ per
+# field), and this one is built for every message on the hot path. Treat it as immutable.
+@dataclass(slots=True, unsafe_hash=True)
 class KafkaRecord:
     """What the producer sends for one stored message."""
 
@@ -64,6 +67,11 @@ class KafkaRecord:
     key: bytes
     value: bytes
     headers: list[tuple[str, bytes]]
+
+
+_Header = tuple[str, bytes]
+_ClassRoute = tuple[str, _Header, _Header, _Header | None]
+"""Topic, ``tg-class``, ``tg-content-type`` and (dead-letter class only) the reason header."""
 
 
 class RecordBuilder:
@@ -80,44 +88,79 @@ class RecordBuilder:
         class_topics: Mapping[str, str],
         content_types: Mapping[str, str],
         dead_letter_topic: str,
+        tenants: TenantMap | None = None,
     ) -> None:
+        self._tenants = tenants
         self._gateway_id = gateway_id
         self._gateway_header = gateway_id.encode()
         self._class_topics = dict(class_topics)
         self._content_types = dict(content_types)
         self._dead_letter_topic = dead_letter_topic
+        self._routes: dict[str, _ClassRoute] = {}
 
     @property
     def topics(self) -> set[str]:
-        """Every topic this builder can produce to."""
-        return {*self._class_topics.values(), self._dead_letter_topic}
+        """Every topic this builder can produce to (each tenant's, with tenants)."""
+        templates = {*self._class_topics.values(), self._dead_letter_topic}
+        if self._tenants is None:
+            return templates
+        return {render(t, tenant) for t in templates for tenant in self._tenants.names}
+
+    def _tenant(self, device_id: str, headers: list[tuple[str, bytes]]) -> tuple[bool, str | None]:
+        """``(tenants on, tenant)``; adds the ``tg-tenant`` header. Decided from the device id
+        at forward time, like the class route (docs/security.md)."""
+        if self._tenants is None:
+            return False, None
+        tenant = self._tenants.tenant_of(device_id)
+        headers.append((TENANT_HEADER, (tenant or UNASSIGNED).encode()))
+        return True, tenant
 
     def build(self, message: StoredMessage) -> KafkaRecord:
         """The record for ``message``."""
-        topic = self._class_topics.get(message.class_name)
+        route = self._routes.get(message.class_name)
+        if route is None:
+            route = self._routes[message.class_name] = self._route_for(message.class_name)
+        topic, class_header, type_header, reason_header = route
         headers = [
-            ("tg-message-id", message_id(self._gateway_id, message.row_id).encode()),
+            ("tg-message-id", f"{self._gateway_id}:{message.row_id}".encode()),
             ("tg-device-id", message.device_id.encode()),
             ("tg-gateway-id", self._gateway_header),
             ("tg-mqtt-topic", message.topic.encode()),
-            ("tg-class", message.class_name.encode()),
-            (
-                "tg-content-type",
-                self._content_types.get(message.class_name, "application/octet-stream").encode(),
-            ),
-            ("tg-ingest-ts", str(message.ingest_ms).encode()),
-            ("tg-qos", str(message.qos).encode()),
+            class_header,
+            type_header,
+            ("tg-ingest-ts", b"%d" % message.ingest_ms),
+            ("tg-qos", b"%d" % message.qos),
         ]
+        if reason_header is not None:
+            headers.append(reason_header)
+        tenants_on, tenant = self._tenant(message.device_id, headers)
+        if tenants_on:
+            if tenant is None and reason_header is None:
+                headers.append(("tg-dead-letter-reason", b"device belongs to no tenant"))
+                topic = self._dead_letter_topic
+            topic = render(topic, tenant)
+        return KafkaRecord(
+            topic=topic, key=message.device_id.encode(), value=message.payload, headers=headers
+        )
+
+    def _route_for(self, class_name: str) -> _ClassRoute:
+        """Topic and the per-class headers, computed once per class (not per record)."""
+        topic = self._class_topics.get(class_name)
+        content_type = self._content_types.get(class_name, "application/octet-stream")
+        reason_header = None
         if topic is None:
             reason = (
                 "topic matched no configured class"
-                if message.class_name == UNROUTED_CLASS
-                else f"class {message.class_name!r} is not configured"
+                if class_name == UNROUTED_CLASS
+                else f"class {class_name!r} is not configured"
             )
-            headers.append(("tg-dead-letter-reason", reason.encode()))
+            reason_header = ("tg-dead-letter-reason", reason.encode())
             topic = self._dead_letter_topic
-        return KafkaRecord(
-            topic=topic, key=message.device_id.encode(), value=message.payload, headers=headers
+        return (
+            topic,
+            ("tg-class", class_name.encode()),
+            ("tg-content-type", content_type.encode()),
+            reason_header,
         )
 
     def build_dead_letter(self, dead: DeadLetterLike, max_record_bytes: int) -> KafkaRecord:
@@ -143,14 +186,16 @@ class RecordBuilder:
             ("tg-dead-letter-reason", dead.reason.encode()),
             ("tg-dead-letter-ts", str(dead.dead_ms).encode()),
         ]
+        tenants_on, tenant = self._tenant(dead.device_id, headers)
+        topic = render(self._dead_letter_topic, tenant) if tenants_on else self._dead_letter_topic
         key = dead.device_id.encode()
         value = dead.payload
-        record = KafkaRecord(self._dead_letter_topic, key, value, headers)
+        record = KafkaRecord(topic, key, value, headers)
         if record_size(record) > max_record_bytes:
             headers.append(("tg-dead-letter-truncated", str(len(value)).encode()))
-            overhead = record_size(KafkaRecord(self._dead_letter_topic, key, b"", headers))
+            overhead = record_size(KafkaRecord(topic, key, b"", headers))
             value = value[: max(0, max_record_bytes - overhead - _SIZE_MARGIN)]
-            record = KafkaRecord(self._dead_letter_topic, key, value, headers)
+            record = KafkaRecord(topic, key, value, headers)
         return record
 
 

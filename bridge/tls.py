@@ -13,7 +13,8 @@ __all__ = ["build_ssl_context"]
 
 
 def build_ssl_context(tls: KafkaTlsConfig) -> ssl.SSLContext:
-    """A client context for mutual TLS: verify the brokers with ``cafile``, present our cert.
+    """A client context: verify the brokers against the system's trusted CAs plus ``cafile``,
+    and present our certificate when one is configured (mutual TLS).
 
     Problems are reported with the config field and file that caused them, because
     "SSL: PEM lib" alone sends operators hunting.
@@ -21,7 +22,11 @@ def build_ssl_context(tls: KafkaTlsConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.check_hostname = tls.check_hostname
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load(lambda: context.load_verify_locations(cafile=str(tls.cafile)), "cafile", tls.cafile)
+    cafile = tls.cafile
+    if cafile is not None:
+        _load(lambda: context.load_verify_locations(cafile=str(cafile)), "cafile", cafile)
+    if tls.certfile is None or tls.keyfile is None:
+        return context
     try:
         context.load_cert_chain(certfile=str(tls.certfile), keyfile=str(tls.keyfile))
     except FileNotFoundError as exc:

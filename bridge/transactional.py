@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError as AioKafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from bridge.kafka_security import client_security
 from bridge.progress import Progress
-from bridge.tls import build_ssl_context
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaError, KafkaUnavailableError
 
@@ -52,8 +52,7 @@ def _consumer(config: KafkaConfig, isolation: str) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=config.bootstrap_servers,
         client_id=f"{config.client_id}-recovery",
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(config.tls),
+        **client_security(config).kwargs(),
         enable_auto_commit=False,
         isolation_level=isolation,
         request_timeout_ms=int(config.request_timeout_s * 1000),

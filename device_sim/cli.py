@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,6 +198,7 @@ def _kafka_source(
     isolation: Literal["read_uncommitted", "read_committed"],
 ) -> tuple[KafkaSource, dict[str, str]]:
     """Kafka connection and topics from the gateway config plus overrides; exits 2 on errors."""
+    from bridge.kafka_security import ClientSecurity, client_security
     from bridge.tls import build_ssl_context
 
     tls_override = [cafile, certfile, keyfile]
@@ -217,13 +217,15 @@ def _kafka_source(
             _usage("give -c/--config FILE or --bootstrap host:port")
         servers = list(cfg.kafka.bootstrap_servers)
     try:
+        security: ClientSecurity
         if all(tls_override):
-            tls = KafkaTlsConfig(cafile=cafile, certfile=certfile, keyfile=keyfile)  # type: ignore[arg-type]
+            tls = KafkaTlsConfig(cafile=cafile, certfile=certfile, keyfile=keyfile)
+            security = ClientSecurity(ssl_context=build_ssl_context(tls))
         elif cfg is not None:
-            tls = cfg.kafka.tls
+            # The gateway's own way in: mutual TLS or SASL_SSL, as configured.
+            security = client_security(cfg.kafka)
         else:
             _usage("without -c/--config give --cafile, --certfile and --keyfile (mutual TLS)")
-        context: ssl.SSLContext = build_ssl_context(tls)
     except ValidationError as exc:
         _usage("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors()))
     except KafkaError as exc:
@@ -239,7 +241,11 @@ def _kafka_source(
             )
         topics = sorted({classes[name].kafka_topic for name in ledger_classes})
     source = KafkaSource(
-        bootstrap_servers=servers, ssl_context=context, topics=topics, isolation_level=isolation
+        bootstrap_servers=servers,
+        ssl_context=security.ssl_context,
+        topics=topics,
+        isolation_level=isolation,
+        sasl=security.sasl,
     )
     return source, topic_classes
 

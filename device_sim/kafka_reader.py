@@ -19,6 +19,7 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError as AioKafkaError
 
+from bridge.kafka_security import ClientSecurity, SaslLogin
 from device_sim.verify import RecordView
 from gateway.errors import KafkaUnavailableError
 
@@ -34,6 +35,8 @@ class KafkaSource:
     topics: list[str]
     isolation_level: Literal["read_uncommitted", "read_committed"] = "read_uncommitted"
     client_id: str = "tidegate-verify"
+    sasl: SaslLogin | None = None
+    """SASL login (SASL_SSL; needs ``ssl_context``). None: mutual TLS, or plaintext."""
 
 
 @dataclass
@@ -71,8 +74,7 @@ async def read_topics(
     """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=source.bootstrap_servers,
-        security_protocol="SSL" if source.ssl_context is not None else "PLAINTEXT",
-        ssl_context=source.ssl_context,
+        **ClientSecurity(ssl_context=source.ssl_context, sasl=source.sasl).kwargs(),
         client_id=source.client_id,
         group_id=None,
         enable_auto_commit=False,

@@ -1,7 +1,10 @@
 """Per-device topic ACL: pure decisions, no I/O.
 
 Rules are MQTT topic filters with a ``{device_id}`` placeholder (a whole topic level or part
-of one). A device may PUBLISH on a topic matched by one of its publish rules, and SUBSCRIBE to
+of one) and, with tenants configured, a ``{tenant}`` placeholder (the device's tenant; a rule
+that names ``{tenant}`` gives a device without a tenant nothing).
+
+A device may PUBLISH on a topic matched by one of its publish rules, and SUBSCRIBE to
 a filter that is entirely covered by one of its subscribe rules (``d/a/fw/+`` is covered by
 ``d/a/fw/#``; ``d/+/cmd`` is not covered by ``d/a/cmd``). Defaults: publish under
 ``d/{device_id}/#`` (uplink, command results, firmware status), subscribe to
@@ -13,7 +16,7 @@ would let it reach into another device's topics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,9 +38,9 @@ def validate_rule(rule: str) -> str:
     """Return ``rule`` if it is a valid topic filter template; raise ValueError otherwise."""
     if not rule:
         raise ValueError("empty rule")
-    rest = rule.replace("{device_id}", "x")
+    rest = rule.replace("{device_id}", "x").replace("{tenant}", "x")
     if "{" in rest or "}" in rest:
-        raise ValueError(f"{rule!r}: the only placeholder is {{device_id}}")
+        raise ValueError(f"{rule!r}: the only placeholders are {{device_id}} and {{tenant}}")
     levels = rest.split("/")
     for index, level in enumerate(levels):
         if "#" in level and (level != "#" or index != len(levels) - 1):
@@ -95,30 +98,48 @@ class AclPolicy:
 
     publish: Sequence[str] = DEFAULT_PUBLISH_RULES
     subscribe: Sequence[str] = DEFAULT_SUBSCRIBE_RULES
+    tenant_of: Callable[[str], str | None] | None = None
+    """Device id -> tenant, for ``{tenant}`` (:meth:`edge.tenants.TenantMap.tenant_of`)."""
 
     def __post_init__(self) -> None:
         for rule in (*self.publish, *self.subscribe):
             validate_rule(rule)
 
     @classmethod
-    def with_extra(cls, publish: Sequence[str] = (), subscribe: Sequence[str] = ()) -> AclPolicy:
+    def with_extra(
+        cls,
+        publish: Sequence[str] = (),
+        subscribe: Sequence[str] = (),
+        tenant_of: Callable[[str], str | None] | None = None,
+    ) -> AclPolicy:
         """The default rules plus ``publish`` / ``subscribe`` extras."""
         return cls(
             publish=(*DEFAULT_PUBLISH_RULES, *publish),
             subscribe=(*DEFAULT_SUBSCRIBE_RULES, *subscribe),
+            tenant_of=tenant_of,
         )
+
+    def _rules(self, rules: Sequence[str], device_id: str) -> list[str]:
+        """``rules`` with the placeholders filled in for ``device_id``."""
+        tenant = self.tenant_of(device_id) if self.tenant_of is not None else None
+        out = []
+        for rule in rules:
+            filled = rule
+            if "{tenant}" in rule:
+                if tenant is None or not _valid_identity(tenant):
+                    continue
+                filled = rule.replace("{tenant}", tenant)  # tenant names have no braces
+            out.append(filled.replace("{device_id}", device_id))
+        return out
 
     def may_publish(self, device_id: str, topic: str) -> bool:
         if not _valid_identity(device_id):
             return False
-        return any(
-            topic_matches(topic, rule.replace("{device_id}", device_id)) for rule in self.publish
-        )
+        return any(topic_matches(topic, rule) for rule in self._rules(self.publish, device_id))
 
     def may_subscribe(self, device_id: str, topic_filter: str) -> bool:
         if not _valid_identity(device_id):
             return False
         return any(
-            filter_covers(rule.replace("{device_id}", device_id), topic_filter)
-            for rule in self.subscribe
+            filter_covers(rule, topic_filter) for rule in self._rules(self.subscribe, device_id)
         )

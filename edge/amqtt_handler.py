@@ -75,9 +75,11 @@ from edge.mqtt_wire import (
     UNSUBSCRIBE,
     DecodedPublish,
     MalformedPacketError,
+    PacketSplitter,
     RawPacket,
     decode_packet_id,
     decode_publish,
+    encode_acks,
     read_packet,
 )
 from edge.quotas import OVERSIZE, DeviceQuota
@@ -88,6 +90,9 @@ log = logging.getLogger(__name__)
 
 QOS2_STATE_KEY: Final = "tidegate.edge.qos2"
 """Key of :class:`Qos2State` in amqtt's ``Session.attributes``."""
+
+_READ_CHUNK: Final = 65536
+"""Bytes asked of the socket per read: under load one read holds dozens of publishes."""
 
 _PENDING_SUBSCRIBE_LIMIT: Final = 16
 """amqtt queues SUBSCRIBE/UNSUBSCRIBE for the broker loop without limit; we bound it so a
@@ -145,6 +150,10 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._disconnect_seen = False
         self._disconnect_result: Any = None
         self._quota: DeviceQuota | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._keepalive_expired = False
+        self._idle_since: float | None = None
+        """loop.time() since which the reader waits for a packet's first byte (None: not)."""
 
     # -- identity -----------------------------------------------------------------------
 
@@ -296,17 +305,65 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         keep_alive = int(self.session.keep_alive)
         # MQTT-3.1.2-24: disconnect after 1.5 x keep-alive without any packet.
         first_byte_timeout = keep_alive * 1.5 if keep_alive > 0 else None
+        stream = getattr(self.reader, "_reader", None)
+        if not isinstance(stream, asyncio.StreamReader):  # not amqtt's TCP adapter
+            return await self._read_packet_by_packet(first_byte_timeout)
+        max_inflight = self._edge.max_inflight
+        splitter = PacketSplitter(self._edge.max_packet_size)
+        loop = asyncio.get_running_loop()
+        if first_byte_timeout is not None:
+            self._keepalive = loop.call_at(
+                loop.time() + first_byte_timeout, self._check_keepalive, first_byte_timeout
+            )
+        try:
+            while not self._closing:
+                if self._inflight >= max_inflight:
+                    await self._wait_for_capacity(max_inflight)
+                    continue
+                packet = splitter.next_packet()
+                if packet is None:
+                    # Only silence between packets counts against the keep-alive (inside a
+                    # packet a timeout would leave the stream mid-packet, see read_packet).
+                    self._idle_since = None if splitter.pending else loop.time()
+                    data = await stream.read(_READ_CHUNK)
+                    self._idle_since = None
+                    if not data:
+                        if self._keepalive_expired:
+                            raise TimeoutError("keep-alive expired")
+                        if splitter.pending:
+                            raise MalformedPacketError("connection ended inside a packet")
+                        return "connection closed by the device"
+                    splitter.feed(data)
+                    continue
+                if not await self._dispatch(packet):
+                    return "DISCONNECT"
+            return "closing"
+        finally:
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+
+    def _check_keepalive(self, timeout: float) -> None:
+        """MQTT-3.1.2-24 without a timer per read: one timer per keep-alive period checks how
+        long the reader has been waiting for a packet's first byte, and closes the socket
+        (the read then ends) once that is 1.5 x the keep-alive."""
+        loop = asyncio.get_running_loop()
+        idle_since = self._idle_since
+        now = loop.time()
+        if idle_since is not None and now - idle_since >= timeout and not self._closing:
+            self._keepalive_expired = True
+            transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
+            if transport is not None:
+                transport.abort()
+                return
+        start = idle_since if idle_since is not None else now
+        self._keepalive = loop.call_at(start + timeout, self._check_keepalive, timeout)
+
+    async def _read_packet_by_packet(self, first_byte_timeout: float | None) -> str:
         max_inflight = self._edge.max_inflight
         max_size = self._edge.max_packet_size
         while not self._closing:
             if self._inflight >= max_inflight:
-                # Back-pressure: leave the bytes in the kernel until an ack frees a slot.
-                # No keep-alive timeout here: the silence is ours, not the device's.
-                self._edge.stats.reader_paused += 1
-                self._capacity.clear()
-                while self._inflight >= max_inflight and not self._closing:
-                    await self._capacity.wait()
-                    self._capacity.clear()
+                await self._wait_for_capacity(max_inflight)
                 continue
             packet = await read_packet(
                 self.reader, max_size=max_size, first_byte_timeout=first_byte_timeout
@@ -316,6 +373,16 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             if not await self._dispatch(packet):
                 return "DISCONNECT"
         return "closing"
+
+    async def _wait_for_capacity(self, max_inflight: int) -> None:
+        # Back-pressure: stop reading (bytes stay in the kernel, at most one read's worth
+        # in the splitter) until an ack frees a slot. No keep-alive timeout here: the
+        # silence is ours, not the device's.
+        self._edge.stats.reader_paused += 1
+        self._capacity.clear()
+        while self._inflight >= max_inflight and not self._closing:
+            await self._capacity.wait()
+            self._capacity.clear()
 
     async def _dispatch(self, packet: RawPacket) -> bool:
         """Handle one packet; False when the device said DISCONNECT."""
@@ -506,7 +573,12 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._pump_wakeup.set()
 
     async def _ack_pump(self) -> None:
-        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection."""
+        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection.
+
+        Every acknowledgement that is ready goes out in one socket write (under load about
+        one commit's worth per device): a write, not a packet object and a plugin event
+        per message, is what amqtt's ``_send_packet`` would cost.
+        """
         acks = self._acks
         edge = self._edge
         try:
@@ -515,19 +587,27 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                     self._pump_wakeup.clear()
                     await self._pump_wakeup.wait()
                     continue
-                item = acks.popleft()
-                error = _failure(item.future)
-                if error is not None:
+                ready: list[tuple[int, int]] = []
+                forwards: list[DecodedPublish] = []
+                failed: tuple[_PendingAck, BaseException] | None = None
+                while acks and acks[0].future.done():
+                    item = acks.popleft()
+                    error = _failure(item.future)
+                    if error is not None:
+                        failed = (item, error)
+                        break
+                    ready.append((item.kind, item.packet_id))
+                    if item.forward:
+                        forwards.append(item.publish)
+                if ready:
+                    await self._write_acks(ready)
+                for publish in forwards:
+                    await edge.forward(self.session, publish)
+                if failed is not None:
+                    item, error = failed
                     edge.stats.sink_failed(self.device_id, item.publish.topic, error)
                     await self.abort("a publish could not be stored")
                     return
-                ack = (PubackPacket if item.kind == PUBACK else PubrecPacket).build(item.packet_id)
-                await self._send_packet(ack)
-                edge.stats.acks_sent += 1
-                self._inflight -= 1
-                self._capacity.set()
-                if item.forward:
-                    await edge.forward(self.session, item.publish)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -536,3 +616,20 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             log.exception("device %s: acknowledging failed", self.device_id)
             with contextlib.suppress(Exception):
                 await self.abort("acknowledging failed")
+
+    async def _write_acks(self, ready: list[tuple[int, int]]) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            # amqtt's write lock: a delivery to this device (mqtt_publish) writes its packets
+            # under it too, so an ack never lands inside another packet's bytes.
+            async with self._write_lock:
+                writer.write(encode_acks(ready))
+                await writer.drain()
+        except (ConnectionResetError, BrokenPipeError):
+            await self.handle_connection_closed()
+            return
+        self._edge.stats.acks_sent += len(ready)
+        self._inflight -= len(ready)
+        self._capacity.set()

@@ -70,7 +70,12 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from edge.amqtt_handler import EdgeProtocolHandler
 from edge.broker_state import BrokerStats, EdgeContext, Security, SubscriptionIndex
 from edge.connect_rules import connect_string_error
-from edge.device_auth import AuthDecision, DeviceAuthenticator, peer_certificate_cn
+from edge.device_auth import (
+    NOT_AUTHORIZED,
+    AuthDecision,
+    DeviceAuthenticator,
+    peer_certificate_cn,
+)
 from edge.ingest import IngestSink, SessionObserver
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
 from gateway.errors import TidegateError
@@ -302,6 +307,11 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             certificate_cn=peer_certificate_cn(ssl_object),
             tls=ssl_object is not None,
         )
+        tenant_of = self.edge.security.tenant_of
+        if decision.accepted and tenant_of is not None:
+            tenant, why = tenant_of(client_id)
+            if tenant is None:
+                decision = AuthDecision(False, decision.method, NOT_AUTHORIZED, f"no tenant: {why}")
         if decision.accepted:
             return decision
         self.edge.auth_failed(client_id, peer, decision.method, decision.reason)

@@ -129,6 +129,9 @@ class Security:
     audit: AuditLog | None = None
     quotas: Quotas | None = None
     """Per-device rate/size/subscription quotas and the connection rate limit; None: none."""
+    tenant_of: Callable[[str], tuple[str | None, str]] | None = None
+    """With tenants: device id -> ``(tenant, why)``; a device without a tenant is refused
+    at CONNECT (:meth:`edge.tenants.TenantMap.resolve`)."""
 
 
 @dataclass(eq=False)

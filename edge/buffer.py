@@ -28,15 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import aiosqlite
 
 from edge import buffer_sql as sql
 from edge.buffer_commit import GroupCommitter
+from edge.buffer_core import in_transaction
+from edge.buffer_crypto import OVERHEAD, load_keyring, prepare_file, reencrypt
 from edge.buffer_dead import DeadLetterStore
 from edge.buffer_types import (
     BufferStats,
@@ -129,15 +133,31 @@ class Buffer(GroupCommitter, DeadLetterStore):
                 "INSERT INTO meta (key, value) VALUES ('created_ms', ?)", (str(now_ms()),)
             )
             await db.execute("COMMIT")
+        encryption = self._config.encryption
+        self._keyring = None if encryption is None else load_keyring(encryption)
+        await prepare_file(db, self._keyring, creating=creating)
+        if self._keyring is not None and encryption is not None and encryption.reencrypt_on_start:
+            await reencrypt(db, self._keyring)
         self.stats.journal_mode = str(journal).upper()
         level = int(await scalar(db, "PRAGMA synchronous"))
         self.stats.synchronous = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(level, "?")
         row = await (await db.execute(sql.TOTALS)).fetchone()
         assert row is not None
-        self.stats.rows, self.stats.payload_bytes = int(row[0]), int(row[1])
+        # Counters are in plaintext bytes (what the committer and release count).
+        overhead = 0 if self._keyring is None else OVERHEAD
+        self.stats.rows = int(row[0])
+        self.stats.payload_bytes = max(0, int(row[1]) - overhead * self.stats.rows)
         self.stats.oldest_ingest_ms = row[2]
         cursor = await db.execute("SELECT class, count(*) FROM uplink GROUP BY class")
         self.stats.class_rows = {c: int(n) for c, n in await cursor.fetchall()}
+        if self.tenant_shares is not None:
+            self.tenant_shares.reset()
+            cursor = await db.execute(
+                "SELECT device_id, count(*), sum(length(payload)) FROM uplink GROUP BY device_id"
+            )
+            for device_id, count, size in await cursor.fetchall():
+                average = int(size) // max(1, int(count)) - overhead
+                self.tenant_shares.count(device_id, int(count), max(0, average))
         self.stats.dead_letters = int(await scalar(db, "SELECT count(*) FROM dead_letters"))
         self._drop_rows = int(await scalar(db, "SELECT count(*) FROM drops"))
         await self._refresh_used_bytes(db)
@@ -288,27 +308,34 @@ class Buffer(GroupCommitter, DeadLetterStore):
         await self._sweep_expired()
         priority = {c: cfg.priority for c, cfg in self._classes.items()}
         plan = plan_lease(self.stats.class_rows, priority, limit, self._config.lease_min_share)
+        rows = await self.in_thread(functools.partial(_lease_rows, plan))
         out: list[StoredMessage] = []
-        async with self.read() as db:
-            for class_name, count in plan.items():
-                cursor = await db.execute(sql.LEASE_CLASS, (class_name, count))
-                rows = [StoredMessage(*r) for r in await cursor.fetchall()]
-                if rows:
-                    self._in_flight_max[class_name] = rows[-1].row_id
-                out.extend(rows)
-        return out
+        for class_name, class_rows in rows.items():
+            messages = [StoredMessage(*r) for r in class_rows]
+            self._in_flight_max[class_name] = messages[-1].row_id
+            out.extend(messages)
+        return out if self._keyring is None else self._keyring.open_rows(out)
 
     async def release(self, messages: Iterable[StoredMessage]) -> None:
-        """Delete rows that Kafka acknowledged. Only the bridge calls this, only after acks."""
+        """Delete rows that Kafka acknowledged. Only the bridge calls this, only after acks.
+
+        At-least-once: the delete is committed with ``synchronous=NORMAL`` (not fsynced at
+        once; the next FULL commit of an ingest carries it to disk). A delete lost to a power
+        cut only sends those rows again, which at-least-once allows; meanwhile ingest
+        commits no longer queue behind a release's fsync. Exactly-once keeps FULL.
+        """
         done = list(messages)
         if not done:
             return
-        async with self.transaction() as db:
-            await db.executemany("DELETE FROM uplink WHERE id = ?", [(m.row_id,) for m in done])
+        ids = [(m.row_id,) for m in done]
+        relaxed = self._relaxed_release
+        heads, used = await self.in_thread(
+            lambda conn: _delete_rows(conn, ids, relaxed, self._heads_and_size)
+        )
         self.stats.released += len(done)
         for message in done:
-            self._count_rows(message.class_name, -1, len(message.payload))
-        await self._after_removal()
+            self._count_rows(message.class_name, -1, len(message.payload), message.device_id)
+        self._note_removal(heads, used)
 
     async def devices(self) -> list[DeviceRecord]:
         """The device registry, as committed."""
@@ -317,3 +344,29 @@ class Buffer(GroupCommitter, DeadLetterStore):
 
     async def mark_all_disconnected(self) -> None:
         """At start no device is connected, whatever the last run recorded (done in open)."""
+
+
+def _lease_rows(plan: Mapping[str, int], conn: sqlite3.Connection) -> dict[str, list[Any]]:
+    """The leased rows of each class (in the worker thread, one hand-off for all classes)."""
+    out: dict[str, list[Any]] = {}
+    for class_name, count in plan.items():
+        rows = conn.execute(sql.LEASE_CLASS, (class_name, count)).fetchall()
+        if rows:
+            out[class_name] = rows
+    return out
+
+
+def _delete_rows(
+    conn: sqlite3.Connection,
+    ids: list[tuple[int]],
+    relaxed: bool,
+    after: Callable[[sqlite3.Connection], tuple[list[int], int]],
+) -> tuple[list[int], int]:
+    if relaxed:
+        conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        in_transaction(conn, lambda c: c.executemany("DELETE FROM uplink WHERE id = ?", ids))
+    finally:
+        if relaxed:
+            conn.execute("PRAGMA synchronous=FULL")
+    return after(conn)

@@ -4,6 +4,7 @@ drop policies applied on the way (see docs/buffer.md)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 import sqlite3
@@ -11,10 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import aiosqlite
-
 from edge import buffer_sql as sql
-from edge.buffer_core import BufferCore
+from edge.buffer_core import BufferCore, in_transaction, used_bytes
 from edge.buffer_types import (
     ROW_OVERHEAD,
     Evicted,
@@ -24,6 +23,7 @@ from edge.buffer_types import (
     now_ms,
 )
 from edge.registry import RegistryChanges
+from edge.tenant_share import TENANT_SHARE_DROP
 from gateway.errors import BufferFullError, BufferStoreError
 
 log = logging.getLogger("edge.buffer")
@@ -68,9 +68,9 @@ class GroupCommitter(BufferCore):
                 await first_of(self._space_freed.wait(), self._wakeup.wait(), max_wait=1.0)
                 continue
             try:
-                async with self.transaction() as db:
-                    outcome = await self._write(db, batch)
-                    await changes.write(db)
+                outcome, used = await self.in_thread(
+                    functools.partial(self._commit_in_thread, batch, changes)
+                )
             except sqlite3.Error as exc:
                 # Disk full or I/O error: nothing of this batch is acknowledged; keep it at
                 # the head of the queue and retry with backoff. PUBACKs stop meanwhile.
@@ -96,7 +96,7 @@ class GroupCommitter(BufferCore):
             for future in [w.future for w in batch] + barriers:
                 if not future.done():
                     future.set_result(None)
-            await self._refresh_used_bytes(self.db)
+            self.stats.used_bytes = used
             await self._maybe_cleanup_dedup()
 
     def _commit_failed(
@@ -199,23 +199,33 @@ class GroupCommitter(BufferCore):
         limit_rows = self._config.max_rows
         limit_bytes = self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES
         self._reclaim = max(0, self.stats.used_bytes - self._config.max_bytes)
+        shares, taken = self.tenant_shares, dict[str, list[int]]()
         for write in self._pending:
             stream = (write.device_id, write.class_name)
             if len(batch) >= self._config.commit_max_batch or stream in blocked:
                 keep.append(write)
                 continue
             size = len(write.payload) + ROW_OVERHEAD
-            if (
+            room = (
                 not no_room_at_all
                 and rows < limit_rows
                 and self.stats.used_bytes + extra + size <= limit_bytes
-            ):
+            )
+            if room and (shares is None or shares.admit(write.device_id, size, taken)):
                 write.action = "insert"
                 batch.append(write)
                 rows += 1
                 extra += size
                 continue
             policy = self._classes.get(write.class_name)
+            if room:  # the buffer has room, the device's tenant is at its share
+                if write.qos == 0 or (policy is not None and policy.lossy):
+                    write.action = "drop_tenant_share"
+                    batch.append(write)
+                else:
+                    blocked.add(stream)
+                    keep.append(write)
+                continue
             if write.qos == 0 or (policy is not None and policy.on_full == "drop_newest"):
                 write.action = "drop_newest"
                 batch.append(write)
@@ -229,18 +239,33 @@ class GroupCommitter(BufferCore):
         self.stats.blocked_writes = len(keep) if blocked else 0
         return batch
 
-    async def _write(self, db: aiosqlite.Connection, batch: Sequence[PendingWrite]) -> Outcome:
+    def _commit_in_thread(
+        self, batch: Sequence[PendingWrite], changes: RegistryChanges, conn: sqlite3.Connection
+    ) -> tuple[Outcome, int]:
+        """One group commit, in aiosqlite's thread (one hand-off; see BufferCore.in_thread).
+        Returns what happened and the file's used bytes after it."""
+
+        def body(c: sqlite3.Connection) -> Outcome:
+            outcome = self._write(c, batch)
+            changes.write_sync(c)
+            return outcome
+
+        return in_transaction(conn, body), used_bytes(conn)
+
+    def _write(self, db: sqlite3.Connection, batch: Sequence[PendingWrite]) -> Outcome:
         outcome = Outcome()
         if not batch:
             return outcome
         now = now_ms()
-        duplicates = await self._find_duplicates(db, batch)
+        duplicates = self._find_duplicates(db, batch)
         inserts: list[tuple[Any, ...]] = []
         keys: list[tuple[str, str, str, int]] = []
         drops: list[tuple[Any, ...]] = []
         for write in batch:
-            if write.action == "drop_newest":
+            if write.action in ("drop_newest", "drop_tenant_share"):
                 reason = "buffer full: qos0" if write.qos == 0 else "buffer full: drop_newest"
+                if write.action == "drop_tenant_share":
+                    reason = TENANT_SHARE_DROP
                 drops.append(sql.drop_row(None, write, reason, now))
                 outcome.dropped.append(reason)
                 continue
@@ -257,7 +282,7 @@ class GroupCommitter(BufferCore):
                 freed, need = 0, len(write.payload) - credit + self._reclaim
                 self._reclaim = 0
                 while freed < need:
-                    evicted = await self._evict_oldest(db, write.class_name)
+                    evicted = self._evict_oldest(db, write.class_name)
                     if evicted is None:
                         break
                     drops.append(evicted.as_drop(now))
@@ -273,32 +298,34 @@ class GroupCommitter(BufferCore):
             keys.extend((write.device_id, slot, fp, now) for slot, fp in write.dedup_keys)
             outcome.inserted.append(write)
         if inserts:
-            await db.executemany(sql.INSERT_UPLINK, inserts)
+            if self._keyring is not None:  # at-rest encryption: one call per batch
+                # Already off the event loop: the whole commit runs in aiosqlite's thread.
+                inserts = self._keyring.seal_inserts(inserts)
+            db.executemany(sql.INSERT_UPLINK, inserts)
         if keys:
-            await db.executemany(sql.REMEMBER_KEY, keys)
+            db.executemany(sql.REMEMBER_KEY, keys)
         if drops:
-            await db.executemany(sql.INSERT_DROP, drops)
-            await self._trim_drop_ledger(db, len(drops))
+            db.executemany(sql.INSERT_DROP, drops)
+            self._trim_drop_ledger(db, len(drops))
         return outcome
 
-    async def _trim_drop_ledger(self, db: aiosqlite.Connection, added: int) -> None:
+    def _trim_drop_ledger(self, db: sqlite3.Connection, added: int) -> None:
         """Keep the ledger bounded (it lives inside the bounded file too)."""
         self._drop_rows += added
         cap = self.drop_ledger_cap
         if self._drop_rows <= cap:
             return
         excess = self._drop_rows - cap
-        await db.execute(
+        db.execute(
             "DELETE FROM drops WHERE id IN (SELECT id FROM drops ORDER BY id LIMIT ?)", (excess,)
         )
         self._drop_rows = cap
         self.stats.drops_trimmed += excess
 
-    async def _find_duplicates(
-        self, db: aiosqlite.Connection, batch: Sequence[PendingWrite]
-    ) -> set[int]:
+    def _find_duplicates(self, db: sqlite3.Connection, batch: Sequence[PendingWrite]) -> set[int]:
         """Writes that repeat a remembered (or earlier in this batch) message of their device."""
-        checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action != "drop_newest"]
+        dropping = ("drop_newest", "drop_tenant_share")
+        checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action not in dropping]
         if not checked:
             return set()
         pairs = sorted({(w.device_id, slot) for w in checked for slot, _ in w.dedup_keys})
@@ -306,12 +333,12 @@ class GroupCommitter(BufferCore):
         for start in range(0, len(pairs), 400):
             chunk = pairs[start : start + 400]
             values = ",".join("(?,?)" for _ in chunk)
-            cursor = await db.execute(
+            rows = db.execute(
                 "SELECT device_id, slot, fingerprint FROM inbound_dedup"
                 f" WHERE (device_id, slot) IN (VALUES {values})",
                 [x for pair in chunk for x in pair],
-            )
-            remembered.update(((r[0], r[1]), r[2]) for r in await cursor.fetchall())
+            ).fetchall()
+            remembered.update(((r[0], r[1]), r[2]) for r in rows)
         duplicates: set[int] = set()
         for write in batch:
             slots = [((write.device_id, slot), fp) for slot, fp in write.dedup_keys]
@@ -320,12 +347,13 @@ class GroupCommitter(BufferCore):
             remembered.update(slots)
         return duplicates
 
-    async def _evict_oldest(self, db: aiosqlite.Connection, class_name: str) -> Evicted | None:
+    def _evict_oldest(self, db: sqlite3.Connection, class_name: str) -> Evicted | None:
         floor = self._in_flight_max.get(class_name, 0)
-        cursor = await db.execute(sql.EVICT_OLDEST, (class_name, floor))
-        row = await cursor.fetchone()
-        await cursor.close()
-        return None if row is None else Evicted.from_row(row, class_name)
+        row = db.execute(sql.EVICT_OLDEST, (class_name, floor)).fetchone()
+        if row is None:
+            return None
+        evicted = Evicted.from_row(row, class_name)
+        return evicted if self._keyring is None else self._keyring.open_evicted([evicted])[0]
 
     def _after_commit(self, batch: Sequence[PendingWrite], outcome: Outcome) -> None:
         stats = self.stats
@@ -335,11 +363,11 @@ class GroupCommitter(BufferCore):
             stats.largest_commit = max(stats.largest_commit, len(outcome.inserted))
             self._rows_committed.set()
         for write in outcome.inserted:
-            self._count_rows(write.class_name, +1, len(write.payload))
+            self._count_rows(write.class_name, +1, len(write.payload), write.device_id)
             if stats.oldest_ingest_ms is None:
                 stats.oldest_ingest_ms = write.ingest_ms
         for evicted in outcome.evicted:
-            self._count_rows(evicted.class_name, -1, evicted.size)
+            self._count_rows(evicted.class_name, -1, evicted.size, evicted.device_id)
         stats.duplicates_suppressed += outcome.duplicates
         for reason in outcome.dropped:
             stats.dropped[reason] = stats.dropped.get(reason, 0) + 1

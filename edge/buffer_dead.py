@@ -40,6 +40,8 @@ class DeadLetterStore(BufferCore):
                 sql.EXPIRE.format(classes=",".join("?" for _ in lossy)), (now, *lossy)
             )
             expired = [Evicted.from_row(r, r[6]) for r in await cursor.fetchall()]
+            if self._keyring is not None:  # for the drop ledger's seq
+                expired = self._keyring.open_evicted(expired)
             await cursor.close()
             for item in expired:
                 if item.class_name in to_dead:
@@ -56,7 +58,7 @@ class DeadLetterStore(BufferCore):
                 "DELETE FROM uplink WHERE id = ?", [(item.row_id,) for item in expired]
             )
         for item in expired:
-            self._count_rows(item.class_name, -1, item.size)
+            self._count_rows(item.class_name, -1, item.size, item.device_id)
             reason = "expired (dead letter)" if item.class_name in to_dead else "expired"
             self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
         if expired:
@@ -76,7 +78,7 @@ class DeadLetterStore(BufferCore):
             await db.executemany(sql.DEAD_FROM_UPLINK, [(reason, now, m.row_id) for m in messages])
             await db.executemany("DELETE FROM uplink WHERE id = ?", [(m.row_id,) for m in messages])
         for message in messages:
-            self._count_rows(message.class_name, -1, len(message.payload))
+            self._count_rows(message.class_name, -1, len(message.payload), message.device_id)
         self.stats.dead_letters += len(messages)
         log.warning("%d messages moved to dead letters: %s", len(messages), reason)
         await self._after_removal()
@@ -87,7 +89,8 @@ class DeadLetterStore(BufferCore):
             cursor = await db.execute(
                 sql.SELECT_DEAD + " WHERE forwarded_ms IS NULL ORDER BY id LIMIT ?", (limit,)
             )
-            return [DeadLetter(*r) for r in await cursor.fetchall()]
+            letters = [DeadLetter(*r) for r in await cursor.fetchall()]
+        return letters if self._keyring is None else self._keyring.open_rows(letters)
 
     async def dead_letters_forwarded(self, ids: Sequence[int]) -> None:
         """The Kafka dead-letter topic acknowledged these."""
@@ -112,20 +115,21 @@ class DeadLetterStore(BufferCore):
             cursor = await db.execute(
                 sql.SELECT_DEAD + " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
             )
-            return [DeadLetter(*r) for r in await cursor.fetchall()]
+            letters = [DeadLetter(*r) for r in await cursor.fetchall()]
+        return letters if self._keyring is None else self._keyring.open_rows(letters)
 
     async def replay_dead_letters(self, ids: Sequence[int] | None) -> int:
         """Put dead letters back into the uplink queue (same ids); None replays all."""
         where, params = id_filter(ids)
         async with self.transaction() as db:
             cursor = await db.execute(
-                "SELECT class, length(payload) FROM dead_letters" + where, params
+                "SELECT class, length(payload), device_id FROM dead_letters" + where, params
             )
             moved = list(await cursor.fetchall())
             await db.execute(sql.REPLAY_DEAD + where, params)
             await db.execute("DELETE FROM dead_letters" + where, params)
-        for class_name, size in moved:
-            self._count_rows(class_name, +1, int(size))
+        for class_name, size, device_id in moved:
+            self._count_rows(class_name, +1, int(size), device_id)
         self.stats.dead_letters = max(0, self.stats.dead_letters - len(moved))
         if moved:
             self._rows_committed.set()

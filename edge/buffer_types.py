@@ -31,7 +31,9 @@ ROW_OVERHEAD = 96
 """Bytes a row costs beyond its payload (row header, columns, index entries), estimated."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs ~4x more (object.__setattr__ per
+# field), and this one is built for every message on the hot path. Treat it as immutable.
+@dataclass(slots=True, unsafe_hash=True)
 class StoredMessage:
     """One uplink row as the bridge sees it."""
 
@@ -98,7 +100,8 @@ class PendingWrite:
     future: asyncio.Future[None]
     enqueued: float = field(default_factory=time.monotonic)
     action: str = "insert"
-    """``insert``, ``drop_newest`` (dropped on arrival) or ``evict_oldest``."""
+    """``insert``, ``drop_newest`` (dropped on arrival), ``drop_tenant_share`` (dropped:
+    its tenant is at its buffer share) or ``evict_oldest``."""
 
 
 @dataclass(slots=True)
@@ -174,11 +177,13 @@ def id_filter(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
 
 
 async def scalar(db: aiosqlite.Connection, query: str, params: tuple[Any, ...] = ()) -> Any:
-    """The first column of the first row, or None."""
-    cursor = await db.execute(query, params)
-    row = await cursor.fetchone()
-    await cursor.close()
-    return None if row is None else row[0]
+    """The first column of the first row, or None.
+
+    One trip to aiosqlite's thread (``execute_fetchall``), not three (execute, fetchone,
+    close): every trip is a thread hand-off and an event-loop wake-up.
+    """
+    rows = list(await db.execute_fetchall(query, params))
+    return rows[0][0] if rows else None
 
 
 async def first_of(*aws: Any, max_wait: float) -> None:

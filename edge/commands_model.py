@@ -55,6 +55,12 @@ class Rejection:
     reason: str
     command_id: str | None
     device_id: str | None
+    tenant: str | None = None
+    """With tenants: the tenant the command came for (its topic or ``tg-tenant`` header);
+    the rejection is reported to that tenant."""
+    remember: bool = True
+    """Keep the command id as ``rejected`` so a repeat is not reported twice. False for a
+    command aimed at another tenant's device: that tenant may use the id itself."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class CommandStore:
                 log.warning(
                     "command %s for %s rejected: %s", item.command_id, item.device_id, item.reason
                 )
-                if item.command_id is not None and item.device_id is not None:
+                if item.command_id is not None and item.device_id is not None and item.remember:
                     self._seq += 1
                     await db.execute(
                         "INSERT INTO commands (command_id, seq, device_id, name, params,"
@@ -118,7 +119,10 @@ class CommandStore:
                         (item.command_id, self._seq, item.device_id, now, now, now),
                     )
                 cid, did = item.command_id or "", item.device_id or ""
-                await db.execute(_INSERT_RESULT, (cid, did, "rejected", item.reason, None, now))
+                # With tenants the rejection goes to the tenant the command came for, which
+                # the device's own tenant may not be: recorded in the result's output.
+                output = None if item.tenant is None else json.dumps({"tenant": item.tenant})
+                await db.execute(_INSERT_RESULT, (cid, did, "rejected", item.reason, output, now))
             await self._trim(db)
         self.outbox_added.set()
         return woken

@@ -7,6 +7,7 @@ registry never costs a transaction of its own.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 
 import aiosqlite
@@ -90,18 +91,18 @@ class RegistryChanges:
         for device_id, seen in failed._dirty.items():
             self._dirty.setdefault(device_id, seen)
 
-    async def write(self, db: aiosqlite.Connection) -> None:
-        """Write inside the caller's transaction."""
+    def write_sync(self, db: sqlite3.Connection) -> None:
+        """Write inside the caller's transaction (a plain connection, in aiosqlite's thread)."""
         if not self._dirty:
             return
         items = self._dirty.items()
-        await db.executemany(_UPSERT_SEEN, [(d, s.last_seen_ms, s.last_seen_ms) for d, s in items])
+        db.executemany(_UPSERT_SEEN, [(d, s.last_seen_ms, s.last_seen_ms) for d, s in items])
         changes = [(s.connected, s.peer, d) for d, s in items if s.connected is not None]
         if changes:
-            await db.executemany(_UPDATE_CONNECTED, changes)
+            db.executemany(_UPDATE_CONNECTED, changes)
         infos = [(s.info[0], s.info[1], s.last_seen_ms, d) for d, s in items if s.info]
         if infos:
-            await db.executemany(_UPDATE_INFO, infos)
+            db.executemany(_UPDATE_INFO, infos)
 
 
 async def read_devices(db: aiosqlite.Connection) -> list[DeviceRecord]:

@@ -33,7 +33,12 @@ from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
-from gateway.security_setup import broker_security, listener_tls_contexts
+from gateway.security_setup import (
+    broker_security,
+    listener_tls_contexts,
+    tenant_map,
+    tenant_shares,
+)
 
 __all__ = ["RUNTIME_FILE", "Gateway", "read_runtime"]
 
@@ -64,13 +69,20 @@ class Gateway:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
-        self.buffer = Buffer(config.buffer_path, config.buffer, config.classes)
+        self.buffer = Buffer(
+            config.buffer_path,
+            config.buffer,
+            config.classes,
+            relaxed_release=config.kafka.delivery != "exactly_once",
+        )
+        self.tenants = tenant_map(config)
+        self.buffer.tenant_shares = tenant_shares(config, self.tenants)
         router = TopicRouter(config.routing.uplink_pattern, config.classes.keys())
         self.intake = Intake(self.buffer, router, config.classes)
         self.commands = (
             None
             if config.commands is None
-            else CommandService(config, config.commands, self.buffer)
+            else CommandService(config, config.commands, self.buffer, self.tenants)
         )
         self.forwarder = Forwarder(
             self.buffer,
@@ -79,12 +91,13 @@ class Gateway:
                 class_topics={n: c.kafka_topic for n, c in config.classes.items()},
                 content_types={n: c.content_type for n, c in config.classes.items()},
                 dead_letter_topic=config.routing.dead_letter_topic,
+                tenants=self.tenants,
             ),
             config.kafka,
             lease_batch=config.buffer.lease_batch,
             gateway_id=config.gateway.id,
         )
-        security = broker_security(config)
+        security = broker_security(config, self.tenants)
         self.quotas = security.quotas
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
@@ -276,5 +289,14 @@ class Gateway:
                 "recovered_rows": fwd.recovered_rows,
             },
             "intake": {"unrouted": self.intake.unrouted},
+            "tenants": None
+            if self.tenants is None
+            else {
+                "mode": self.tenants.mode,
+                "names": self.tenants.names,
+                "buffer": None
+                if self.buffer.tenant_shares is None
+                else self.buffer.tenant_shares.snapshot(),
+            },
             "commands": None if self.commands is None else self.commands.status(),
         }

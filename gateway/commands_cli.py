@@ -17,9 +17,11 @@ import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AioKafkaError
 
-from bridge.tls import build_ssl_context
+from bridge.kafka_security import client_security, explain_login_failure
+from edge.tenants import PLACEHOLDER, TENANT_HEADER, render
 from gateway.config import CommandsConfig, GatewayConfig, load_config
 from gateway.errors import ConfigError, TidegateError
+from gateway.security_setup import tenant_map
 
 __all__ = ["build_command", "cmd_app", "parse_at"]
 
@@ -97,6 +99,10 @@ def send(  # noqa: PLR0917  # typer maps parameters to options
     priority: Annotated[int, typer.Option(min=0, max=9)] = 5,
     command_id: Annotated[str | None, typer.Option("--id", help="Default: random.")] = None,
     config: ConfigOption = Path("configs/dev.toml"),
+    tenant: Annotated[
+        str | None,
+        typer.Option("--tenant", help="Sending tenant (default: the device's)."),
+    ] = None,
 ) -> None:
     """Produce a command for DEVICE to this gateway's command topic; print its id."""
     cfg, commands = _load(config)
@@ -107,8 +113,16 @@ def send(  # noqa: PLR0917  # typer maps parameters to options
     except ValueError as exc:
         raise _fail(str(exc)) from None
     topic = commands.kafka_topic(cfg.gateway.id)
+    headers: list[tuple[str, bytes]] = []
+    tenants = tenant_map(cfg)
+    if tenants is not None:
+        tenant = tenant or tenants.tenant_of(device)
+        if tenant is None:
+            raise _fail(f"{device} belongs to no tenant; say which with --tenant")
+        topic = render(topic, tenant) if tenants.mode == "topic" else topic
+        headers.append((TENANT_HEADER, tenant.encode()))
     try:
-        asyncio.run(_produce(cfg, topic, device, json.dumps(command).encode()))
+        asyncio.run(_produce(cfg, topic, device, json.dumps(command).encode(), headers))
     except (AioKafkaError, OSError, TimeoutError, TidegateError) as exc:
         raise _fail(f"cannot send to Kafka topic {topic}: {exc!r}", code=1) from None
     typer.echo(command["command_id"])
@@ -119,13 +133,21 @@ def status(
     command_id: str,
     config: ConfigOption = Path("configs/dev.toml"),
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="With per-tenant results topics: whose.")
+    ] = None,
 ) -> None:
     """The result records of a command, oldest first (scans the results topic)."""
     cfg, commands = _load(config)
+    topic = commands.results_topic
+    if PLACEHOLDER in topic:
+        if tenant is None:
+            raise _fail("the results topics are per tenant: give --tenant")
+        topic = render(topic, tenant)
     try:
-        found = asyncio.run(_history(cfg, commands.results_topic, command_id))
+        found = asyncio.run(_history(cfg, topic, command_id))
     except (AioKafkaError, OSError, TimeoutError, TidegateError) as exc:
-        raise _fail(f"cannot read {commands.results_topic}: {exc!r}", code=1) from None
+        raise _fail(f"cannot read {topic}: {exc!r}", code=1) from None
     if not found:
         typer.echo(f"no results for {command_id}")
         raise typer.Exit(1)
@@ -140,33 +162,45 @@ def status(
         typer.echo(f"{when}  {item['device_id']}  {item['status']:<9}  {extra}".rstrip())
 
 
-async def _produce(cfg: GatewayConfig, topic: str, key: str, value: bytes) -> None:
+async def _produce(
+    cfg: GatewayConfig, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]
+) -> None:
+    security = client_security(cfg.kafka)
     producer = AIOKafkaProducer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
+        **security.kwargs(),
         acks="all",
         request_timeout_ms=int(cfg.kafka.request_timeout_s * 1000),
     )
     async with asyncio.timeout(cfg.kafka.request_timeout_s + 10):
-        await producer.start()
         try:
-            await producer.send_and_wait(topic, value, key=key.encode())
+            await producer.start()
+        except AioKafkaError as exc:
+            await producer.stop()
+            await explain_login_failure(cfg.kafka, security, exc)
+            raise
+        try:
+            await producer.send_and_wait(topic, value, key=key.encode(), headers=headers)
         finally:
             await producer.stop()
 
 
 async def _history(cfg: GatewayConfig, topic: str, command_id: str) -> list[dict[str, Any]]:
+    security = client_security(cfg.kafka)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
+        **security.kwargs(),
         enable_auto_commit=False,
     )
     found: list[dict[str, Any]] = []
     seen: set[str] = set()
     async with asyncio.timeout(cfg.kafka.request_timeout_s + 30):
-        await consumer.start()
+        try:
+            await consumer.start()
+        except AioKafkaError as exc:
+            await consumer.stop()
+            await explain_login_failure(cfg.kafka, security, exc)
+            raise
         try:
             parts = consumer.partitions_for_topic(topic)
             if not parts:

@@ -18,6 +18,7 @@ from edge.commands_store import CommandStore
 from edge.downlink import AmqttDeviceLink, Downlink
 from edge.ingest import SessionObserver
 from edge.intake import Intake
+from edge.tenants import TenantMap
 from gateway.config import CommandsConfig, GatewayConfig
 
 __all__ = ["CommandService"]
@@ -41,7 +42,13 @@ class _Observers:
 class CommandService:
     """Everything the commands feature runs."""
 
-    def __init__(self, config: GatewayConfig, commands: CommandsConfig, buffer: Buffer) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        commands: CommandsConfig,
+        buffer: Buffer,
+        tenants: TenantMap | None = None,
+    ) -> None:
         gateway_id = config.gateway.id
         self.config = commands
         self.store = CommandStore(
@@ -63,9 +70,14 @@ class CommandService:
             gateway_id=gateway_id,
             store=self.store,
             on_stored=self.downlink.wake,
+            tenants=tenants,
         )
         self.sender = ResultSender(
-            config.kafka, topic=commands.results_topic, gateway_id=gateway_id, store=self.store
+            config.kafka,
+            topic=commands.results_topic,
+            gateway_id=gateway_id,
+            store=self.store,
+            tenants=tenants,
         )
 
     def observer(self, registry: SessionObserver) -> SessionObserver:

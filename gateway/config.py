@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -35,21 +36,27 @@ __all__ = [
     "AuditConfig",
     "BrokerConfig",
     "BufferConfig",
+    "BufferEncryptionConfig",
     "ClassConfig",
     "CommandsConfig",
+    "EncryptionKeyConfig",
     "GatewayConfig",
     "GatewayIdentity",
     "KafkaConfig",
+    "KafkaSaslConfig",
     "KafkaTlsConfig",
     "ListenerConfig",
     "QuotasConfig",
     "RoutingConfig",
+    "TenantsConfig",
     "default_config",
     "load_config",
     "parse_config",
 ]
 
 _IDENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_TOPIC = r"^([A-Za-z0-9._-]|\{tenant\}){1,249}$"
+"""A Kafka topic name, optionally with ``{tenant}`` placeholders (see ``[tenants]``)."""
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -120,7 +127,8 @@ class ListenerConfig(_Model):
 
 class AclConfig(_Model):
     """Per-device topic ACL (docs/security.md). Rules are MQTT topic filters where
-    ``{device_id}`` stands for the connected device's id."""
+    ``{device_id}`` stands for the connected device's id and ``{tenant}`` for its tenant
+    (needs ``[tenants]``)."""
 
     enabled: bool = False
     """Enforce the ACL. Default rules: publish ``d/{device_id}/#``; subscribe
@@ -173,6 +181,42 @@ class BrokerConfig(_Model):
         return value
 
 
+class EncryptionKeyConfig(_Model):
+    """One AES-256 key of the buffer's keyring: 32 bytes, raw, hex or base64."""
+
+    key_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,8}$")]
+    """Short name stored with every row it encrypted (1-8 characters); never reuse one for
+    another key."""
+    key_file: ExistingFile | None = None
+    """File holding the key (32 raw bytes, or 64 hex digits, or base64); mode 0600."""
+    key_env: Annotated[str | None, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
+    """Environment variable holding the key (hex or base64)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EncryptionKeyConfig:
+        if (self.key_file is None) == (self.key_env is None):
+            raise ValueError("give exactly one of key_file and key_env")
+        return self
+
+
+class BufferEncryptionConfig(EncryptionKeyConfig):
+    """At-rest encryption of buffered payloads (AES-256-GCM, docs/security.md). The fields
+    inherited from a key name the current key: new rows are encrypted with it."""
+
+    old_keys: list[EncryptionKeyConfig] = []
+    """Earlier keys, kept so rows they encrypted still decrypt after a rotation."""
+    reencrypt_on_start: bool = False
+    """At start, re-encrypt every buffered row not under the current key (then the old keys
+    can be removed once the gateway has started)."""
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> BufferEncryptionConfig:
+        ids = [self.key_id, *(k.key_id for k in self.old_keys)]
+        if len(ids) != len(set(ids)):
+            raise ValueError("key ids must be unique")
+        return self
+
+
 class BufferConfig(_Model):
     """The SQLite store-and-forward buffer."""
 
@@ -206,13 +250,15 @@ class BufferConfig(_Model):
     keep_forwarded_dead_letters: bool = False
     """Keep dead letters in the buffer after the Kafka dead-letter topic acked them (for
     ``tidegate dlq replay``); they count toward the buffer bounds."""
+    encryption: BufferEncryptionConfig | None = None
+    """Encrypt buffered payloads (uplink rows and dead letters) at rest; None: plaintext."""
 
 
 class ClassConfig(_Model):
     """A message class from the device contract (``d/{device_id}/up/{class}``)."""
 
-    kafka_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
-    """Kafka topic this class is forwarded to."""
+    kafka_topic: Annotated[str, Field(pattern=_TOPIC)]
+    """Kafka topic this class is forwarded to; ``{tenant}`` is the device's tenant."""
     priority: Annotated[int, Field(ge=0, le=9)] = 5
     """Higher is forwarded first."""
     content_type: str = "application/octet-stream"
@@ -250,8 +296,9 @@ class RoutingConfig(_Model):
     uplink_pattern: str = "d/{device_id}/up/{class}"
     """Topic pattern; deeper levels after it are allowed. ``{device_id}`` and ``{class}`` are
     required placeholders, each a whole topic level."""
-    dead_letter_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.dlq"
-    """Kafka topic for messages that match no class (kept, never dropped)."""
+    dead_letter_topic: Annotated[str, Field(pattern=_TOPIC)] = "iot.dlq"
+    """Kafka topic for messages that match no class (kept, never dropped); may contain
+    ``{tenant}``."""
 
     @field_validator("uplink_pattern")
     @classmethod
@@ -266,15 +313,51 @@ class RoutingConfig(_Model):
 
 
 class KafkaTlsConfig(_Model):
-    """Mutual TLS towards Kafka (PEM files)."""
+    """TLS towards Kafka (PEM files). Mutual TLS needs all three files; SASL_SSL needs none
+    of them when the brokers have publicly trusted certificates (managed services)."""
 
-    cafile: ExistingFile
-    """CA bundle that signed the Kafka brokers' certificates."""
-    certfile: ExistingFile
-    """This gateway's client certificate."""
-    keyfile: ExistingFile
-    """This gateway's private key (unencrypted PEM, not world-readable)."""
+    cafile: ExistingFile | None = None
+    """CA bundle that signed the Kafka brokers' certificates. None: the system's trusted
+    CAs."""
+    certfile: ExistingFile | None = None
+    """This gateway's client certificate (required with ``security_protocol = "SSL"``)."""
+    keyfile: ExistingFile | None = None
+    """This gateway's private key (unencrypted PEM, not world-readable); goes with
+    ``certfile``."""
     check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> KafkaTlsConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        return self
+
+
+class KafkaSaslConfig(_Model):
+    """SASL authentication over TLS (``security_protocol = "SASL_SSL"``), as managed Kafka
+    services use. The password is never logged; give it through an environment variable
+    (``password = "${KAFKA_PASSWORD}"``) or a file, not in the config file itself."""
+
+    mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    """SASL mechanism. PLAIN sends the password (inside TLS); SCRAM proves it without
+    sending it."""
+    username: Annotated[str, Field(min_length=1)]
+    """User name (Confluent Cloud: the API key)."""
+    password: SecretStr | None = None
+    """The password (Confluent Cloud: the API secret), usually ``"${ENV_VAR}"``."""
+    password_file: ExistingFile | None = None
+    """A file holding the password (trailing newline ignored); read each time a Kafka client
+    is built, so a changed password is picked up when the producer reconnects."""
+
+    @model_validator(mode="after")
+    def _one_password(self) -> KafkaSaslConfig:
+        if self.password is None and self.password_file is None:
+            raise ValueError('password is required: set password = "${ENV_VAR}" or password_file')
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.password is not None and not self.password.get_secret_value():
+            raise ValueError("password is empty (is its environment variable set?)")
+        return self
 
 
 class KafkaConfig(_Model):
@@ -282,9 +365,12 @@ class KafkaConfig(_Model):
 
     bootstrap_servers: Annotated[list[str], Field(min_length=1)]
     """``host:port`` list."""
-    security_protocol: Literal["SSL"] = "SSL"
-    """Only mutual TLS is supported."""
-    tls: KafkaTlsConfig
+    security_protocol: Literal["SSL", "SASL_SSL"] = "SSL"
+    """``SSL``: mutual TLS (client certificate in ``tls``). ``SASL_SSL``: TLS plus SASL
+    user name and password (``sasl``), docs/kafka-auth.md."""
+    tls: KafkaTlsConfig = KafkaTlsConfig()
+    sasl: KafkaSaslConfig | None = None
+    """SASL credentials; required with ``SASL_SSL``, refused with ``SSL``."""
     client_id: str = "tidegate"
     compression: Literal["none", "gzip", "lz4", "zstd"] = "none"
     linger_ms: Annotated[int, Field(ge=0, le=10_000)] = 5
@@ -329,16 +415,41 @@ class KafkaConfig(_Model):
                 raise ValueError(f"not host:port: {server!r}")
         return value
 
+    @field_validator("tls")
+    @classmethod
+    def _client_cert_for_mtls(cls, value: KafkaTlsConfig, info: ValidationInfo) -> KafkaTlsConfig:
+        if info.data.get("security_protocol") == "SSL" and value.certfile is None:
+            raise ValueError(
+                'certfile and keyfile are required with security_protocol = "SSL" (mutual TLS)'
+            )
+        return value
+
+    @field_validator("sasl")
+    @classmethod
+    def _sasl_for_protocol(
+        cls, value: KafkaSaslConfig | None, info: ValidationInfo
+    ) -> KafkaSaslConfig | None:
+        protocol = info.data.get("security_protocol")
+        if protocol == "SASL_SSL" and value is None:
+            raise ValueError(
+                'a [kafka.sasl] section is required with security_protocol = "SASL_SSL"'
+            )
+        if protocol == "SSL" and value is not None:
+            raise ValueError('only used with security_protocol = "SASL_SSL"')
+        return value
+
 
 class CommandsConfig(_Model):
     """Downlink commands from Kafka to devices (docs/commands.md). Absent section: off."""
 
     topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._{}-]{1,249}$")] = "iot.commands.{gateway_id}"
     """Kafka topic this gateway consumes commands from; ``{gateway_id}`` is replaced. One
-    topic per gateway: a gateway only ever sees its own devices' commands."""
-    results_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.command-results"
+    topic per gateway: a gateway only ever sees its own devices' commands. With
+    ``tenants.mode = "topic"`` it must contain ``{tenant}``: one topic per tenant, and a
+    command for a device of another tenant is rejected."""
+    results_topic: Annotated[str, Field(pattern=_TOPIC)] = "iot.command-results"
     """Kafka topic for result records (accepted, delivered, executed, failed, expired,
-    rejected), key = device id."""
+    rejected), key = device id; ``{tenant}`` is the command's tenant."""
     group_id: Annotated[str, Field(min_length=1)] = "tidegate-{gateway_id}"
     """Kafka consumer group; ``{gateway_id}`` is replaced."""
     device_topic: str = "d/{device_id}/cmd"
@@ -376,6 +487,43 @@ class CommandsConfig(_Model):
         return self.group_id.replace("{gateway_id}", gateway_id)
 
 
+class TenantsConfig(_Model):
+    """Tenants (docs/security.md): devices belong to a tenant by device-id patterns; a
+    tenant's uplink goes to its own topics or carries a ``tg-tenant`` header, its commands
+    reach only its devices, and its share of the buffer can be capped. Absent section: off."""
+
+    mode: Literal["topic", "header"] = "topic"
+    """``topic``: every class topic (and the commands and results topics) contains
+    ``{tenant}``, so each tenant has its own Kafka topics. ``header``: shared topics, every
+    record carries a ``tg-tenant`` header, and a command record must carry the device's
+    tenant in its ``tg-tenant`` header."""
+    devices: dict[str, list[str]] = {}
+    """Tenant name -> device-id glob patterns (``acme-*``, ``plant?-*``). A device matching
+    two tenants' patterns has no tenant (refused at CONNECT)."""
+    default_tenant: Annotated[str | None, Field(pattern=_IDENT)] = None
+    """Tenant of devices that match no pattern. None: such devices are refused at CONNECT."""
+    max_buffer_share: Annotated[float | None, Field(gt=0, le=1)] = None
+    """Most of ``buffer.max_rows`` and of ``buffer.max_bytes`` one tenant's buffered messages
+    may take; past it that tenant's publishes wait (or drop, by class policy) as if the
+    buffer were full, while other tenants go on. None: no per-tenant cap."""
+
+    @field_validator("devices")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, patterns in value.items():
+            if not re.fullmatch(_IDENT, name):
+                raise ValueError(f"tenant name {name!r}: letters, digits, '.', '_' and '-'")
+            if not patterns or any(not p for p in patterns):
+                raise ValueError(f"tenant {name!r}: give at least one non-empty pattern")
+        return value
+
+    @model_validator(mode="after")
+    def _some_tenant(self) -> TenantsConfig:
+        if not self.devices and self.default_tenant is None:
+            raise ValueError("configure [tenants.devices] or default_tenant")
+        return self
+
+
 class AdminConfig(_Model):
     """The local admin API (status, later operations)."""
 
@@ -398,6 +546,8 @@ class GatewayConfig(_Model):
     """Per-device quotas and the connection rate limit (gateway/quotas_config.py)."""
     commands: CommandsConfig | None = None
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
+    tenants: TenantsConfig | None = None
+    """Tenants; None (no ``[tenants]`` section): one implicit tenant, no ``{tenant}``."""
 
     @field_validator("classes")
     @classmethod
@@ -408,6 +558,39 @@ class GatewayConfig(_Model):
             if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
                 raise ValueError(f"class name {name!r}: lowercase letters, digits, _ and -")
         return value
+
+    @model_validator(mode="after")
+    def _tenant_placeholders(self) -> GatewayConfig:
+        topics = {f"classes.{n}.kafka_topic": c.kafka_topic for n, c in self.classes.items()}
+        optional = {"routing.dead_letter_topic": self.routing.dead_letter_topic}
+        if self.commands is not None:
+            topics["commands.topic"] = self.commands.topic
+            topics["commands.results_topic"] = self.commands.results_topic
+        acl = self.broker.acl
+        rules = {
+            f"broker.acl.{kind}": rule
+            for kind in ("publish", "subscribe")
+            for rule in getattr(acl, kind)
+        }
+        with_placeholder = [
+            k for k, v in {**topics, **optional, **rules}.items() if "{tenant}" in v
+        ]
+        mode = None if self.tenants is None else self.tenants.mode
+        if mode is None and with_placeholder:
+            raise ValueError(f"{with_placeholder[0]}: {{tenant}} needs a [tenants] section")
+        topics_with = [k for k in with_placeholder if not k.startswith("broker.acl")]
+        if mode == "header" and topics_with:
+            raise ValueError(
+                f'{topics_with[0]}: {{tenant}} in a topic needs tenants.mode = "topic"'
+            )
+        if mode == "topic":
+            for key, value in topics.items():
+                if "{tenant}" not in value:
+                    raise ValueError(
+                        f'{key}: tenants.mode = "topic" needs {{tenant}} in this topic, so'
+                        " tenants never share it"
+                    )
+        return self
 
     @property
     def buffer_path(self) -> Path:

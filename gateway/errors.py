@@ -68,6 +68,12 @@ class KafkaTlsError(KafkaError):
     retriable = False
 
 
+class KafkaAuthError(KafkaError):
+    """Kafka refused our credentials (SASL) or they could not be read (password file)."""
+
+    retriable = False
+
+
 class PkiError(TidegateError):
     """The development PKI could not be created or used (bad device id, missing CA, I/O)."""
 
@@ -76,4 +82,4 @@ class LocalKafkaError(TidegateError):
     """The project's local development Kafka could not be fetched, started or stopped."""
 
 
-__all__ += ["LocalKafkaError", "PkiError"]
+__all__ += ["KafkaAuthError", "LocalKafkaError", "PkiError"]

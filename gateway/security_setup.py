@@ -12,9 +12,35 @@ from edge.broker import EdgeBrokerError
 from edge.broker_state import Security
 from edge.device_auth import server_tls_context
 from edge.quotas import Quotas
+from edge.tenant_share import TenantShares
+from edge.tenants import TenantMap
 from gateway.config import GatewayConfig
 
-__all__ = ["broker_security", "listener_tls_contexts"]
+__all__ = ["broker_security", "listener_tls_contexts", "tenant_map", "tenant_shares"]
+
+
+def tenant_map(config: GatewayConfig) -> TenantMap | None:
+    """The device -> tenant map of ``[tenants]``, or None without tenants."""
+    tenants = config.tenants
+    if tenants is None:
+        return None
+    return TenantMap(
+        patterns={name: tuple(globs) for name, globs in tenants.devices.items()},
+        default_tenant=tenants.default_tenant,
+        mode=tenants.mode,
+    )
+
+
+def tenant_shares(config: GatewayConfig, tenants: TenantMap | None) -> TenantShares | None:
+    """The per-tenant buffer caps of ``tenants.max_buffer_share``, or None."""
+    share = None if config.tenants is None else config.tenants.max_buffer_share
+    if tenants is None or share is None:
+        return None
+    return TenantShares(
+        tenants.tenant_of,
+        max_rows=max(1, int(config.buffer.max_rows * share)),
+        max_bytes=max(1, int(config.buffer.max_bytes * share)),
+    )
 
 
 def listener_tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
@@ -34,15 +60,29 @@ def listener_tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
     return contexts
 
 
-def broker_security(config: GatewayConfig) -> Security:
-    """ACL (when enabled), deny policy, quotas and the audit log under ``gateway.data_dir``."""
+def broker_security(config: GatewayConfig, tenants: TenantMap | None = None) -> Security:
+    """ACL (when enabled), deny policy, quotas, the audit log under ``gateway.data_dir``, and the
+    tenant check at CONNECT (with ``[tenants]``; built from ``config`` when not given, so a
+    caller that rebuilds the security settings, e.g. on reload, keeps the tenant checks)."""
+    if tenants is None:
+        tenants = tenant_map(config)
     broker = config.broker
     acl = (
-        AclPolicy.with_extra(publish=broker.acl.publish, subscribe=broker.acl.subscribe)
+        AclPolicy.with_extra(
+            publish=broker.acl.publish,
+            subscribe=broker.acl.subscribe,
+            tenant_of=None if tenants is None else tenants.tenant_of,
+        )
         if broker.acl.enabled
         else None
     )
     audit = AuditLog(config.audit_path, max_bytes=broker.audit.max_bytes, keep=broker.audit.keep)
     settings = config.quotas.settings()
     quotas = None if settings is None else Quotas(settings, audit)
-    return Security(acl=acl, on_deny=broker.on_deny, audit=audit, quotas=quotas)
+    return Security(
+        acl=acl,
+        on_deny=broker.on_deny,
+        audit=audit,
+        tenant_of=None if tenants is None else tenants.resolve,
+        quotas=quotas,
+    )

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from edge.intake import _envelope_fields, _parse_device_info
 from edge.mqtt_wire import (
     MalformedPacketError,
+    PacketSplitter,
     RawPacket,
     decode_packet_id,
     decode_publish,
@@ -253,17 +254,45 @@ class _BytesReader:
         return await self._reader.readexactly(n)
 
 
-async def _decode_all(data: bytes) -> int:
+async def _read_all(data: bytes) -> tuple[list[RawPacket], bool]:
+    """Packets :func:`read_packet` cuts from ``data``, and whether the stream ended in error."""
     reader = _BytesReader(data)
-    packets = 0
+    packets: list[RawPacket] = []
     while True:
         try:
             packet = await read_packet(reader, max_size=MAX_PACKET, first_byte_timeout=None)
         except MalformedPacketError:
-            return packets
+            return packets, True
         if packet is None:
-            return packets
-        packets += 1
+            return packets, False
+        packets.append(packet)
+
+
+def _split_all(data: bytes) -> tuple[list[RawPacket], bool]:
+    """The same through :class:`PacketSplitter`, fed in pieces of 1-64 bytes (the broker's
+    hot path): it must agree with :func:`read_packet` exactly."""
+    chunks = random.Random(len(data))
+    splitter = PacketSplitter(MAX_PACKET)
+    packets: list[RawPacket] = []
+    position = 0
+    try:
+        while position < len(data):
+            size = chunks.randint(1, 64)
+            splitter.feed(data[position : position + size])
+            position += size
+            while (packet := splitter.next_packet()) is not None:
+                packets.append(packet)
+    except MalformedPacketError:
+        return packets, True
+    return packets, splitter.pending > 0
+
+
+def decode_target(data: bytes) -> None:
+    """Frame ``data`` both ways and decode every packet; only MalformedPacketError may come
+    out of a decoder (it is caught), and both framings must agree."""
+    packets, failed = asyncio.run(_read_all(data))
+    assert _split_all(data) == (packets, failed), "PacketSplitter disagrees with read_packet"
+    for packet in packets:
         assert len(packet.body) <= MAX_PACKET
         assert encode_packet(packet).endswith(packet.body)
         try:
@@ -276,11 +305,6 @@ async def _decode_all(data: bytes) -> int:
                 decode_packet_id(packet.body)
         except MalformedPacketError:
             pass
-
-
-def decode_target(data: bytes) -> None:
-    """Frame and decode ``data``; only MalformedPacketError may come out (it is caught)."""
-    asyncio.run(_decode_all(data))
 
 
 def payload_target(payload: bytes) -> None:

@@ -258,3 +258,34 @@ def test_progress_ranges_and_round_trip() -> None:
 def test_record_size_matches_aiokafka_estimate() -> None:
     record = KafkaRecord("t", b"k", b"v" * 100, [("h", b"x")])
     assert 100 < record_size(record) < 200
+
+
+def test_partition_runs_match_aiokafka_default_partitioner_and_keep_order() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from bridge.batching import PartitionChooser, plan_partition_runs
+    from bridge.records import KafkaRecord
+
+    keys = [f"dev-{i:05d}".encode() for i in range(40)]
+    records = [
+        KafkaRecord(topic="t.a" if i % 3 else "t.b", key=keys[i % 40], value=b"%d" % i, headers=[])
+        for i in range(400)
+    ]
+    partitions = {"t.a": {0, 1, 2, 3, 4, 5}, "t.b": {0, 1, 2}}
+    chooser = PartitionChooser()
+    runs = plan_partition_runs(records, partitions, chooser)
+    seen: list[int] = []
+    for run in runs:
+        assert run.indices == sorted(run.indices)  # batch order inside a partition
+        for index in run.indices:
+            record = records[index]
+            expected = DefaultPartitioner()(
+                record.key, sorted(partitions[record.topic]), list(partitions[record.topic])
+            )
+            assert run.partition == expected
+            assert run.topic == record.topic
+        seen += run.indices
+    assert sorted(seen) == list(range(400))
+    # A grown topic re-maps keys like aiokafka would (the cache is per partition count).
+    grown = plan_partition_runs(records[:1], {"t.b": set(range(7)), "t.a": set()}, chooser)
+    assert grown[0].partition == DefaultPartitioner()(records[0].key, list(range(7)), [])

@@ -440,3 +440,28 @@ async def test_bookkeeping_that_fills_a_capped_file_yields_to_data(tmp_path: Pat
             await first
         assert buffer.stats.commit_failures >= 1  # it was full ...
         assert not buffer.stats.disk_full  # ... and recovered without any row released
+
+
+async def test_in_thread_runs_on_aiosqlite_worker_under_the_lock_and_release_is_relaxed(
+    tmp_path: Path,
+) -> None:
+    """Pins the aiosqlite seams BufferCore.in_thread relies on (``_execute``, ``_conn``):
+    the work runs in aiosqlite's own thread on its connection, one call at a time, and a
+    release in at-least-once mode leaves the connection at synchronous=FULL afterwards."""
+    import threading
+
+    async with _buffer(tmp_path / "b.sqlite3") as buffer:
+        main = threading.get_ident()
+        ident, value = await buffer.in_thread(
+            lambda conn: (threading.get_ident(), conn.execute("SELECT 41 + 1").fetchone()[0])
+        )
+        assert ident != main
+        assert value == 42
+        await asyncio.gather(*_enqueue(buffer, "d1", 5))
+        leased = await buffer.lease(10)
+        assert [m.device_id for m in leased] == ["d1"] * 5
+        await buffer.release(leased)
+        assert buffer.stats.rows == 0
+        assert buffer.stats.oldest_ingest_ms is None
+        level = await buffer.in_thread(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        assert level == 2  # FULL again for the next ingest commit

@@ -36,8 +36,11 @@ from edge.mqtt_wire import (
     PUBREC,
     PUBREL,
     MalformedPacketError,
+    PacketSplitter,
     RawPacket,
+    decode_packet_id,
     decode_publish,
+    encode_acks,
     encode_packet,
     read_packet,
 )
@@ -783,6 +786,53 @@ async def test_read_packet_round_trips_remaining_length(size: int) -> None:
     packet = await read_packet(_ExactReader(reader), max_size=1 << 20, first_byte_timeout=None)
     assert packet == RawPacket(PUBACK, 0, body)
     assert await read_packet(_ExactReader(reader), max_size=1, first_byte_timeout=None) is None
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 64, 1 << 20])
+def test_packet_splitter_yields_the_same_packets_whatever_the_read_sizes(piece: int) -> None:
+    packets = [
+        RawPacket(PUBLISH, 2, bytes([i % 251]) * size)
+        for i, size in enumerate([0, 1, 126, 127, 128, 16_383, 16_384, 70_000, 5])
+    ]
+    stream = b"".join(encode_packet(p) for p in packets)
+    splitter = PacketSplitter(1 << 20)
+    out: list[RawPacket] = []
+    for start in range(0, len(stream), piece):
+        splitter.feed(stream[start : start + piece])
+        while (packet := splitter.next_packet()) is not None:
+            out.append(packet)
+    assert out == packets
+    assert splitter.pending == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\x30\xff\xff\xff\xff\x01", "longer than 4 bytes"),
+        (b"\x30\xff\xff\xff\x7f", "exceeds"),  # 256 MiB announced: refused before buffering
+        (encode_packet(RawPacket(PUBLISH, 0, bytes(1025))), "exceeds"),
+    ],
+)
+def test_packet_splitter_refuses_bad_lengths_before_buffering_the_body(
+    data: bytes, reason: str
+) -> None:
+    splitter = PacketSplitter(1024)
+    splitter.feed(data[:6])
+    with pytest.raises(MalformedPacketError, match=reason):
+        splitter.next_packet()
+
+
+def test_encode_acks_is_one_buffer_of_two_byte_acknowledgements() -> None:
+    wire = encode_acks([(PUBACK, 1), (PUBREC, 0x1234), (PUBCOMP, 65535)])
+    splitter = PacketSplitter(16)
+    splitter.feed(wire)
+    got = [splitter.next_packet() for _ in range(3)]
+    assert [(p.packet_type, decode_packet_id(p.body)) for p in got if p] == [
+        (PUBACK, 1),
+        (PUBREC, 0x1234),
+        (PUBCOMP, 65535),
+    ]
+    assert splitter.next_packet() is None
 
 
 @pytest.mark.parametrize(("clean_first", "clean_second"), [(False, False), (True, True)])

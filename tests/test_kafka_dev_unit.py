@@ -5,6 +5,7 @@ No Java and no network: the one fake is the mvn fetch, replaced to test the cach
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from gateway.dev.kafka_props import (
     render_properties,
     server_properties,
 )
-from gateway.dev.kafka_state import BrokerState, KafkaState, state_from_json, state_to_json
+from gateway.dev.kafka_sasl import SaslUser, new_sasl_user, scram_format_args
+from gateway.dev.kafka_state import (
+    BrokerState,
+    KafkaState,
+    SaslState,
+    state_from_json,
+    state_to_json,
+)
 from gateway.errors import LocalKafkaError
 
 _TLS = BrokerTls(
@@ -135,6 +143,79 @@ def test_state_round_trip() -> None:
     assert state_from_json(state_to_json(state)) == state
     assert state.bootstrap_servers == ["127.0.0.1:1", "127.0.0.1:2"]
     assert state.state_file == Path("/d/state.json")
+
+
+def test_sasl_listener_beside_mutual_tls() -> None:
+    user = SaslUser("tidegate", "pw-123_x")
+    nodes = [dataclasses.replace(n, sasl_port=10005 + 10 * n.node_id) for n in _nodes(3)]
+    props = server_properties(nodes[0], nodes, tls=_TLS, partitions=3, sasl_users=[user])
+    assert props["listeners"].endswith(",SASL://127.0.0.1:10015")
+    assert props["advertised.listeners"].endswith(",SASL://127.0.0.1:10015")
+    assert "SASL:SASL_SSL" in props["listener.security.protocol.map"].split(",")
+    # The mutual-TLS listener keeps requiring a certificate; the SASL one does not.
+    assert props["ssl.client.auth"] == "required"
+    assert props["listener.name.sasl.ssl.client.auth"] == "none"
+    assert (
+        props["listener.name.sasl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512,SCRAM-SHA-256,PLAIN"
+    )
+    assert props["listener.name.sasl.plain.sasl.jaas.config"] == (
+        'org.apache.kafka.common.security.plain.PlainLoginModule required user_tidegate="pw-123_x";'
+    )
+    assert "required;" in props["listener.name.sasl.scram-sha-512.sasl.jaas.config"]
+    # Replication and the quorum stay plaintext loopback, without SASL.
+    assert props["inter.broker.listener.name"] == "INTERNAL"
+    assert "user_" not in props["listener.name.sasl.scram-sha-512.sasl.jaas.config"]
+    with pytest.raises(ValueError, match="needs at least one user"):
+        server_properties(nodes[0], nodes, tls=_TLS, partitions=3)
+
+
+def test_scram_credentials_are_formatted_per_mechanism() -> None:
+    user = SaslUser("tidegate", "pw")
+    assert scram_format_args([user]) == [
+        "--add-scram",
+        "SCRAM-SHA-512=[name=tidegate,password=pw]",
+        "--add-scram",
+        "SCRAM-SHA-256=[name=tidegate,password=pw]",
+    ]
+    assert "pw" not in repr(user)
+    fresh = new_sasl_user()
+    assert len(fresh.password) >= 32
+    assert fresh.password != new_sasl_user().password
+    # Anything needing quotes in JAAS or --add-scram is refused rather than escaped.
+    for bad in ('a"b', "a,b", "a]b", "", "é"):
+        with pytest.raises(ValueError, match="letters, digits"):
+            scram_format_args([SaslUser("u", bad)])
+
+
+def test_state_with_sasl_round_trips_and_old_state_still_loads() -> None:
+    broker = BrokerState(1, 42, 1, 3, 4, Path("/l"), Path("/p"), sasl_port=7)
+    state = KafkaState(
+        version="4.4.0",
+        cluster_id="abc",
+        bootstrap="127.0.0.1:1",
+        data_dir=Path("/d"),
+        started_at="2026-01-01T00:00:00+00:00",
+        pki_dir=Path("/p"),
+        ca_file=Path("/p/ca.pem"),
+        cert_file=Path("/p/gateway.pem"),
+        key_file=Path("/p/gateway-key.pem"),
+        brokers=(broker,),
+        sasl=SaslState("tidegate", Path("/d/sasl-password"), ("SCRAM-SHA-512", "PLAIN")),
+    )
+    text = state_to_json(state)
+    assert state_from_json(text) == state
+    assert state.sasl_bootstrap == "127.0.0.1:7"
+    assert '"bootstrap": "127.0.0.1:7"' in text
+    # A state file from before the SASL listener: no sasl keys at all.
+    old = state_to_json(
+        dataclasses.replace(
+            state, sasl=None, brokers=(dataclasses.replace(broker, sasl_port=None),)
+        )
+    )
+    assert "sasl" not in old
+    loaded = state_from_json(old)
+    assert loaded.sasl is None
+    assert loaded.sasl_bootstrap is None
 
 
 @pytest.mark.parametrize(

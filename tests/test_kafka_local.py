@@ -70,6 +70,27 @@ async def _consumer(
         await consumer.stop()
 
 
+@asynccontextmanager
+async def _sasl_producer(state: KafkaState, mechanism: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A producer on the SASL_SSL listener: the CA only (no client certificate) and the
+    state's dev user."""
+    assert state.sasl is not None
+    producer = AIOKafkaProducer(
+        bootstrap_servers=state.sasl_bootstrap,
+        security_protocol="SASL_SSL",
+        ssl_context=make_ssl_context(state, client_cert=False),
+        sasl_mechanism=mechanism,
+        sasl_plain_username=state.sasl.username,
+        sasl_plain_password=state.sasl.password_file.read_text(),
+        acks="all",
+    )
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
 async def _take(consumer: AIOKafkaConsumer, count: int) -> list[Any]:
     return [await consumer.getone() for _ in range(count)]
 
@@ -221,11 +242,19 @@ async def test_three_brokers_replicate(tmp_path: Path) -> None:
                 await admin.close()
             async with _producer(state, enable_idempotence=True, acks="all") as producer:
                 await producer.send_and_wait("rf3", b"replicated", partition=0)
+            # Every node has the SASL_SSL listener: one record per partition (leaders are
+            # spread over the nodes) through the SASL bootstrap.
+            async with _sasl_producer(state, "SCRAM-SHA-512") as producer:
+                for partition in range(3):
+                    await producer.send_and_wait("rf3", b"over-sasl", partition=partition)
             async with _consumer(state, "rf3", group_id="rf3.group") as consumer:
-                message = await consumer.getone()
+                messages = await _take(consumer, 4)
         assert len(cluster["brokers"]) == 3
         assert all(len(p["replicas"]) == 3 for p in described["partitions"])
-        assert message.value == b"replicated"
+        assert len({p["leader"] for p in described["partitions"]}) > 1
+        assert sorted(m.value for m in messages) == [b"over-sasl"] * 3 + [b"replicated"]
+        assert state.sasl_bootstrap is not None
+        assert len(state.sasl_bootstrap.split(",")) == 3
     finally:
         await asyncio.to_thread(stop_kafka, state.state_file)
     assert not kafka_status(state.data_dir).any_alive
@@ -248,6 +277,11 @@ def test_cli_up_status_down(tmp_path: Path) -> None:
         status = runner.invoke(dev_app, ["kafka", "status", "--dir", str(data)])
         assert status.exit_code == 0, status.output
         assert "alive" in status.output
+        assert state.sasl is not None
+        assert f"sasl_ssl port {state.brokers[0].sasl_port}" in status.output
+        assert f"sasl_ssl bootstrap: {state.sasl_bootstrap}" in result.output
+        assert state.sasl.password_file.stat().st_mode & 0o777 == 0o600
+        assert state.sasl.password_file.read_text() not in (data / "state.json").read_text()
     finally:
         down = runner.invoke(dev_app, ["kafka", "down", "--dir", str(data)])
     assert down.exit_code == 0, down.output

@@ -75,7 +75,7 @@ def test_default_acl_and_hostile_identities() -> None:
         assert not acl.may_subscribe(hostile, f"d/{hostile}/cmd")
 
 
-@pytest.mark.parametrize("rule", ["", "d/#/x", "d/a+/x", "d/{tenant}/x", "d/{device_id"])
+@pytest.mark.parametrize("rule", ["", "d/#/x", "d/a+/x", "d/{tenants}/x", "d/{device_id"])
 def test_invalid_rules(rule: str) -> None:
     with pytest.raises(ValueError, match=r"rule|placeholder|level"):
         validate_rule(rule)

@@ -74,6 +74,8 @@ def kafka_up(
         highlight=False,
     )
     _out.print(f"bootstrap: {state.bootstrap}", highlight=False)
+    if state.sasl_bootstrap is not None:
+        _out.print(f"sasl_ssl bootstrap: {state.sasl_bootstrap}", highlight=False)
     _out.print(f"state file: {state.state_file}", highlight=False)
 
 
@@ -97,12 +99,23 @@ def kafka_status_cmd(data_dir: _DirOption = Path("var/kafka")) -> None:
     if status.state is None:
         _out.print(f"not running (no {state_path(data_dir)})", highlight=False)
         raise typer.Exit(code=1)
-    _out.print(f"kafka {status.state.version}  bootstrap {status.state.bootstrap}", highlight=False)
+    state = status.state
+    _out.print(f"kafka {state.version}  bootstrap {state.bootstrap}", highlight=False)
+    if state.sasl is not None and state.sasl_bootstrap is not None:
+        _out.print(
+            f"sasl_ssl {state.sasl_bootstrap}  user {state.sasl.username}  "
+            f"password file {state.sasl.password_file}  ({', '.join(state.sasl.mechanisms)})",
+            highlight=False,
+        )
+    sasl_ports = {b.node_id: b.sasl_port for b in state.brokers}
     for broker in status.brokers:
         alive = "alive" if broker.alive else "DEAD"
         port = "open" if broker.port_open else "CLOSED"
+        sasl_port = sasl_ports.get(broker.node_id)
+        sasl = f", sasl_ssl port {sasl_port}" if sasl_port is not None else ""
         _out.print(
-            f"  node {broker.node_id}: pid {broker.pid} {alive}, port {port}", highlight=False
+            f"  node {broker.node_id}: pid {broker.pid} {alive}, port {port}{sasl}",
+            highlight=False,
         )
     if not status.running:
         raise typer.Exit(code=1)

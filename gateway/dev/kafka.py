@@ -26,8 +26,6 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-import os
-import secrets
 import shutil
 import ssl
 import subprocess
@@ -76,11 +74,19 @@ from gateway.dev.kafka_props import (
     render_properties,
     server_properties,
 )
+from gateway.dev.kafka_sasl import (
+    SASL_MECHANISMS,
+    new_sasl_user,
+    scram_format_args,
+    write_password_file,
+)
 from gateway.dev.kafka_state import (
     BrokerState,
     KafkaState,
+    SaslState,
     read_state,
     state_path,
+    write_private_text,
     write_state,
 )
 from gateway.errors import LocalKafkaError
@@ -146,6 +152,8 @@ def start_kafka(
     first use, formats storage, launches ``brokers`` combined broker+controller nodes, waits
     until every broker is registered (over mutual TLS, as a client would), then creates
     ``topics``. Each start wipes the previous node directories: data does not survive.
+    Every node also gets a SASL_SSL listener (``state.sasl_bootstrap``) with a dev user whose
+    random password is written to ``<data_dir>/sasl-password`` (0600; gateway/dev/kafka_sasl.py).
     Raises :class:`LocalKafkaError` if a cluster is already running in ``data_dir`` or the
     start fails; on failure nothing is left running.
 
@@ -159,7 +167,8 @@ def start_kafka(
         raise LocalKafkaError(f"brokers must be between 1 and 5, got {brokers}")
     if proxy_ports is not None and len(proxy_ports) != brokers:
         raise LocalKafkaError(f"proxy_ports: {len(proxy_ports)} ports for {brokers} brokers")
-    per_node = 3 if proxy_ports is None else 4
+    # Ports per node: SSL, INTERNAL, CONTROLLER, SASL, then PROXIED if asked for.
+    per_node = 4 if proxy_ports is None else 5
     data_dir = data_dir.resolve()
     existing = kafka_status(data_dir)
     if existing.state is not None:
@@ -181,6 +190,12 @@ def start_kafka(
     log4j = data_dir / "log4j2.properties"
     log4j.write_text(render_log4j2())
     cluster_id = new_cluster_id()
+    sasl_user = new_sasl_user()
+    sasl = SaslState(
+        username=sasl_user.username,
+        password_file=write_password_file(data_dir, sasl_user),
+        mechanisms=SASL_MECHANISMS,
+    )
 
     for attempt in range(1, _PORT_ATTEMPTS + 1):
         ports = pick_free_ports(per_node * brokers)
@@ -191,7 +206,8 @@ def start_kafka(
                 internal_port=ports[per_node * i + 1],
                 controller_port=ports[per_node * i + 2],
                 node_dir=data_dir / f"node-{i + 1}",
-                proxied_port=None if proxy_ports is None else ports[per_node * i + 3],
+                sasl_port=ports[per_node * i + 3],
+                proxied_port=None if proxy_ports is None else ports[per_node * i + 4],
                 proxy_advertised_port=None if proxy_ports is None else proxy_ports[i],
             )
             for i in range(brokers)
@@ -199,10 +215,12 @@ def start_kafka(
         for node in nodes:
             shutil.rmtree(node.node_dir, ignore_errors=True)
             node.node_dir.mkdir(parents=True)
-            settings = server_properties(node, nodes, tls=tls, partitions=partitions)
+            settings = server_properties(
+                node, nodes, tls=tls, partitions=partitions, sasl_users=[sasl_user]
+            )
             # 0600: the file inlines the broker's private key.
-            _write_private_text(node.properties_path, render_properties(settings))
-        format_storage(libs, log4j, nodes, cluster_id)
+            write_private_text(node.properties_path, render_properties(settings))
+        format_storage(libs, log4j, nodes, cluster_id, scram_format_args([sasl_user]))
         procs: list[subprocess.Popen[bytes]] = []
         try:
             for node in nodes:
@@ -231,9 +249,11 @@ def start_kafka(
                     properties=node.properties_path,
                     proxied_port=node.proxied_port,
                     proxy_port=node.proxy_advertised_port,
+                    sasl_port=node.sasl_port,
                 )
                 for node, proc in zip(nodes, procs, strict=True)
             ),
+            sasl=sasl,
         )
         # Written before readiness so that whatever happens next, the cluster is stoppable
         # from the CLI even if this process dies.
@@ -367,14 +387,6 @@ class LocalKafka:
 
 class _PortTakenError(LocalKafkaError):
     """A node could not bind a chosen port (taken between picking and binding)."""
-
-
-def _write_private_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _stop_pids(state: KafkaState, *, timeout_s: float = _STOP_TIMEOUT_S) -> list[int]:

@@ -90,6 +90,7 @@ def restart_broker(
         node_dir=broker.properties.parent,
         proxied_port=broker.proxied_port,
         proxy_advertised_port=broker.proxy_port,
+        sasl_port=broker.sasl_port,
     )
     proc = launch_node(libs, log4j, layout)
     restarted = dataclasses.replace(broker, pid=proc.pid)

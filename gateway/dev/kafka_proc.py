@@ -157,8 +157,18 @@ def _java_base(libs: Path, log4j: Path, heap: str) -> list[str]:
     ]
 
 
-def format_storage(libs: Path, log4j: Path, nodes: Sequence[NodeLayout], cluster_id: str) -> None:
-    """Run ``kafka.tools.StorageTool format`` for every node, in parallel (one JVM each)."""
+def format_storage(
+    libs: Path,
+    log4j: Path,
+    nodes: Sequence[NodeLayout],
+    cluster_id: str,
+    extra_args: Sequence[str] = (),
+) -> None:
+    """Run ``kafka.tools.StorageTool format`` for every node, in parallel (one JVM each).
+
+    ``extra_args`` go to every node's format (``--add-scram ...``: bootstrap metadata records
+    must be the same on every node).
+    """
     base = _java_base(libs, log4j, "-Xmx256m")
     procs = [
         subprocess.Popen(
@@ -170,6 +180,7 @@ def format_storage(libs: Path, log4j: Path, nodes: Sequence[NodeLayout], cluster
                 cluster_id,
                 "-c",
                 str(node.properties_path),
+                *extra_args,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

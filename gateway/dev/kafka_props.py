@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.dev.kafka_sasl import SASL_LISTENER, SaslUser, sasl_listener_settings
+
 __all__ = [
     "KAFKA_VERSION",
     "BrokerTls",
@@ -68,6 +70,9 @@ class NodeLayout:
     ``proxy_advertised_port``, so all their traffic keeps going through the proxy."""
     proxy_advertised_port: int | None = None
     """The proxy's own port, advertised for the ``PROXIED`` listener (set with the above)."""
+    sasl_port: int | None = None
+    """Optional SASL_SSL client listener (``SASL``: server TLS, user name and password,
+    no client certificate); see gateway/dev/kafka_sasl.py."""
 
     @property
     def log_dir(self) -> Path:
@@ -135,12 +140,14 @@ def server_properties(
     *,
     tls: BrokerTls,
     partitions: int,
+    sasl_users: Sequence[SaslUser] = (),
 ) -> dict[str, str]:
     """All settings of one node, as an ordered mapping (rendered by :func:`render_properties`).
 
     Everything listens on 127.0.0.1 only. Clients reach the SSL listener and must present a
     certificate from our CA (``ssl.client.auth=required``); replication and the quorum use
-    plaintext loopback listeners, which no client is given.
+    plaintext loopback listeners, which no client is given. A node with ``sasl_port`` also
+    has a SASL_SSL client listener for ``sasl_users``.
     """
     voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in nodes)
     listeners = (
@@ -157,6 +164,12 @@ def server_properties(
         listeners += f",PROXIED://127.0.0.1:{node.proxied_port}"
         advertised += f",PROXIED://127.0.0.1:{node.proxy_advertised_port}"
         protocols += ",PROXIED:SSL"
+    if node.sasl_port is not None:
+        if not sasl_users:
+            raise ValueError(f"node {node.node_id}: a SASL listener needs at least one user")
+        listeners += f",{SASL_LISTENER}://127.0.0.1:{node.sasl_port}"
+        advertised += f",{SASL_LISTENER}://127.0.0.1:{node.sasl_port}"
+        protocols += f",{SASL_LISTENER}:SASL_SSL"
     settings: dict[str, str] = {
         "process.roles": "broker,controller",
         "node.id": str(node.node_id),
@@ -183,6 +196,8 @@ def server_properties(
         "ssl.truststore.type": "PEM",
         "ssl.truststore.certificates": tls.ca_pem.strip(),
     }
+    if node.sasl_port is not None:
+        settings.update(sasl_listener_settings(sasl_users))
     settings.update(cluster_settings(len(nodes)))
     return settings
 

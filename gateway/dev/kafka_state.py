@@ -14,11 +14,17 @@ Format (JSON, ``<data_dir>/state.json``)::
       "brokers": [{"node_id": 1, "pid": 1234, "ssl_port": 40001, "internal_port": 40002,
                    "controller_port": 40003, "log": ".../node-1/kafka.log",
                    "properties": ".../node-1/server.properties",
-                   "proxied_port": 40010, "proxy_port": 40011}]
+                   "proxied_port": 40010, "proxy_port": 40011, "sasl_port": 40012}],
+      "sasl": {"bootstrap": "127.0.0.1:40012", "username": "tidegate",
+               "password_file": "/abs/var/kafka/sasl-password",
+               "mechanisms": ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"]}
+    }
 
 ``proxied_port``/``proxy_port`` are present only for clusters started with proxy ports
 (the chaos harness's TCP proxy); ``pid`` is updated when a single broker is restarted.
-    }
+``sasl_port`` and ``sasl`` are present for clusters with the SASL_SSL listener (state files
+written before it existed have neither and still load). The password itself is only in the
+0600 ``password_file``, never in this file.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ __all__ = [
     "STATE_FORMAT",
     "BrokerState",
     "KafkaState",
+    "SaslState",
     "read_state",
     "state_from_json",
     "state_path",
     "state_to_json",
+    "write_private_text",
     "write_state",
 ]
 
@@ -61,6 +69,17 @@ class BrokerState:
     """The ``PROXIED`` client listener's own port (None: the cluster has no proxy listener)."""
     proxy_port: int | None = None
     """The proxy port advertised for ``PROXIED``: what clients using the proxy connect to."""
+    sasl_port: int | None = None
+    """The SASL_SSL client listener's port (None: the cluster has no SASL listener)."""
+
+
+@dataclass(frozen=True)
+class SaslState:
+    """The SASL_SSL listener's dev user (its password is in ``password_file``, mode 0600)."""
+
+    username: str
+    password_file: Path
+    mechanisms: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,16 @@ class KafkaState:
     """The gateway's client certificate (CN=tidegate-gateway)."""
     key_file: Path
     brokers: tuple[BrokerState, ...]
+    sasl: SaslState | None = None
+    """The SASL_SSL listener's user; None for clusters started without it."""
+
+    @property
+    def sasl_bootstrap(self) -> str | None:
+        """``127.0.0.1:SASL_PORT,...`` if every broker has a SASL_SSL listener, else None."""
+        ports = [b.sasl_port for b in self.brokers]
+        if self.sasl is None or not ports or any(port is None for port in ports):
+            return None
+        return ",".join(f"127.0.0.1:{port}" for port in ports)
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -128,6 +157,14 @@ def state_to_json(state: KafkaState) -> str:
         },
         "brokers": [_broker_to_json(b) for b in state.brokers],
     }
+    if state.sasl is not None:
+        doc["sasl"] = {
+            # Derived from the brokers' ports; written for shell users (jq), not read back.
+            "bootstrap": state.sasl_bootstrap,
+            "username": state.sasl.username,
+            "password_file": str(state.sasl.password_file),
+            "mechanisms": list(state.sasl.mechanisms),
+        }
     return json.dumps(doc, indent=2) + "\n"
 
 
@@ -147,11 +184,23 @@ def _broker_to_json(b: BrokerState) -> dict[str, Any]:
         doc["proxied_port"] = b.proxied_port
     if b.proxy_port is not None:
         doc["proxy_port"] = b.proxy_port
+    if b.sasl_port is not None:
+        doc["sasl_port"] = b.sasl_port
     return doc
 
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _sasl_from_json(doc: Any) -> SaslState | None:
+    if doc is None:
+        return None
+    return SaslState(
+        username=str(doc["username"]),
+        password_file=Path(doc["password_file"]),
+        mechanisms=tuple(str(m) for m in doc["mechanisms"]),
+    )
 
 
 def state_from_json(text: str, *, source: str = "state") -> KafkaState:
@@ -184,9 +233,11 @@ def state_from_json(text: str, *, source: str = "state") -> KafkaState:
                     properties=Path(b["properties"]),
                     proxied_port=_optional_int(b.get("proxied_port")),
                     proxy_port=_optional_int(b.get("proxy_port")),
+                    sasl_port=_optional_int(b.get("sasl_port")),
                 )
                 for b in doc["brokers"]
             ),
+            sasl=_sasl_from_json(doc.get("sasl")),
         )
     except json.JSONDecodeError as exc:
         raise LocalKafkaError(f"{source}: not JSON: {exc}") from exc
@@ -205,6 +256,15 @@ def read_state(path: Path) -> KafkaState:
     except OSError as exc:
         raise LocalKafkaError(f"{path}: cannot read: {exc.strerror}") from exc
     return state_from_json(text, source=str(path))
+
+
+def write_private_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically to a file only its owner can read (mode 0600)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 def write_state(state: KafkaState) -> Path:
