@@ -38,6 +38,16 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             f"denied: {security['publishes_denied']} publishes, "
             f"{security['subscriptions_denied']} subscriptions",
         )
+    quotas = data.get("quotas")
+    if quotas and quotas.get("enabled"):
+        table.add_row(
+            "quotas",
+            f"{quotas['policy']}: {quotas['throttled']} throttled ({quotas['throttled_s']} s), "
+            f"{quotas['rate_disconnects']} disconnected, oversize "
+            f"{quotas['oversize_discarded'] + quotas['oversize_disconnects']}, refused "
+            f"{quotas['subscriptions_refused']} subscriptions, "
+            f"{quotas['connections_refused']} connections",
+        )
     table.add_row(
         "buffer",
         f"{buffer['rows']} rows, {_fmt_bytes(buffer['payload_bytes'])}"

@@ -6,7 +6,8 @@ Used by ``tests/test_fuzz.py``: a short seeded run in CI and the full campaign
 
 What counts as a failure:
 
-* wire decoders: any exception other than :class:`MalformedPacketError`;
+* wire decoders: any exception other than :class:`MalformedPacketError`, or the broker's
+  :class:`PacketSplitter` (fed in random pieces) disagreeing with :func:`read_packet`;
 * payload decoders: any exception at all (bad payloads must become None / dead letters);
 * live path (the broker runs in its own process, tests/fuzz_broker.py): an ERROR log line
   from the broker (a handler "reader failed" is a bug caught

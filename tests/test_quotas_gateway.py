@@ -24,6 +24,7 @@ from gateway.dev.kafka import KafkaState
 from tests.harness import (
     assert_all_acked_arrived,
     read_topics,
+    run_cli,
     running_gateway,
     write_gateway_config,
 )
@@ -176,6 +177,7 @@ messages_burst = {QUOTA}
             flood.stop()  # it keeps reconnecting (paho) and being disconnected
         flood.join(40)
         status = gateway.status()["quotas"]
+        status_text = run_cli("status", "-c", str(config)).stdout
         gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "everything forwarded")
         audit = [json.loads(line) for line in (gateway.data_dir / "audit.jsonl").open()]
 
@@ -200,6 +202,7 @@ messages_burst = {QUOTA}
         assert status["throttled"] > 0
         assert status["rate_disconnects"] == 0
         assert any(r["event"] == "quota_throttled" for r in audit)
+        assert "throttle:" in status_text, status_text
     else:
         assert flood.disconnects >= 1
         assert status["rate_disconnects"] >= 1
