@@ -100,6 +100,8 @@ id = "drain-bench"
 data_dir = "{data}"
 [[broker.listeners]]
 port = 0
+[broker]
+allow_anonymous = true  # loopback benchmark, like the bare-amqtt and Mosquitto peers
 [buffer]
 max_rows = 10_000_000
 max_bytes = 8_589_934_592
@@ -164,6 +166,7 @@ def _measure(
     )  # fmt: skip
     peak_rss = 0
     samples: list[tuple[float, int]] = []
+    status: dict[str, Any] = {}
     try:
         while True:
             status = _status(runtime)
@@ -193,6 +196,12 @@ def _measure(
         "drain_msgs_per_s": round(args.rows / drained_s),
         "gateway_cpu_s": round(cpu, 1),
         "gateway_peak_rss_mb": round(peak_rss / 2**20, 1),
+        # Where the forwarder's time went (cumulative seconds): buffer (lease, release) or
+        # Kafka (send: from enqueue to the last ack of a batch).
+        "forwarder": {
+            k: status.get("kafka", {}).get(k)
+            for k in ("batches", "forwarded", "lease_s", "send_s", "release_s")
+        },
         "live": {
             "devices": args.live_devices,
             "rate_per_device": args.live_rate,

@@ -167,6 +167,9 @@ name = "tcp"
 host = "127.0.0.1"
 port = 0
 
+[broker]
+allow_anonymous = true  # loopback benchmark, like the bare-amqtt and Mosquitto peers
+
 [kafka]
 bootstrap_servers = ["{kafka.bootstrap}"]
 

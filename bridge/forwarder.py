@@ -78,6 +78,13 @@ class ForwarderStatus:
     recovered_rows: int = 0
     """Exactly-once: rows found committed in Kafka at recovery and released, not resent."""
     recoveries: int = 0
+    lease_s: float = 0.0
+    """Seconds spent leasing rows (cumulative): with ``send_s`` and ``release_s``, where a
+    drain's time goes (buffer or Kafka)."""
+    send_s: float = 0.0
+    """Seconds from handing a batch to the producer until every record's ack (cumulative)."""
+    release_s: float = 0.0
+    """Seconds spent deleting acknowledged rows (cumulative)."""
 
 
 class Forwarder:
@@ -139,7 +146,9 @@ class Forwarder:
 
     async def step(self) -> None:
         """One round: lease, decide, send, settle; or wait. Tests may drive it directly."""
+        started = time.monotonic()
         batch = await self._buffer.lease(self._lease_batch)
+        self.status.lease_s += time.monotonic() - started
         dlq_due = self._dead_letters_due()
         # Exactly-once: recover as soon as the gateway starts, not only once rows arrive.
         recovery_due = self.exactly_once and self._recovered_generation == 0
@@ -195,7 +204,9 @@ class Forwarder:
         outcome: SendOutcome | None = None
         verdicts = 0
         if to_send:
+            started = time.monotonic()
             outcome = await self._send(to_send, send_records)
+            self.status.send_s += time.monotonic() - started
             verdicts = self._judge(to_send, outcome, dead)
         dead_ids = {m.row_id for ms in dead.values() for m in ms}
         for reason, messages in dead.items():
@@ -212,7 +223,9 @@ class Forwarder:
         if self._crash_after and done and self.status.batches + 1 >= self._crash_after:
             log.error("%s: killing the process after a commit", CRASH_AFTER_COMMIT_ENV)
             os.kill(os.getpid(), signal.SIGKILL)
+        started = time.monotonic()
         await self._buffer.release(done)
+        self.status.release_s += time.monotonic() - started
         if self.exactly_once and outcome.error is None:
             self._batch_seq += 1
         self.status.forwarded += len(done)

@@ -323,6 +323,9 @@ name = "tcp"
 host = "127.0.0.1"
 port = 0
 
+[broker]
+allow_anonymous = true  # loopback fault injection; also runs older gateway trees (--src)
+
 {buffer}
 {classes}
 [routing]

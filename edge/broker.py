@@ -50,10 +50,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -78,6 +80,7 @@ from edge.device_auth import (
 )
 from edge.ingest import IngestSink, SessionObserver
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
+from edge.revocation import PeerIdentity, Revocation
 from gateway.errors import TidegateError
 
 __all__ = ["DEFAULT_MAX_PACKET_SIZE", "EdgeBroker", "EdgeBrokerError"]
@@ -140,6 +143,10 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         self._connect_timeout = connect_timeout
         self._accepting = True
         self._connection_tasks: set[asyncio.Task[Any]] = set()
+        self.identities: weakref.WeakKeyDictionary[EdgeProtocolHandler, PeerIdentity] = (
+            weakref.WeakKeyDictionary()
+        )
+        """How each connection authenticated (re-checked on reload)."""
 
     def _topic_matches(self, topic: str, topic_filter: str) -> bool:
         # amqtt's own matcher, so the bypass decision agrees with _run_broadcast exactly.
@@ -281,6 +288,8 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             # amqtt's session monitor drops disconnected anonymous sessions at once.
             session.is_anonymous = decision.anonymous
         handler = EdgeProtocolHandler(self.plugins_manager, loop=self._loop, edge=self.edge)
+        if decision is not None and decision.identity is not None:
+            self.identities[handler] = decision.identity
         return handler, session
 
     async def _authenticate_connect(
@@ -306,6 +315,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             password=password,
             certificate_cn=peer_certificate_cn(ssl_object),
             tls=ssl_object is not None,
+            certificate_der=None if ssl_object is None else ssl_object.getpeercert(True),
         )
         tenant_of = self.edge.security.tenant_of
         if decision.accepted and tenant_of is not None:
@@ -457,6 +467,10 @@ class EdgeBroker:
             :func:`edge.device_auth.server_tls_context`: client certificates required).
         password_file: device passwords (salted scrypt, :mod:`edge.passwords`), or None.
         security: topic ACL, deny policy and audit log (default: no ACL, no audit).
+        revocation: revoked device ids, certificate fingerprints and CRL serials.
+
+    Reload (SIGHUP, :mod:`gateway.reload`): :attr:`authenticator` ``.update(...)``,
+    :meth:`replace_tls_contexts`, :meth:`replace_security`, then :meth:`disconnect_invalid`.
     """
 
     def __init__(
@@ -473,6 +487,7 @@ class EdgeBroker:
         tls: Mapping[str, ssl.SSLContext] | None = None,
         password_file: Path | None = None,
         security: Security | None = None,
+        revocation: Revocation | None = None,
     ) -> None:
         names = [name for name, _host, _port in listeners]
         if not names:
@@ -507,6 +522,7 @@ class EdgeBroker:
         self._authenticator = DeviceAuthenticator(
             allow_anonymous=allow_anonymous, password_file=password_file
         )
+        self._authenticator.revocation = revocation or Revocation()
         self._broker: _EdgeAmqttBroker | None = None
         self._bound: dict[str, tuple[str, int]] = {}
         self._stats = BrokerStats()
@@ -530,6 +546,83 @@ class EdgeBroker:
     @property
     def running(self) -> bool:
         return self._broker is not None
+
+    @property
+    def authenticator(self) -> DeviceAuthenticator:
+        """Checks every CONNECT; its settings can be swapped while running (reload)."""
+        return self._authenticator
+
+    @property
+    def security(self) -> Security:
+        """The current ACL, deny policy and audit log."""
+        return self._security
+
+    def replace_tls_contexts(self, tls: Mapping[str, ssl.SSLContext]) -> None:
+        """New server TLS contexts for the same TLS listeners: used from the next handshake
+        on; established connections keep theirs."""
+        if set(tls) != set(self._tls):
+            raise ValueError(f"TLS listeners are {sorted(self._tls)}, got {sorted(tls)}")
+        self._tls = dict(tls)
+        if self._broker is not None:
+            self._broker._tls_contexts = dict(tls)
+
+    def replace_security(self, security: Security) -> None:
+        """New ACL / deny policy: applies from the next PUBLISH or SUBSCRIBE read."""
+        if security.on_deny not in ("puback_discard", "disconnect"):
+            raise ValueError(f"invalid on_deny {security.on_deny!r}")
+        # Quotas do not reload (their section needs a restart) and hold live state (buckets,
+        # subscription counts): the running ones stay.
+        security = dataclasses.replace(security, quotas=self._security.quotas)
+        self._security = security
+        if self._broker is not None:
+            self._broker.edge.security = security
+
+    def drop_subscriptions(self, allowed: Callable[[str, str], bool]) -> list[tuple[str, str]]:
+        """Remove every subscription (connected or stored session) that ``allowed(client id,
+        filter)`` now refuses, e.g. after an ACL change; audited as ``subscription_revoked``.
+        Returns ``(device id, filter)`` of each."""
+        broker = self._broker
+        if broker is None:
+            return []
+        dropped: list[tuple[str, str]] = []
+        for topic_filter, subscribers in list(broker._subscriptions.items()):
+            for session, _qos in list(subscribers):
+                device_id = str(session.client_id)
+                if allowed(device_id, topic_filter):
+                    continue
+                broker._del_subscription(topic_filter, session)
+                dropped.append((device_id, topic_filter))
+                audit = broker.edge.security.audit
+                if audit is not None:
+                    audit.record(
+                        "subscription_revoked", device=device_id, topic_filter=topic_filter
+                    )
+            if not broker._subscriptions.get(topic_filter, True):
+                del broker._subscriptions[topic_filter]  # as amqtt does for emptied filters
+        return dropped
+
+    async def disconnect_invalid(
+        self, verdict: Callable[[PeerIdentity], str | None]
+    ) -> list[tuple[str, str]]:
+        """Close every live connection whose identity ``verdict`` gives a reason for (audited
+        as ``device_disconnected``); return ``(device id, reason)`` of each."""
+        broker = self._broker
+        if broker is None:
+            return []
+        closed: list[tuple[str, str]] = []
+        for device_id, handler in list(broker.edge.live.items()):
+            identity = broker.identities.get(handler)
+            reason = None if identity is None else verdict(identity)
+            if reason is None:
+                continue
+            peer = handler.peer
+            log.warning("device %s (%s): disconnecting: %s", device_id, peer, reason)
+            audit = broker.edge.security.audit
+            if audit is not None:
+                audit.record("device_disconnected", device=device_id, peer=peer, reason=reason)
+            await handler.abort(reason)
+            closed.append((device_id, reason))
+        return closed
 
     async def start(self) -> None:
         """Bind the listeners and start serving. No-op when already running."""

@@ -150,6 +150,10 @@ class PasswordFile:
             return None
         return st.st_mtime_ns, st.st_size
 
+    def entries(self) -> dict[str, str]:
+        """Device id -> encoded hash, as last read (a copy)."""
+        return dict(self._entries or {})
+
     def lookup(self, device_id: str) -> str | None:
         """The encoded hash of ``device_id`` (re-reading the file if it changed)."""
         stamp = self._current_stamp()

@@ -17,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +34,11 @@ from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
+from gateway.reload import SecurityReloader
 from gateway.security_setup import (
     broker_security,
     listener_tls_contexts,
+    revocation,
     tenant_map,
     tenant_shares,
 )
@@ -64,7 +67,7 @@ def read_runtime(data_dir: Path) -> dict[str, Any] | None:
 class Gateway:
     """One gateway. ``async with Gateway(cfg) as gw: await gw.stopped()``."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, config_path: Path | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -98,7 +101,6 @@ class Gateway:
             gateway_id=config.gateway.id,
         )
         security = broker_security(config, self.tenants)
-        self.quotas = security.quotas
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
             sink=self.intake,
@@ -109,7 +111,10 @@ class Gateway:
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
             security=security,
+            revocation=revocation(config),
         )
+        # SIGHUP re-reads the security settings from config_path (gateway/reload.py).
+        self.reloader = SecurityReloader(self, config_path)
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
@@ -139,13 +144,15 @@ class Gateway:
                     )
                     try:
                         async with self.broker, self.admin:
+                            self._install_sighup()
                             self._write_runtime(data_dir)
                             log.info(
-                                "gateway %s running: mqtt %s, admin %s, buffer %s",
+                                "gateway %s running: mqtt %s, admin %s, buffer %s, loop %s",
                                 self.config.gateway.id,
                                 self.broker.bound_addresses,
                                 self.admin.bound,
                                 self.config.buffer_path,
+                                type(asyncio.get_running_loop()).__module__.split(".")[0],
                             )
                             await self._stop.wait()
                             log.info("stopping: closing listeners")
@@ -161,6 +168,11 @@ class Gateway:
             with contextlib.suppress(OSError):
                 (data_dir / RUNTIME_FILE).unlink()
             self._release_lock()
+
+    def _install_sighup(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # main thread
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
 
     def _take_lock(self, data_dir: Path) -> None:
         fd = os.open(data_dir / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -260,8 +272,9 @@ class Gateway:
                 "subscriptions_denied": self.broker.stats.subscriptions_denied,
                 "acl": self.config.broker.acl.enabled,
                 "allow_anonymous": self.config.broker.allow_anonymous,
+                "reload": self.reloader.status(),
             },
-            "quotas": quota_status(self.quotas),
+            "quotas": quota_status(self.broker.security.quotas),
             "buffer": {
                 **dataclasses.asdict(stats),
                 "path": str(self.config.buffer_path),
@@ -280,6 +293,9 @@ class Gateway:
                 "forwarded": fwd.forwarded,
                 "batches": fwd.batches,
                 "failed_batches": fwd.failed_batches,
+                "lease_s": round(fwd.lease_s, 3),
+                "send_s": round(fwd.send_s, 3),
+                "release_s": round(fwd.release_s, 3),
                 "producer_rebuilds": fwd.producer_rebuilds,
                 "delivery": self.config.kafka.delivery,
                 "breaker": self.forwarder.breaker.snapshot(),

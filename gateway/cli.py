@@ -27,6 +27,7 @@ from gateway.config import load_config
 from gateway.dev.cli import certs_app, dev_app
 from gateway.devices_cli import devices_app
 from gateway.errors import ConfigError, TidegateError
+from gateway.reload_cli import reload_command
 
 __all__ = ["app", "main"]
 
@@ -45,6 +46,7 @@ app.add_typer(devices_app, name="devices")
 app.command("sim")(sim_command)
 app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)
+app.command("reload")(reload_command)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Gateway config file (TOML).", show_default=True)
@@ -95,7 +97,7 @@ def run(
     from gateway.app import Gateway
 
     async def main() -> None:
-        gateway = Gateway(cfg)
+        gateway = Gateway(cfg, config_path=config)
         loop = asyncio.get_running_loop()
 
         def on_signal() -> None:
@@ -113,9 +115,29 @@ def run(
         await gateway.run()
 
     try:
-        asyncio.run(main())
+        tls = any(listener.tls for listener in cfg.broker.listeners)
+        with _runner(cfg.gateway.event_loop, tls_listeners=tls) as runner:
+            runner.run(main())
     except TidegateError as exc:
         raise _fail(str(exc), code=1) from None
+
+
+def _runner(choice: str, *, tls_listeners: bool) -> asyncio.Runner:
+    """An asyncio runner on the configured event loop (gateway.event_loop)."""
+    if choice == "asyncio" or (choice == "auto" and tls_listeners):
+        return asyncio.Runner()
+    if tls_listeners:
+        raise _fail(
+            "gateway.event_loop = 'uvloop' cannot serve TLS listeners (their start_tls upgrade"
+            " hangs under uvloop); use 'auto' or 'asyncio'"
+        )
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise _fail("gateway.event_loop = 'uvloop' but uvloop is not installed") from None
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
 def _hard_exit() -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "KafkaTlsConfig",
     "ListenerConfig",
     "QuotasConfig",
+    "RevocationConfig",
     "RoutingConfig",
     "TenantsConfig",
     "default_config",
@@ -94,6 +95,11 @@ class GatewayIdentity(_Model):
     """Directory for the buffer file and runtime state."""
     shutdown_deadline_s: Annotated[float, Field(gt=0, le=600)] = 10.0
     """SIGTERM: the gateway exits within this many seconds, even when Kafka is down."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """``auto``: uvloop when installed (a dependency on Linux and macOS) and no broker
+    listener has ``tls = true``, else asyncio's own loop. uvloop lowers the CPU each socket
+    wake-up costs; TLS listeners upgrade accepted sockets with ``start_tls``, which under
+    uvloop 0.23 lost the device's first TLS bytes and hung the handshake."""
 
 
 class ListenerConfig(_Model):
@@ -155,14 +161,27 @@ class AuditConfig(_Model):
     """Rotated files kept; disk use is at most ``(keep + 1) x max_bytes``."""
 
 
+class RevocationConfig(_Model):
+    """Revoked devices (docs/security.md). Re-read on SIGHUP; revoked devices that are still
+    connected are disconnected."""
+
+    deny_file: ExistingFile | None = None
+    """One entry per line: a device id, or ``sha256:<hex>`` (a certificate's SHA-256
+    fingerprint). ``#`` comments."""
+    crl_file: ExistingFile | None = None
+    """PEM CRL(s) of the device CA, checked at every TLS handshake (OpenSSL) and against the
+    connected devices on reload. Needs a TLS listener; an expired CRL fails every handshake."""
+
+
 class BrokerConfig(_Model):
     """The embedded MQTT broker (amqtt) devices connect to."""
 
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)] = [ListenerConfig()]
     max_inflight_per_session: Annotated[int, Field(ge=1, le=65535)] = 64
     """Un-acked inbound QoS1/2 publishes per device; at the cap the socket is not read."""
-    allow_anonymous: bool = True
-    """Accept devices without credentials (development only; the security work turns it off)."""
+    allow_anonymous: bool = False
+    """Accept devices without credentials. Off by default: devices authenticate with a client
+    certificate (TLS listener) or a password (``password_file``). Development only."""
     password_file: ExistingFile | None = None
     """Device passwords as salted scrypt hashes, managed with ``tidegate devices``; the
     user name must equal the client id. Re-read when it changes (no restart needed)."""
@@ -171,6 +190,7 @@ class BrokerConfig(_Model):
     way it is counted, audited, and nothing of it is stored or forwarded."""
     acl: AclConfig = AclConfig()
     audit: AuditConfig = AuditConfig()
+    revocation: RevocationConfig = RevocationConfig()
 
     @field_validator("listeners")
     @classmethod
@@ -179,6 +199,12 @@ class BrokerConfig(_Model):
         if len(names) != len(set(names)):
             raise ValueError("listener names must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _crl_needs_tls(self) -> BrokerConfig:
+        if self.revocation.crl_file is not None and not any(x.tls for x in self.listeners):
+            raise ValueError("revocation.crl_file needs a listener with tls = true")
+        return self
 
 
 class EncryptionKeyConfig(_Model):

@@ -4,6 +4,12 @@ Certificates → local Kafka (mutual TLS) → the gateway (``configs/dev.toml``)
 fleet publishing QoS1 → wait for the buffer to drain → the verifier's table. Everything it
 started is stopped at the end, also on failure or Ctrl-C. Each step is a real process run
 through the same CLI a user would type, so the demo shows exactly what users get.
+
+Anonymous devices are refused (the default), so the demo provisions its fleet first: a
+password file in the work directory with the simulator's device ids, all sharing one random
+password made for this run (one scrypt hash reused for every id: hashing 1,000 passwords one
+by one would take a minute). The simulator gets the password through its environment
+(``TIDEGATE_SIM_PASSWORD``), not its command line.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from device_sim.options import device_id
+from edge.passwords import hash_password, write_entries
 from gateway.app import read_runtime
 from gateway.dev.kafka import KafkaState, read_state, start_kafka, stop_kafka
 from gateway.errors import TidegateError
@@ -125,6 +134,14 @@ def _wait_drained(runtime: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         time.sleep(0.2)
 
 
+def _provision_fleet(path: Path, devices: int) -> str:
+    """Write the fleet's password file (ids of ``tidegate sim``); return the password."""
+    password = secrets.token_urlsafe(18)
+    encoded = hash_password(password)
+    write_entries(path, {device_id("dev-", index): encoded for index in range(devices)})
+    return password
+
+
 def run_demo(options: DemoOptions) -> int:
     """Run the demo; return the verifier's exit code (0: nothing acknowledged is missing)."""
     workdir = options.workdir.resolve()
@@ -136,6 +153,9 @@ def run_demo(options: DemoOptions) -> int:
     init_pki(pki_dir)
     ledger = workdir / "acks.jsonl"
     ledger.unlink(missing_ok=True)
+    password_file = workdir / "devices.passwd"
+    _say(f"provisioning {options.devices} device passwords in {password_file}")
+    password = _provision_fleet(password_file, options.devices)
     with _kafka(options, pki_dir) as kafka:
         env = {
             **os.environ,
@@ -144,6 +164,7 @@ def run_demo(options: DemoOptions) -> int:
             "TIDEGATE_DATA_DIR": str(data_dir),
             "TIDEGATE_MQTT_PORT": "0",
             "TIDEGATE_ADMIN_PORT": "0",
+            "TIDEGATE_PASSWORD_FILE": str(password_file),
         }
         with _gateway(env, data_dir, workdir / "gateway.log") as runtime:
             port = runtime["mqtt"][0]["port"]
@@ -167,7 +188,7 @@ def run_demo(options: DemoOptions) -> int:
                     "--ledger",
                     str(ledger),
                 ),
-                env=env,
+                env={**env, "TIDEGATE_SIM_PASSWORD": password},
                 check=False,
             )
             if sim.returncode != 0:

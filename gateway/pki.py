@@ -36,6 +36,7 @@ __all__ = [
     "MAX_DEVICE_ID_LENGTH",
     "PkiPaths",
     "init_pki",
+    "issue_crl",
     "issue_device_cert",
     "validate_device_id",
 ]
@@ -178,6 +179,34 @@ def issue_device_cert(directory: Path, device_id: str) -> tuple[Path, Path]:
     cert_path, key_path = paths.device_cert(device_id), paths.device_key(device_id)
     _issue_leaf(ca_key, ca_cert, cert_path, key_path, common_name=device_id, server=False, san=[])
     return cert_path, key_path
+
+
+def issue_crl(directory: Path, revoked: list[Path], out: Path, *, valid_days: int = 30) -> Path:
+    """Write ``out``: a PEM CRL of the CA in ``directory`` revoking the certificate files
+    ``revoked`` (``broker.revocation.crl_file``). OpenSSL refuses every handshake once it
+    has expired, so reissue it before ``valid_days``."""
+    ca_key, ca_cert = _load_ca(PkiPaths.under(directory))
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(now + dt.timedelta(days=valid_days))
+    )
+    for path in revoked:
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PkiError(f"{path}: not a PEM certificate: {exc}") from exc
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now - _BACKDATE)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _atomic_write(out, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return out
 
 
 def _new_ca() -> tuple[_IssuerKey, x509.Certificate]:

@@ -1,5 +1,6 @@
 """Turns the ``[broker]`` security settings into what :class:`edge.broker.EdgeBroker` takes:
-server TLS contexts per listener, the password file, and the ACL/deny/audit settings."""
+server TLS contexts per listener, the password file, the ACL/deny/audit settings and the
+revocation list. Used at start and by every reload (:mod:`gateway.reload`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,18 @@ from edge.broker import EdgeBrokerError
 from edge.broker_state import Security
 from edge.device_auth import server_tls_context
 from edge.quotas import Quotas
+from edge.revocation import Revocation, read_crl, read_deny_file
 from edge.tenant_share import TenantShares
 from edge.tenants import TenantMap
 from gateway.config import GatewayConfig
 
-__all__ = ["broker_security", "listener_tls_contexts", "tenant_map", "tenant_shares"]
+__all__ = [
+    "broker_security",
+    "listener_tls_contexts",
+    "revocation",
+    "tenant_map",
+    "tenant_shares",
+]
 
 
 def tenant_map(config: GatewayConfig) -> TenantMap | None:
@@ -46,6 +54,7 @@ def tenant_shares(config: GatewayConfig, tenants: TenantMap | None) -> TenantSha
 def listener_tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
     """Listener name -> TLS context requiring a client certificate (TLS listeners only)."""
     contexts: dict[str, ssl.SSLContext] = {}
+    crl = config.broker.revocation.crl_file
     for listener in config.broker.listeners:
         if not listener.tls:
             continue
@@ -54,7 +63,7 @@ def listener_tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
             raise EdgeBrokerError(f"listener {listener.name}: tls needs cafile/certfile/keyfile")
         cafile, certfile, keyfile = (Path(str(path)) for path in files)
         try:
-            contexts[listener.name] = server_tls_context(cafile, certfile, keyfile)
+            contexts[listener.name] = server_tls_context(cafile, certfile, keyfile, crl)
         except (ssl.SSLError, OSError) as exc:
             raise EdgeBrokerError(f"listener {listener.name}: TLS files unusable: {exc}") from exc
     return contexts
@@ -86,3 +95,14 @@ def broker_security(config: GatewayConfig, tenants: TenantMap | None = None) -> 
         tenant_of=None if tenants is None else tenants.resolve,
         quotas=quotas,
     )
+
+
+def revocation(config: GatewayConfig) -> Revocation:
+    """The deny list and CRL serials; raises :class:`edge.revocation.RevocationError`."""
+    settings = config.broker.revocation
+    devices: frozenset[str] = frozenset()
+    fingerprints: frozenset[str] = frozenset()
+    if settings.deny_file is not None:
+        devices, fingerprints = read_deny_file(settings.deny_file)
+    crl = frozenset() if settings.crl_file is None else read_crl(settings.crl_file)
+    return Revocation(device_ids=devices, fingerprints=fingerprints, crl_serials=crl)

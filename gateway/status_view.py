@@ -38,6 +38,15 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             f"denied: {security['publishes_denied']} publishes, "
             f"{security['subscriptions_denied']} subscriptions",
         )
+        last = (security.get("reload") or {}).get("last")
+        if last is not None:
+            outcome = (
+                f"ok, changed: {', '.join(last['changed']) or 'nothing'}, "
+                f"{len(last['disconnected'])} devices disconnected"
+                if last["ok"]
+                else f"[red]FAILED, previous configuration kept: {last['error']}[/red]"
+            )
+            table.add_row("last reload", f"{last['age_s']} s ago ({last['trigger']}): {outcome}")
     quotas = data.get("quotas")
     if quotas and quotas.get("enabled"):
         table.add_row(

@@ -178,6 +178,7 @@ live_inputs: Final = st.tuples(
 ).map(b"".join)
 """A connection's bytes: mostly a valid CONNECT then a fuzzed stream, else fuzz from byte 0."""
 
+
 def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner))
 

@@ -1,12 +1,29 @@
 """Test harness: a real gateway process, real paho devices, and a Kafka read-back.
 
 Everything waits on conditions with deadlines; nothing sleeps a fixed time.
+
+Device credentials (anonymous devices are refused by default, docs/security.md):
+
+* :func:`write_gateway_config` writes ``devices.passwd`` next to the config and sets
+  ``broker.password_file`` (unless ``extra`` sets its own). Every test device has the password
+  :data:`DEVICE_PASSWORD` (user name = client id). Its scrypt hash is computed once per
+  session and reused for every id (the hash depends only on salt and password).
+* Ids need not be known in advance: :func:`provision_devices` adds ids to a password file
+  (atomically; a running gateway re-reads the file when it changes), and
+  :func:`device_credentials` does it for the gateway listening on a port (registered by
+  :meth:`GatewayProcess.start`) and returns the user name and password to send.
+* :class:`Publisher` and :func:`publish_qos1` do that themselves (``password=None`` connects
+  without credentials). :func:`run_cli` and :func:`sim_args` do it for ``tidegate sim`` runs:
+  the fleet's ids are provisioned and ``--password`` is added.
+* A test about anonymous devices sets ``allow_anonymous`` itself (``anonymous=True``, or
+  ``[broker]`` in ``extra``); an in-process ``EdgeBroker`` keeps its own keyword default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -18,13 +35,62 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
+from device_sim.options import device_id as sim_device_id
+from edge.passwords import hash_password, read_entries, write_entries
+from gateway.config import load_config
+from gateway.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
+
+DEVICE_PASSWORD: Final = "tidegate-test-device"
+"""Password of every device the harness provisions (user name = client id)."""
+
+_password_files: dict[int, Path] = {}
+"""MQTT port -> password file of the gateway listening there (set by GatewayProcess.start)."""
+_provision_lock = threading.Lock()
+
+
+@functools.cache
+def device_password_hash() -> str:
+    """The scrypt hash of :data:`DEVICE_PASSWORD`: computed once, shared by every id."""
+    return hash_password(DEVICE_PASSWORD)
+
+
+def provision_devices(password_file: Path, device_ids: Iterable[str]) -> None:
+    """Add ``device_ids`` (password :data:`DEVICE_PASSWORD`) to a password file."""
+    with _provision_lock:
+        entries = read_entries(password_file)
+        missing = [d for d in device_ids if d not in entries]
+        if missing or not password_file.exists():
+            entries.update(dict.fromkeys(missing, device_password_hash()))
+            write_entries(password_file, entries)  # atomic: the gateway never reads half
+
+
+def device_credentials(port: int, client_id: str) -> tuple[str, str]:
+    """Provision ``client_id`` at the gateway on ``port`` (when the harness started it) and
+    return the user name and password it connects with."""
+    path = _password_files.get(port)
+    if path is not None:
+        provision_devices(path, [client_id])
+    return client_id, DEVICE_PASSWORD
+
+
+def sim_args(port: int, devices: int, prefix: str = "dev-", start_index: int = 0) -> list[str]:
+    """``tidegate sim`` arguments for a fleet at ``port``: ids provisioned, password given."""
+    path = _password_files.get(port)
+    if path is not None:
+        ids = (sim_device_id(prefix, i) for i in range(start_index, start_index + devices))
+        provision_devices(path, ids)
+    return [
+        *("--port", str(port), "--devices", str(devices), "--prefix", prefix),
+        *("--start-index", str(start_index), "--password", DEVICE_PASSWORD),
+    ]
 
 
 def wait_for(
@@ -79,8 +145,23 @@ def write_gateway_config(
     send_deadline_s: float = 8.0,
     request_timeout_s: float = 5.0,
     extra: str = "",
+    devices: Iterable[str] = (),
+    anonymous: bool | None = None,
 ) -> Path:
-    """A gateway config on port 0 (MQTT and admin) for one test."""
+    """A gateway config on port 0 (MQTT and admin) for one test, with a password file for
+    ``devices`` (more can be added later, see the module docstring). ``anonymous`` sets
+    ``broker.allow_anonymous`` (None: the default, refused)."""
+    password_file = directory / "devices.passwd"
+    provision_devices(password_file, devices)
+    broker = [] if "password_file" in extra else [f'password_file = "{password_file}"']
+    if anonymous is not None:
+        broker.append(f"allow_anonymous = {str(anonymous).lower()}")
+    if "\n[broker]\n" in f"\n{extra}":  # one [broker] table only: add to the test's
+        extra = f"\n{extra}".replace(
+            "\n[broker]\n", "\n[broker]\n" + "".join(f"{b}\n" for b in broker), 1
+        )
+    elif broker:
+        extra = "\n[broker]\n" + "".join(f"{b}\n" for b in broker) + extra
     classes = "\n".join(
         f'[classes.{name}]\nkafka_topic = "{topic}"\npriority = {5 + i}\n'
         for i, (name, topic) in enumerate(topics.items())
@@ -154,6 +235,13 @@ class GatewayProcess:
             return runtime if runtime.get("pid") == proc.pid else None
 
         self.runtime = wait_for(ready, timeout, "the gateway to listen")
+        try:
+            password_file = load_config(self.config, check_files=False).broker.password_file
+        except ConfigError:
+            password_file = None
+        if password_file is not None:
+            for listener in self.runtime["mqtt"]:
+                _password_files[int(listener["port"])] = password_file
         return self
 
     @property
@@ -209,6 +297,9 @@ class Publisher:
     topic_class: str = "event"
     payload_padding: int = 0
     """Extra bytes per payload (to fill a buffer faster)."""
+    password: str | None = DEVICE_PASSWORD
+    """Devices authenticate with this (provisioned at the harness's gateway on ``port``);
+    None: no credentials."""
     acked: dict[str, list[int]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -216,6 +307,10 @@ class Publisher:
     errors: int = 0
 
     def start(self, per_device: int, inflight: int = 20) -> Publisher:
+        if self.password is not None:
+            path = _password_files.get(self.port)
+            if path is not None:
+                provision_devices(path, self.devices)
         for device in self.devices:
             self.acked[device] = []
             thread = threading.Thread(
@@ -236,6 +331,8 @@ class Publisher:
             clean_session=True,
         )
         client.max_inflight_messages_set(inflight)
+        if self.password is not None:
+            client.username_pw_set(device, self.password)
         pending: dict[int, int] = {}
         early: set[int] = set()  # PUBACKs that beat the publisher to recording the mid
         pending_lock = threading.Condition()  # notified on every PUBACK
@@ -445,10 +542,20 @@ def kafka_tls(kafka: Any) -> KafkaTls:
 
 
 def publish_qos1(
-    port: int, client_id: str, messages: list[tuple[str, bytes]], *, in_order: bool = True
+    port: int,
+    client_id: str,
+    messages: list[tuple[str, bytes]],
+    *,
+    in_order: bool = True,
+    password: str | None = DEVICE_PASSWORD,
 ) -> None:
-    """Publish QoS1 with paho over a real socket and wait for every PUBACK."""
+    """Publish QoS1 with paho over a real socket and wait for every PUBACK. The device
+    authenticates (see the module docstring) unless ``password`` is None."""
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    if password is not None:
+        if password == DEVICE_PASSWORD:
+            device_credentials(port, client_id)
+        client.username_pw_set(client_id, password)
     if in_order:
         client.max_inflight_messages_set(1)  # strictly one after the other
     client.connect("127.0.0.1", port)
@@ -463,10 +570,31 @@ def publish_qos1(
         client.loop_stop()
 
 
+def _with_sim_credentials(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``sim --port P ...`` against a harness gateway: provision the fleet, add --password."""
+    if not args or args[0] != "sim" or "--password" in args or "--port" not in args:
+        return args
+    port = int(args[args.index("--port") + 1])
+    if port not in _password_files:
+        return args
+
+    def option(name: str, default: str) -> str:
+        return args[args.index(name) + 1] if name in args else default
+
+    fleet = sim_args(
+        port,
+        int(option("--devices", "10")),
+        option("--prefix", "dev-"),
+        int(option("--start-index", "0")),
+    )
+    return (*args, "--password", fleet[-1])
+
+
 def run_cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
-    """``tidegate ARGS`` as a user runs it; output captured, never raises on exit codes."""
+    """``tidegate ARGS`` as a user runs it; output captured, never raises on exit codes.
+    A ``sim`` run against a harness gateway gets device credentials (module docstring)."""
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.cli", *_with_sim_credentials(args)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -11,7 +11,13 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from gateway.dev.kafka import KafkaState
-from tests.harness import REPO, KafkaTls, running_gateway, write_gateway_config
+from tests.harness import (
+    REPO,
+    KafkaTls,
+    device_credentials,
+    running_gateway,
+    write_gateway_config,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -41,6 +47,7 @@ def test_breaker_opens_while_kafka_is_unreachable_and_status_shows_it(
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="dev-b"
         )
+        client.username_pw_set(*device_credentials(gateway.mqtt_port, "dev-b"))
         client.connect("127.0.0.1", gateway.mqtt_port)
         client.loop_start()
         try:

@@ -23,6 +23,7 @@ from tests.harness import (
     REPO,
     GatewayProcess,
     KafkaTls,
+    device_credentials,
     eventually,
     read_topics,
     running_gateway,
@@ -60,6 +61,7 @@ class CmdDevice:
         client.on_subscribe = lambda *_: subscribed.set()
         client.on_message = self._on_message
         client.on_publish = self._on_report_acked
+        client.username_pw_set(*device_credentials(self.port, self.device_id))
         client.connect("127.0.0.1", self.port)
         client.loop_start()
         self._client = client

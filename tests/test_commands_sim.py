@@ -13,7 +13,7 @@ import pytest
 
 from device_sim.commands import CommandApplier
 from gateway.dev.kafka import KafkaState
-from tests.harness import REPO, running_gateway
+from tests.harness import REPO, running_gateway, sim_args
 from tests.test_commands_e2e import (
     _config,
     command,
@@ -63,16 +63,11 @@ async def test_simulated_fleet_executes_commands(
                 "-m",
                 "gateway.cli",
                 "sim",
-                "--port",
-                str(gateway.mqtt_port),
-                "--devices",
-                "3",
+                *sim_args(gateway.mqtt_port, 3, prefix="sim-"),
                 "--count",
                 "1",
                 "--classes",
                 "event",
-                "--prefix",
-                "sim-",
                 "--commands",
                 "--command-delay",
                 "0.05",

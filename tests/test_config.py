@@ -17,10 +17,13 @@ CONFIGS = sorted((REPO / "configs").glob("*.toml"))
 
 @pytest.fixture
 def pki_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Stand-in PEM files: check-config only checks that the files exist."""
+    """Stand-in PEM files and an empty device password file: check-config only checks that
+    the files exist."""
     for name in ("ca.pem", "gateway.pem", "gateway-key.pem"):
         (tmp_path / name).write_text("placeholder\n")
+    (tmp_path / "devices.passwd").write_text("")
     monkeypatch.setenv("TIDEGATE_PKI_DIR", str(tmp_path))
+    monkeypatch.setenv("TIDEGATE_PASSWORD_FILE", str(tmp_path / "devices.passwd"))
     return tmp_path
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.dev.kafka import KafkaState
-from tests.harness import REPO, KafkaTls, running_gateway, write_gateway_config
+from tests.harness import REPO, KafkaTls, running_gateway, sim_args, write_gateway_config
 
 pytestmark = pytest.mark.kafka
 
@@ -50,8 +50,8 @@ def test_thousand_devices_from_one_command(
         sim = subprocess.run(
             [
                 sys.executable, "-m", "gateway.cli", "sim",
-                "--port", str(gateway.mqtt_port),
-                "--devices", "1000", "--count", "3", "--classes", "telemetry",
+                *sim_args(gateway.mqtt_port, 1000),
+                "--count", "3", "--classes", "telemetry",
                 "--ledger", str(ledger), "--quiet",
             ],
             capture_output=True, text=True, cwd=REPO, timeout=300, check=False,

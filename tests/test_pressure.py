@@ -8,8 +8,6 @@ import json
 import socket
 import sqlite3
 import struct
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,12 +18,13 @@ import pytest
 from edge.schema import APPLICATION_ID, SCHEMA_V1
 from gateway.dev.kafka import KafkaState
 from tests.harness import (
-    REPO,
     Publisher,
+    device_credentials,
     frozen_kafka,
     per_device_sequences,
     read_topics,
     rss_bytes,
+    run_cli,
     running_gateway,
     write_gateway_config,
 )
@@ -150,8 +149,10 @@ async def test_events_overtake_a_telemetry_backlog_which_still_progresses(
 
 def _mqtt_connect(port: int, client_id: str) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(cid)) + cid
+    user, password = (x.encode() for x in device_credentials(port, client_id))
+    body = b"\x00\x04MQTT\x04\xc2\x00\x3c"  # clean session, user name and password
+    for field in (client_id.encode(), user, password):
+        body += struct.pack("!H", len(field)) + field
     sock.sendall(bytes([0x10, len(body)]) + body)
     assert sock.recv(4)[:2] == b"\x20\x02"  # CONNACK
     return sock
@@ -240,16 +241,7 @@ async def test_expired_envelopes_are_not_in_kafka_and_are_in_the_drop_ledger(
     )
     ledger, drops = tmp_path / "acks.jsonl", tmp_path / "drops.jsonl"
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=300,
-            check=False,
-        )
-
+    cli = run_cli  # sim runs get device credentials from the harness
     with running_gateway(config) as gateway:
         warm = Publisher(gateway.mqtt_port, ["warm"], "telemetry").start(per_device=1)
         warm.wait_done(30)

