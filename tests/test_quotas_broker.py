@@ -154,3 +154,12 @@ async def test_connection_rate_limit_per_address(harness: Harness, tmp_path: Pat
         await client.ping()
     events = [r["event"] for r in AuditLog(tmp_path / "audit.jsonl").read()]
     assert events == ["quota_connection_refused"]
+
+
+async def test_quotas_survive_a_security_reload(harness: Harness, tmp_path: Path) -> None:
+    settings = QuotaSettings(default=QuotaLimits(messages_per_s=1.0, messages_burst=1.0))
+    broker, quotas = await quota_broker(harness, FakeSink(), settings, tmp_path)
+    broker.replace_security(Security())  # what a SIGHUP reload does with new ACL settings
+    # The [quotas] section needs a restart; the live buckets must not be reset by a reload.
+    assert broker.security.quotas is quotas
+    assert broker.amqtt_broker.edge.security.quotas is quotas
