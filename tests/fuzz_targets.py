@@ -84,8 +84,14 @@ _strings = st.one_of(
     st.binary(max_size=24).map(_field),  # invalid UTF-8 included
     st.sampled_from([b"", b"\x00", b"\xff\xff", b"\x00\x05ab"]),  # truncated / lying lengths
 )
+_own = st.sampled_from(["fz0", "fz1", "fz2"])
 _topics = st.one_of(
-    st.sampled_from(["d/fz0/up/event", "d/fz1/meta", "a/+/b", "#", "$SYS/x", "", "d/\x00/x"]),
+    # Topics the live broker's ACL lets a device publish / subscribe to (its own), so the
+    # publish path, the quota checks and the subscription limit are reached often.
+    _own.map(lambda d: f"d/{d}/up/event"),
+    st.tuples(_own, st.integers(0, 9)).map(lambda t: f"d/{t[0]}/fw/{t[1]}"),
+    _own.map(lambda d: f"d/{d}/cmd"),
+    st.sampled_from(["d/fz1/meta", "a/+/b", "#", "$SYS/x", "", "d/\x00/x"]),
     _text,
 ).map(lambda s: _field(s.encode()))
 _packet_ids = st.integers(0, 0xFFFF).map(lambda n: struct.pack("!H", n))
@@ -110,7 +116,7 @@ def _publish(draw: st.DrawFn) -> tuple[int, int, bytes]:
     body = draw(_topics)
     if flags & 0x06:
         body += draw(_packet_ids)
-    body += draw(st.binary(max_size=200))
+    body += draw(st.binary(max_size=200) | st.binary(min_size=90, max_size=160))
     return 3, flags, body
 
 
@@ -167,16 +173,56 @@ def _valid_connect(client_id: str, clean: bool) -> bytes:
     return encode_packet(RawPacket(1, 0, body + _field(client_id.encode())))
 
 
-live_inputs: Final = st.tuples(
-    st.one_of(
-        st.tuples(st.sampled_from(["fz0", "fz1", "fz2"]), st.booleans()).map(
-            lambda t: _valid_connect(*t)
+@st.composite
+def _session(draw: st.DrawFn) -> bytes:
+    """A valid CONNECT then up to 12 well-formed packets of the device's own traffic
+    (publishes of every QoS, DUP, payloads around the 100-byte limit, subscriptions past the
+    4-filter limit, PUBREL, PINGREQ): reaches the deep paths that malformed streams do not
+    (and its mutants break such a session at an arbitrary later point)."""
+    device = draw(_own)
+    out = _valid_connect(device, draw(st.booleans()))
+    own_filters = [f"d/{device}/cmd", *(f"d/{device}/fw/{i}" for i in range(8)), "d/other/cmd"]
+    for _ in range(draw(st.integers(1, 12))):
+        kinds = ["publish", "publish", "publish", "sub", "unsub", "rel", "ping"]
+        kind = draw(st.sampled_from(kinds))
+        packet_id = struct.pack("!H", draw(st.integers(1, 20)))
+        if kind == "publish":
+            qos = draw(st.integers(0, 2))
+            topic = draw(
+                st.sampled_from([f"d/{device}/up/event", f"d/{device}/meta", "d/other/up/event"])
+            )
+            flags = (qos << 1) | draw(st.sampled_from([0, 1] + ([8] if qos else [])))
+            body = _field(topic.encode()) + (packet_id if qos else b"")
+            body += draw(st.binary(max_size=40) | st.binary(min_size=95, max_size=110))
+            out += encode_packet(RawPacket(3, flags, body))
+        elif kind == "sub":
+            filters = draw(st.lists(st.sampled_from(own_filters), min_size=1, max_size=3))
+            body = packet_id
+            for topic_filter in filters:
+                body += _field(topic_filter.encode()) + bytes([draw(st.integers(0, 2))])
+            out += encode_packet(RawPacket(8, 2, body))
+        elif kind == "unsub":
+            body = packet_id + _field(draw(st.sampled_from(own_filters)).encode())
+            out += encode_packet(RawPacket(10, 2, body))
+        elif kind == "rel":
+            out += encode_packet(RawPacket(6, 2, packet_id))
+        else:
+            out += b"\xc0\x00"
+    return out
+
+
+live_inputs: Final = st.one_of(
+    st.tuples(
+        st.one_of(
+            st.tuples(_own, st.booleans()).map(lambda t: _valid_connect(*t)),
+            st.just(b""),
         ),
-        st.just(b""),
-    ),
-    wire_inputs,
-).map(b"".join)
-"""A connection's bytes: mostly a valid CONNECT then a fuzzed stream, else fuzz from byte 0."""
+        wire_inputs,
+    ).map(b"".join),
+    _session(),
+)
+"""A connection's bytes: a valid CONNECT then a fuzzed stream, fuzz from byte 0, or a
+well-formed session (whose mutants break it anywhere)."""
 
 
 def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
