@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--live-devices", type=int, default=100)
     parser.add_argument("--live-rate", type=float, default=10.0)
+    parser.add_argument("--lease-batch", type=int, default=2000, help="buffer.lease_batch")
     parser.add_argument("--kafka-state", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -105,6 +106,7 @@ allow_anonymous = true  # loopback benchmark, like the bare-amqtt and Mosquitto 
 [buffer]
 max_rows = 10_000_000
 max_bytes = 8_589_934_592
+lease_batch = {args.lease_batch}
 [classes.event]
 kafka_topic = "{topics["event"]}"
 priority = 8

@@ -1,8 +1,11 @@
 """Forward the buffer to Kafka: lease a batch, send it, release only what Kafka acked.
 
 One batch is in flight at a time. That keeps per-device order simple to prove: a batch is
-resent only before anything after it was sent. Throughput comes from large batches (the
-lease size) rather than from pipelining; the performance work may pipeline later.
+resent only before anything after it was sent. To keep the buffer busy while Kafka works,
+at-least-once mode *leases ahead*: while a batch waits for its acks, the rows after it are
+read and waiting. They are used only if the batch in flight was released whole; after any
+failure, dead letter or hold they are thrown away and the next batch is leased from the
+oldest row again (nothing of them was sent, so order holds).
 
 Each step decides in pure code (:mod:`bridge.outcomes`) which rows go, which can never go
 (dead letters: too large, not authorized, topic missing past its deadline, rejected by
@@ -127,11 +130,23 @@ class Forwarder:
         self._next_dlq_check = 0.0
         self._crash_after = int(os.environ.get(CRASH_AFTER_COMMIT_ENV, "0") or 0)
         self.status = ForwarderStatus()
+        self._ahead: asyncio.Task[list[StoredMessage]] | None = None
+        self._ahead_usable = False
+        """True only after the batch in flight when the lease-ahead started went out whole."""
 
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
         """Forward forever (until cancelled). Errors are logged and retried by the breaker."""
+        try:
+            await self._run()
+        finally:
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
+
+    async def _run(self) -> None:
         while True:
             try:
                 await self.step()
@@ -147,7 +162,7 @@ class Forwarder:
     async def step(self) -> None:
         """One round: lease, decide, send, settle; or wait. Tests may drive it directly."""
         started = time.monotonic()
-        batch = await self._buffer.lease(self._lease_batch)
+        batch = await self._take_batch()
         self.status.lease_s += time.monotonic() - started
         dlq_due = self._dead_letters_due()
         # Exactly-once: recover as soon as the gateway starts, not only once rows arrive.
@@ -184,6 +199,28 @@ class Forwarder:
 
     # ------------------------------------------------------------------- uplink
 
+    async def _take_batch(self) -> list[StoredMessage]:
+        """The rows leased ahead if the previous batch went out whole, else a fresh lease."""
+        ahead, self._ahead = self._ahead, None
+        usable, self._ahead_usable = self._ahead_usable, False
+        if ahead is not None:
+            try:
+                rows = await ahead
+            except Exception:  # a read failed: lease normally (and see that error there)
+                log.debug("lease-ahead failed", exc_info=True)
+            else:
+                if usable:
+                    return rows
+        return await self._buffer.lease(self._lease_batch)
+
+    def _lease_ahead(self, batch: Sequence[StoredMessage]) -> None:
+        floors: dict[str, int] = {}
+        for message in batch:
+            floors[message.class_name] = max(floors.get(message.class_name, 0), message.row_id)
+        self._ahead = asyncio.create_task(
+            self._buffer.lease(self._lease_batch, after=floors), name="forwarder-lease-ahead"
+        )
+
     async def _forward(self, leased: list[StoredMessage]) -> bool:
         """Send one batch; False when nothing could be sent (all held back)."""
         batch = narrow_to_suspects(leased, self._suspects)
@@ -203,6 +240,9 @@ class Forwarder:
         send_records = [records[i] for i in plan.send]
         outcome: SendOutcome | None = None
         verdicts = 0
+        whole = len(to_send) == len(leased) and not dead and not plan.held
+        if to_send and whole and not self.exactly_once and self._ahead is None:
+            self._lease_ahead(to_send)
         if to_send:
             started = time.monotonic()
             outcome = await self._send(to_send, send_records)
@@ -239,6 +279,8 @@ class Forwarder:
             self._failed(outcome.error, stuck=outcome.stuck)
         else:
             self.breaker.record_success()
+        # The rows leased ahead follow this batch: usable only if all of it is gone.
+        self._ahead_usable = whole and outcome.error is None and len(done) == len(to_send)
         return True
 
     async def _send(self, batch: list[StoredMessage], records: list[KafkaRecord]) -> SendOutcome:

@@ -10,6 +10,7 @@ from typing import Protocol
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from edge.buffer import StoredMessage
+from edge.lifecycle import HEARTBEAT_CLASS
 from edge.routing import UNROUTED_CLASS
 from edge.tenants import TENANT_HEADER, UNASSIGNED, TenantMap, render
 
@@ -131,9 +132,15 @@ class RecordBuilder:
             ("tg-ingest-ts", b"%d" % message.ingest_ms),
             ("tg-qos", b"%d" % message.qos),
         ]
+        if not message.topic:
+            # Written by the gateway itself (lifecycle events, heartbeats): no MQTT publish.
+            headers = [h for h in headers if h[0] not in ("tg-mqtt-topic", "tg-qos")]
         if reason_header is not None:
             headers.append(reason_header)
-        tenants_on, tenant = self._tenant(message.device_id, headers)
+        if message.class_name == HEARTBEAT_CLASS:  # the gateway's own: no tenant
+            tenants_on, tenant = False, None
+        else:
+            tenants_on, tenant = self._tenant(message.device_id, headers)
         if tenants_on:
             if tenant is None and reason_header is None:
                 headers.append(("tg-dead-letter-reason", b"device belongs to no tenant"))

@@ -62,6 +62,21 @@ from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
 from edge.broker_state import EdgeContext, Qos2State
 from edge.ingest import InboundPublish
+from edge.lifecycle import (
+    CLEAN,
+    CONNECTION_LOST,
+    DENIED,
+    GATEWAY_SHUTDOWN,
+    INTERNAL_ERROR,
+    KEEPALIVE_TIMEOUT,
+    PROTOCOL_ERROR,
+    REVOKED,
+    STORE_FAILED,
+    TAKEN_OVER,
+    TOOK_OVER_KEY,
+    ConnectionEnded,
+    SessionInfo,
+)
 from edge.mqtt_wire import (
     CONNECT,
     DISCONNECT,
@@ -150,6 +165,11 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._disconnect_seen = False
         self._disconnect_result: Any = None
         self._quota: DeviceQuota | None = None
+        self.close_reason: str | None = None
+        """Why the connection ended (:data:`edge.lifecycle.REASONS`); the first cause wins."""
+        self._close_detail = ""
+        self._will_due: bool | None = None
+        self._session_info: SessionInfo | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._keepalive_expired = False
         self._idle_since: float | None = None
@@ -191,10 +211,13 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         edge = self._edge
         device_id = self.device_id
         old = edge.live.get(device_id)
+        took_over = bool(self.session.attributes.get(TOOK_OVER_KEY))  # set by the broker
         if old is not None and old is not self:
             edge.stats.takeovers += 1
+            took_over = True
+            old.mark_taken_over()
             old._retire()
-            await old.abort("session taken over by a new connection")
+            await old.abort("session taken over by a new connection", TAKEN_OVER)
         edge.live[device_id] = self
         if not self.session.transitions.is_connected():
             # amqtt's takeover of a clean_session=0 session can let the old connection's
@@ -206,6 +229,10 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             self._quota = edge.security.quotas.device(device_id, time.monotonic())
         edge.stats.sessions_started += 1
         edge.notify_connected(device_id, self.peer)
+        self._session_info = SessionInfo.of_amqtt_session(
+            self.session, self.peer, took_over=took_over
+        )
+        edge.lifecycle_started(self._session_info)
         self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
         await super().start()
 
@@ -231,13 +258,54 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._qos0_pending.clear()
         self._abort_if_peer_not_reading()
         await super().stop()
+        if self._edge.stopping:
+            self._ended(GATEWAY_SHUTDOWN, "the gateway is shutting down")
+        else:
+            self._ended(CONNECTION_LOST, "the connection ended")
         self._retire()
 
-    async def abort(self, reason: str) -> None:
+    def _ended(self, reason: str, detail: str) -> None:
+        """Record why the connection ends; the first cause recorded wins."""
+        if self.close_reason is None:
+            self.close_reason, self._close_detail = reason, detail
+
+    def mark_taken_over(self) -> None:
+        """A CONNECT with this client id arrived: this connection ends as taken over, and
+        its will is not published (amqtt's behaviour on takeover)."""
+        self._ended(TAKEN_OVER, "session taken over by a new connection")
+
+    def will_due(self) -> bool:
+        """Whether this connection's will is published. Decided once, by whoever asks
+        first (the broker publishing it, or the lifecycle event reporting it), so the two
+        always agree: a will exists, no DISCONNECT was received, the connection was not
+        taken over, the gateway is not shutting down, and the ACL lets the device publish
+        on the will's topic (a denial is counted and audited here, once)."""
+        if self._will_due is None:
+            edge = self._edge
+            due = (
+                self.session is not None
+                and bool(self.session.will_flag)
+                and not isinstance(self._disconnect_result, DisconnectPacket)
+                and self.close_reason not in (CLEAN, TAKEN_OVER, REVOKED, GATEWAY_SHUTDOWN)
+                and not edge.stopping
+            )
+            acl = edge.security.acl
+            topic = str(self.session.will_topic) if due else ""
+            if due and acl is not None and not acl.may_publish(self.device_id, topic):
+                edge.stats.wills_denied += 1
+                qos = int(self.session.will_qos or 0)
+                edge.publish_denied(self.device_id, self.peer, topic, qos)
+                due = False
+            self._will_due = due
+        return self._will_due
+
+    async def abort(self, reason: str, code: str = INTERNAL_ERROR) -> None:
         """Close this connection without acknowledging anything more (amqtt's broker loop
-        then stops the handler and publishes the will, as for any abnormal disconnect)."""
+        then stops the handler and publishes the will, as for any abnormal disconnect).
+        ``code`` is the lifecycle reason (:data:`edge.lifecycle.REASONS`)."""
         if self._closing:
             return
+        self._ended(code, reason)
         self._closing = True
         self._capacity.set()
         log.info("device %s (%s): closing connection: %s", self.device_id, self.peer, reason)
@@ -251,6 +319,18 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         if self._edge.live.get(device_id) is self:
             del self._edge.live[device_id]
         self._edge.notify_disconnected(device_id)
+        if self._session_info is not None:
+            self._ended(CONNECTION_LOST, "the connection ended")
+            self._edge.lifecycle_ended(
+                ConnectionEnded(
+                    device_id=device_id,
+                    session=self._session_info,
+                    reason=self.close_reason or CONNECTION_LOST,
+                    detail=self._close_detail,
+                    will_published=self.will_due(),
+                    disconnected_ms=time.time_ns() // 1_000_000,
+                )
+            )
 
     def _abort_if_peer_not_reading(self) -> None:
         # amqtt's close drains the write buffer first; a peer that stopped reading would
@@ -284,15 +364,27 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             self._reader_ready.set()
             try:
                 reason = await self._read_until_closed()
+                if reason == "DISCONNECT":
+                    self._ended(CLEAN, "DISCONNECT received")
+                elif reason != "closing":
+                    self._ended(CONNECTION_LOST, reason)
             except MalformedPacketError as exc:
                 self._edge.stats.malformed(self.device_id, self.peer, str(exc))
                 reason = f"malformed packet: {exc}"
+                # A device killed while sending ends mid-packet: lost, not misbehaving.
+                lost = str(exc).startswith("connection ended")
+                self._ended(CONNECTION_LOST if lost else PROTOCOL_ERROR, reason)
             except TimeoutError:
                 self._edge.stats.keepalive_expired(self.device_id, self.peer)
                 reason = "keep-alive expired"
+                self._ended(KEEPALIVE_TIMEOUT, reason)
+            except OSError as exc:
+                reason = f"socket error: {exc!r}"
+                self._ended(CONNECTION_LOST, reason)
             except Exception as exc:  # last resort: a bug costs one connection, not the broker
                 log.exception("device %s: reader failed", self.device_id)
                 reason = f"internal error: {exc!r}"
+                self._ended(INTERNAL_ERROR, reason)
             log.debug("device %s (%s): reader ends: %s", self.device_id, self.peer, reason)
             self._closing = True
             await self.handle_connection_closed()
@@ -492,7 +584,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         edge = self._edge
         edge.publish_denied(self.device_id, self.peer, publish.topic, publish.qos)
         if edge.security.on_deny == "disconnect":
-            await self.abort(f"publish to {publish.topic!r} denied")
+            await self.abort(f"publish to {publish.topic!r} denied", DENIED)
             return
         self._ack_discarded(publish)
 
@@ -505,13 +597,13 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         if wait == OVERSIZE:
             quotas.oversize(self.device_id, self.peer, publish.topic, len(publish.payload))
             if quotas.settings.on_oversize == "disconnect":
-                await self.abort("payload over max_payload_bytes")
+                await self.abort("payload over max_payload_bytes", DENIED)
             else:
                 self._ack_discarded(publish)
             return False
         if quotas.settings.policy == "disconnect":
             quotas.rate_exceeded(self.device_id, self.peer)
-            await self.abort("over its rate quota")
+            await self.abort("over its rate quota", DENIED)
             return False
         quotas.throttled(self.device_id, self.peer, wait)
         await asyncio.sleep(wait)
@@ -606,7 +698,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                 if failed is not None:
                     item, error = failed
                     edge.stats.sink_failed(self.device_id, item.publish.topic, error)
-                    await self.abort("a publish could not be stored")
+                    await self.abort(f"a publish could not be stored: {error}", STORE_FAILED)
                     return
         except asyncio.CancelledError:
             raise
@@ -615,7 +707,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                 return
             log.exception("device %s: acknowledging failed", self.device_id)
             with contextlib.suppress(Exception):
-                await self.abort("acknowledging failed")
+                await self.abort("acknowledging failed", CONNECTION_LOST)
 
     async def _write_acks(self, ready: list[tuple[int, int]]) -> None:
         writer = self.writer
@@ -627,7 +719,8 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             async with self._write_lock:
                 writer.write(encode_acks(ready))
                 await writer.drain()
-        except (ConnectionResetError, BrokenPipeError):
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            self._ended(CONNECTION_LOST, f"writing acknowledgements failed: {exc!r}")
             await self.handle_connection_closed()
             return
         self._edge.stats.acks_sent += len(ready)

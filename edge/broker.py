@@ -28,7 +28,10 @@ exactly in pyproject.toml because of them):
   disconnected (amqtt left refused-authentication sessions "connected" forever).
 * ``_handle_disconnect``: a connection that was taken over no longer touches the session
   (amqtt marked the shared clean_session=0 Session disconnected, and its monitor then
-  deleted it under the new connection about a second later).
+  deleted it under the new connection about a second later). The will is published when
+  the handler's ``will_due()`` says so (the same decision the lifecycle event reports),
+  through the ACL and the sink like a publish of the device (amqtt only broadcast it, so a
+  will on an uplink topic never reached Kafka, and no ACL checked its topic).
 * ``add_subscription`` / ``_del_subscription`` / ``start``: keep :class:`SubscriptionIndex`
   current, which decides whether a stored publish goes to amqtt's broadcast at all.
 
@@ -67,7 +70,6 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
-from amqtt.mqtt.disconnect import DisconnectPacket
 
 from edge.amqtt_handler import EdgeProtocolHandler
 from edge.broker_state import BrokerStats, EdgeContext, Security, SubscriptionIndex
@@ -78,7 +80,14 @@ from edge.device_auth import (
     DeviceAuthenticator,
     peer_certificate_cn,
 )
-from edge.ingest import IngestSink, SessionObserver
+from edge.ingest import InboundPublish, IngestSink, SessionObserver
+from edge.lifecycle import (
+    AUTH_METHOD_KEY,
+    REVOKED,
+    TLS_KEY,
+    TOOK_OVER_KEY,
+    LifecycleListener,
+)
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
 from edge.revocation import PeerIdentity, Revocation
 from gateway.errors import TidegateError
@@ -126,6 +135,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         authenticator: DeviceAuthenticator,
         security: Security,
         tls_contexts: Mapping[str, ssl.SSLContext],
+        lifecycle: LifecycleListener | None = None,
     ) -> None:
         super().__init__(config)
         self.edge = EdgeContext(
@@ -135,6 +145,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             max_packet_size=max_packet_size,
             forward=self._forward,
             security=security,
+            lifecycle=lifecycle,
         )
         self._authenticator = authenticator
         self._tls_contexts = dict(tls_contexts)
@@ -161,6 +172,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def close_listeners(self) -> None:
         """Stop accepting devices (amqtt closes its listeners only after the sessions)."""
         self._accepting = False
+        self.edge.stopping = True
         for server in self._servers.values():
             if server.instance is not None:
                 server.instance.close()
@@ -287,6 +299,15 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if decision is not None:
             # amqtt's session monitor drops disconnected anonymous sessions at once.
             session.is_anonymous = decision.anonymous
+        # For the lifecycle events. Set on every CONNECT: a resumed session keeps attributes.
+        session.attributes[AUTH_METHOD_KEY] = "anonymous" if decision is None else decision.method
+        session.attributes[TLS_KEY] = writer.get_ssl_info() is not None
+        old = self.edge.live.get(str(session.client_id))
+        session.attributes[TOOK_OVER_KEY] = old is not None
+        if old is not None:
+            # Before amqtt's own takeover (clean_session=0) closes the old connection, so
+            # its end is reported as a takeover and its will is not published.
+            old.mark_taken_over()
         handler = EdgeProtocolHandler(self.plugins_manager, loop=self._loop, edge=self.edge)
         if decision is not None and decision.identity is not None:
             self.identities[handler] = decision.identity
@@ -364,13 +385,11 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # amqtt marked it disconnected here; its session monitor then deleted the session
         # (and stopped the new connection) about a second later.
         client_id = client_session.client_id
-        owned = self._sessions.get(client_id, (None, None))[1] in (None, handler)
-        clean = isinstance(disconnect_waiter.result(), DisconnectPacket)
-        if owned and not clean and client_session.will_flag:
-            will = (client_session.will_topic, client_session.will_message)
-            await self._broadcast_message(client_session, *will, client_session.will_qos)
-            if client_session.will_retain:
-                await self.retain_message(client_session, *will, client_session.will_qos)
+        # handler.will_due() decides once (no DISCONNECT, not taken over, not shutting
+        # down); the lifecycle event reports the same decision. A takeover is marked in
+        # _initialize_client_session, before amqtt's takeover resolves this waiter.
+        if handler.will_due():  # every handler of this broker is an EdgeProtocolHandler
+            await self._publish_will(client_session)
         await self._stop_handler(handler)
         # Check again: the takeover may have happened while the handler stopped. If it
         # happened before, EdgeProtocolHandler.start puts the session back to "connected".
@@ -381,6 +400,30 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 client_id=client_id,
                 client_session=client_session,
             )
+
+    async def _publish_will(self, session: Any) -> None:
+        """Publish a device's will as if the device had published it: through the sink (so
+        a will on an uplink topic is stored and forwarded to Kafka like any publish), then
+        to edge subscribers. The ACL was checked by ``will_due``. amqtt only broadcast it."""
+        device_id = str(session.client_id)
+        topic, qos = str(session.will_topic), int(session.will_qos or 0)
+        retain, payload = bool(session.will_retain), bytes(session.will_message or b"")
+        self.edge.stats.wills_published += 1
+        inbound = InboundPublish(device_id, topic, qos, retain, payload, time.time())
+        try:
+            future = self.edge.sink.submit(inbound)
+        except Exception as exc:  # same as a failed future
+            self.edge.stats.sink_failed(device_id, topic, exc)
+        else:
+            stats = self.edge.stats
+
+            def stored(done: asyncio.Future[None]) -> None:
+                error = None if done.cancelled() else done.exception()
+                if done.cancelled() or error is not None:
+                    stats.sink_failed(device_id, topic, error or asyncio.CancelledError())
+
+            future.add_done_callback(stored)
+        await self._forward(session, DecodedPublish(topic, qos, retain, False, None, payload))
 
     # -- subscriptions ------------------------------------------------------------------
 
@@ -468,6 +511,8 @@ class EdgeBroker:
         password_file: device passwords (salted scrypt, :mod:`edge.passwords`), or None.
         security: topic ACL, deny policy and audit log (default: no ACL, no audit).
         revocation: revoked device ids, certificate fingerprints and CRL serials.
+        lifecycle: told when connections start and end, with the reason and whether the
+            will was published (:mod:`edge.lifecycle`).
 
     Reload (SIGHUP, :mod:`gateway.reload`): :attr:`authenticator` ``.update(...)``,
     :meth:`replace_tls_contexts`, :meth:`replace_security`, then :meth:`disconnect_invalid`.
@@ -488,6 +533,7 @@ class EdgeBroker:
         password_file: Path | None = None,
         security: Security | None = None,
         revocation: Revocation | None = None,
+        lifecycle: LifecycleListener | None = None,
     ) -> None:
         names = [name for name, _host, _port in listeners]
         if not names:
@@ -518,6 +564,7 @@ class EdgeBroker:
         self._connect_timeout = connect_timeout
         self._tls = dict(tls or {})
         self._security = security or Security()
+        self._lifecycle = lifecycle
         # Reads the password file now: a broken one fails here, not at the first device.
         self._authenticator = DeviceAuthenticator(
             allow_anonymous=allow_anonymous, password_file=password_file
@@ -620,7 +667,7 @@ class EdgeBroker:
             audit = broker.edge.security.audit
             if audit is not None:
                 audit.record("device_disconnected", device=device_id, peer=peer, reason=reason)
-            await handler.abort(reason)
+            await handler.abort(reason, REVOKED)
             closed.append((device_id, reason))
         return closed
 
@@ -640,6 +687,7 @@ class EdgeBroker:
                 authenticator=self._authenticator,
                 security=self._security,
                 tls_contexts=self._tls,
+                lifecycle=self._lifecycle,
             )
             try:
                 await broker.start()

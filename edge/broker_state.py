@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from edge.acl import AclPolicy
 from edge.audit import AuditLog
 from edge.ingest import IngestSink, SessionObserver
+from edge.lifecycle import ConnectionEnded, LifecycleListener, SessionInfo
 from edge.mqtt_wire import DecodedPublish
 from edge.quotas import Quotas
 
@@ -88,6 +89,10 @@ class BrokerStats:
     """PUBLISHes the ACL refused (acknowledged and discarded, or disconnected)."""
     subscriptions_denied: int = 0
     """SUBSCRIBE topic filters the ACL refused (SUBACK 0x80)."""
+    wills_published: int = 0
+    """Will messages published after an abnormal disconnect (handed to the sink)."""
+    wills_denied: int = 0
+    """Will messages not published because the ACL forbids their topic to the device."""
     _log: _RateLimitedLog = field(default_factory=_RateLimitedLog, repr=False, compare=False)
 
     def sink_failed(self, device_id: str, topic: str, error: BaseException) -> None:
@@ -147,6 +152,10 @@ class EdgeContext:
     live: dict[str, EdgeProtocolHandler] = field(default_factory=dict)
     """The connection that currently owns each client id (for takeover and the observer)."""
     security: Security = field(default_factory=Security)
+    lifecycle: LifecycleListener | None = None
+    """Told when connections start and end, with session details and the reason."""
+    stopping: bool = False
+    """The broker is shutting down: connections end with reason ``gateway_shutdown``."""
 
     def _audit(self, event: str, **fields: object) -> None:
         if self.security.audit is not None:
@@ -206,6 +215,20 @@ class EdgeContext:
                 self.observer.device_disconnected(device_id)
             except Exception:
                 log.exception("session observer failed on device_disconnected(%s)", device_id)
+
+    def lifecycle_started(self, info: SessionInfo) -> None:
+        if self.lifecycle is not None:
+            try:
+                self.lifecycle.connection_started(info)
+            except Exception:  # a listener bug must not take the device's connection down
+                log.exception("lifecycle listener failed on connect of %s", info.device_id)
+
+    def lifecycle_ended(self, ended: ConnectionEnded) -> None:
+        if self.lifecycle is not None:
+            try:
+                self.lifecycle.connection_ended(ended)
+            except Exception:
+                log.exception("lifecycle listener failed on disconnect of %s", ended.device_id)
 
 
 class Qos2State:

@@ -78,6 +78,12 @@ class Buffer(GroupCommitter, DeadLetterStore):
     :class:`~edge.buffer_dead.DeadLetterStore` (expiry, dead letters, drop ledger).
     """
 
+    on_unclean_devices: Callable[[list[str]], None] | None = None
+    """Called by :meth:`open`, before the first commit, with the devices the last run left
+    marked connected (it ended without closing them: crash, kill -9). Their registry rows
+    are set disconnected in that first commit, so whatever the callback enqueues (the
+    lifecycle service's ``gateway_restart`` events) is committed in the same transaction."""
+
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Buffer:
@@ -108,6 +114,11 @@ class Buffer(GroupCommitter, DeadLetterStore):
             raise
         self._db = db
         self._closing = False
+        unclean = self._unclean
+        for device_id in unclean:
+            self._registry.disconnected(device_id, now_ms())
+        if unclean and self.on_unclean_devices is not None:
+            self.on_unclean_devices(list(unclean))
         self._committer = asyncio.create_task(self._commit_loop(), name="buffer-committer")
 
     async def _prepare(self, db: aiosqlite.Connection, creating: bool) -> None:
@@ -161,7 +172,10 @@ class Buffer(GroupCommitter, DeadLetterStore):
         self.stats.dead_letters = int(await scalar(db, "SELECT count(*) FROM dead_letters"))
         self._drop_rows = int(await scalar(db, "SELECT count(*) FROM drops"))
         await self._refresh_used_bytes(db)
-        await db.execute("UPDATE devices SET connected = 0 WHERE connected != 0")
+        # At start no device is connected, whatever the last run recorded: open() queues
+        # the correction for the first commit (with the lifecycle events, if any).
+        cursor = await db.execute("SELECT device_id FROM devices WHERE connected != 0")
+        self._unclean = [str(r[0]) for r in await cursor.fetchall()]
 
     async def _check_and_migrate(self, db: aiosqlite.Connection) -> None:
         app_id = int(await scalar(db, "PRAGMA application_id"))
@@ -232,8 +246,12 @@ class Buffer(GroupCommitter, DeadLetterStore):
         msg_id: str | None = None,
         dedup_keys: tuple[tuple[str, str], ...] = (),
         check_dedup: bool = False,
+        register_device: bool = True,
     ) -> asyncio.Future[None]:
-        """Queue one publish for the next group commit; the future resolves when durable."""
+        """Queue one publish for the next group commit; the future resolves when durable.
+
+        ``register_device=False`` for rows the gateway writes itself under an id that is
+        not a device's (heartbeats): the device registry is left alone."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._db is None or self._closing:
             future.set_exception(BufferStoreError("buffer is not open"))
@@ -254,7 +272,8 @@ class Buffer(GroupCommitter, DeadLetterStore):
                 future,
             )
         )
-        self._registry.seen(device_id, ingest_ms)
+        if register_device:
+            self._registry.seen(device_id, ingest_ms)
         self._wakeup.set()
         return future
 
@@ -301,14 +320,35 @@ class Buffer(GroupCommitter, DeadLetterStore):
             async with asyncio.timeout(max_wait):
                 await self._rows_committed.wait()
 
-    async def lease(self, limit: int) -> list[StoredMessage]:
+    async def wait_for_class_empty(self, class_name: str, max_wait: float) -> bool:
+        """Wait until no row of ``class_name`` is left (released after Kafka acks, or
+        dropped), at most ``max_wait`` seconds; True when none is left."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max_wait):
+                while self.stats.class_rows.get(class_name, 0):
+                    # Set after every removal (release, drop, dead letter). Clearing it here
+                    # cannot make the committer miss a wake-up: it clears it itself before
+                    # each wait, and set() wakes whoever already waits.
+                    self._space_freed.clear()
+                    await self._space_freed.wait()
+        return not self.stats.class_rows.get(class_name, 0)
+
+    async def lease(
+        self, limit: int, *, after: Mapping[str, int] | None = None
+    ) -> list[StoredMessage]:
         """The next rows to forward: by class priority with a guaranteed share for lower
         classes, FIFO inside a class (so per device and class in order). Expired rows of
-        lossy classes are swept first and never returned."""
-        await self._sweep_expired()
+        lossy classes are swept first and never returned.
+
+        ``after`` (class -> row id) leases ahead: only rows after a batch still in flight,
+        and without the expiry sweep (it could delete rows of that batch under it).
+        """
+        if after is None:
+            await self._sweep_expired()
         priority = {c: cfg.priority for c, cfg in self._classes.items()}
         plan = plan_lease(self.stats.class_rows, priority, limit, self._config.lease_min_share)
-        rows = await self.in_thread(functools.partial(_lease_rows, plan))
+        floors = dict(after or {})
+        rows = await self.in_thread(functools.partial(_lease_rows, plan, floors))
         out: list[StoredMessage] = []
         for class_name, class_rows in rows.items():
             messages = [StoredMessage(*r) for r in class_rows]
@@ -346,11 +386,14 @@ class Buffer(GroupCommitter, DeadLetterStore):
         """At start no device is connected, whatever the last run recorded (done in open)."""
 
 
-def _lease_rows(plan: Mapping[str, int], conn: sqlite3.Connection) -> dict[str, list[Any]]:
+def _lease_rows(
+    plan: Mapping[str, int], floors: Mapping[str, int], conn: sqlite3.Connection
+) -> dict[str, list[Any]]:
     """The leased rows of each class (in the worker thread, one hand-off for all classes)."""
     out: dict[str, list[Any]] = {}
     for class_name, count in plan.items():
-        rows = conn.execute(sql.LEASE_CLASS, (class_name, count)).fetchall()
+        floor = floors.get(class_name, 0)
+        rows = conn.execute(sql.LEASE_CLASS, (class_name, floor, count)).fetchall()
         if rows:
             out[class_name] = rows
     return out

@@ -197,7 +197,9 @@ class GroupCommitter(BufferCore):
         no_room_at_all = self.stats.low_disk
         # The drop ledger lives in the same bounded file: its room is set aside up front.
         limit_rows = self._config.max_rows
-        limit_bytes = self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES
+        limit_bytes = (
+            self._config.max_bytes - self.drop_ledger_cap * _LEDGER_ROW_BYTES - self.reserved_bytes
+        )
         self._reclaim = max(0, self.stats.used_bytes - self._config.max_bytes)
         shares, taken = self.tenant_shares, dict[str, list[int]]()
         for write in self._pending:
@@ -267,7 +269,7 @@ class GroupCommitter(BufferCore):
                 if write.action == "drop_tenant_share":
                     reason = TENANT_SHARE_DROP
                 drops.append(sql.drop_row(None, write, reason, now))
-                outcome.dropped.append(reason)
+                outcome.dropped.append((reason, write.class_name))
                 continue
             if id(write) in duplicates:
                 outcome.duplicates += 1
@@ -287,11 +289,11 @@ class GroupCommitter(BufferCore):
                         break
                     drops.append(evicted.as_drop(now))
                     outcome.evicted.append(evicted)
-                    outcome.dropped.append("buffer full: drop_oldest")
+                    outcome.dropped.append(("buffer full: drop_oldest", write.class_name))
                     freed += evicted.size
                 if freed < need:
                     drops.append(sql.drop_row(None, write, "buffer full: drop_oldest", now))
-                    outcome.dropped.append("buffer full: drop_oldest")
+                    outcome.dropped.append(("buffer full: drop_oldest", write.class_name))
                     continue
                 self._evict_credit[write.class_name] = freed - need
             inserts.append(sql.insert_row(write))
@@ -369,8 +371,9 @@ class GroupCommitter(BufferCore):
         for evicted in outcome.evicted:
             self._count_rows(evicted.class_name, -1, evicted.size, evicted.device_id)
         stats.duplicates_suppressed += outcome.duplicates
-        for reason in outcome.dropped:
+        for reason, class_name in outcome.dropped:
             stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
+            stats.class_dropped[class_name] = stats.class_dropped.get(class_name, 0) + 1
             if self._should_log(reason):
                 log.warning(
                     "dropping by policy (%s); total so far %d", reason, stats.dropped[reason]

@@ -66,6 +66,9 @@ class BufferCore:
         self._drop_rows = 0
         self._evict_credit: dict[str, int] = {}
         self._reclaim = 0
+        self.reserved_bytes = 0
+        """Bytes kept outside the file that count toward ``max_bytes`` (the firmware cache)."""
+        self._unclean: list[str] = []
         self._relaxed_release = relaxed_release
         """Commit releases with synchronous=NORMAL (see Buffer.release); exactly-once: no."""
         self.stats = BufferStats()

@@ -61,6 +61,8 @@ class DeadLetterStore(BufferCore):
             self._count_rows(item.class_name, -1, item.size, item.device_id)
             reason = "expired (dead letter)" if item.class_name in to_dead else "expired"
             self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+            class_dropped = self.stats.class_dropped
+            class_dropped[item.class_name] = class_dropped.get(item.class_name, 0) + 1
         if expired:
             self.stats.dead_letters += sum(1 for i in expired if i.class_name in to_dead)
             if self._should_log("expired"):

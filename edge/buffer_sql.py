@@ -51,7 +51,7 @@ EVICT_OLDEST = (
 
 LEASE_CLASS = (
     "SELECT id, device_id, class, topic, qos, payload, ingest_ms, priority, msg_id"
-    " FROM uplink WHERE class = ? ORDER BY id LIMIT ?"
+    " FROM uplink WHERE class = ? AND id > ? ORDER BY id LIMIT ?"
 )
 
 EXPIRE = (

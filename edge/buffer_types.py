@@ -129,13 +129,16 @@ class BufferStats:
     low_disk: bool = False
     last_error: str | None = None
     class_rows: dict[str, int] = field(default_factory=dict)
+    class_dropped: dict[str, int] = field(default_factory=dict)
+    """Messages dropped by policy (full, expiry), per class."""
 
 
 @dataclass(slots=True)
 class Outcome:
     inserted: list[PendingWrite] = field(default_factory=list)
     evicted: list[Evicted] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    """``(reason, class)`` per message dropped by policy."""
     duplicates: int = 0
 
 

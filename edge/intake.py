@@ -47,6 +47,8 @@ class Intake:
         self._meta_prefix = router.device_topic_prefix()
         self._result_topic: str | None = None
         self._results: Callable[[str, bytes], asyncio.Future[None]] | None = None
+        self._firmware_topic: str | None = None
+        self._firmware: Callable[[str, str, bytes], asyncio.Future[None]] | None = None
         self.unrouted = 0
 
     def route_command_results(
@@ -57,9 +59,24 @@ class Intake:
         PUBACK waits for its future like for any other publish."""
         self._result_topic, self._results = topic_pattern, handler
 
+    def route_firmware(
+        self, topic_pattern: str, handler: Callable[[str, str, bytes], asyncio.Future[None]]
+    ) -> None:
+        """Publishes under ``topic_pattern + "/"`` go to ``handler(device_id, topic,
+        payload)`` (firmware requests and status, docs/firmware.md) instead of the uplink."""
+        self._firmware_topic, self._firmware = topic_pattern + "/", handler
+
     def submit(self, publish: InboundPublish) -> asyncio.Future[None]:
         """Route and enqueue; see :class:`edge.ingest.IngestSink`."""
         ingest_ms = int(publish.received_at * 1000)
+        if (
+            self._firmware is not None
+            and self._firmware_topic is not None
+            and publish.topic.startswith(
+                self._firmware_topic.replace("{device_id}", publish.device_id)
+            )
+        ):
+            return self._firmware(publish.device_id, publish.topic, publish.payload)
         if (
             self._results is not None
             and self._result_topic is not None

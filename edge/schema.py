@@ -124,7 +124,56 @@ _V2_TO_V3: Final = (
     )""",
 )
 
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _V1_TO_V2, 2: _V2_TO_V3}
+_V3_TO_V4: Final = (
+    # Firmware (docs/firmware.md): cached releases (the image bytes are files in the cache
+    # directory, named by their sha256), campaigns, their per-device targets, and the
+    # progress outbox to Kafka.
+    """CREATE TABLE fw_releases (
+        release_id   TEXT    PRIMARY KEY,
+        device_type  TEXT    NOT NULL,
+        version      TEXT    NOT NULL,
+        size         INTEGER NOT NULL,
+        sha256       TEXT    NOT NULL,
+        manifest     TEXT    NOT NULL,       -- the signed bytes, as published
+        signature    TEXT    NOT NULL,       -- base64 Ed25519
+        received_ms  INTEGER NOT NULL,
+        last_used_ms INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE fw_campaigns (
+        campaign_id       TEXT    PRIMARY KEY,
+        release_id        TEXT    NOT NULL,
+        state             TEXT    NOT NULL,  -- running paused completed aborted rolled_back
+        rings             TEXT    NOT NULL,  -- JSON list of cumulative percents
+        ring              INTEGER NOT NULL,  -- the ring being rolled out
+        failure_threshold REAL    NOT NULL,
+        accepted_failures INTEGER NOT NULL DEFAULT 0,
+        rollback_of       TEXT,
+        reason            TEXT,
+        created_ms        INTEGER NOT NULL,
+        updated_ms        INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE fw_targets (
+        campaign_id  TEXT    NOT NULL,
+        device_id    TEXT    NOT NULL,
+        ring         INTEGER NOT NULL,
+        state        TEXT    NOT NULL,       -- waiting offered downloading installed failed aborted
+        from_version TEXT,
+        bytes        INTEGER NOT NULL DEFAULT 0,
+        offered_ms   INTEGER,
+        reason       TEXT,
+        updated_ms   INTEGER NOT NULL,
+        PRIMARY KEY (campaign_id, device_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX fw_targets_device ON fw_targets (device_id, state)",
+    """CREATE TABLE fw_outbox (
+        id    INTEGER PRIMARY KEY AUTOINCREMENT,
+        key   TEXT    NOT NULL,
+        value TEXT    NOT NULL,              -- JSON record for the status topic
+        at_ms INTEGER NOT NULL
+    )""",
+)
+
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {1: _V1_TO_V2, 2: _V2_TO_V3, 3: _V3_TO_V4}
 """``from_version -> statements`` that bring a file to ``from_version + 1``."""
 
 SCHEMA_VERSION: Final = 1 + len(MIGRATIONS)

@@ -27,13 +27,17 @@ from bridge.forwarder import Forwarder
 from bridge.records import RecordBuilder
 from edge.broker import EdgeBroker
 from edge.buffer import Buffer
+from edge.ingest import SessionObserver
 from edge.intake import Intake
+from edge.lifecycle import internal_classes
 from edge.quotas import quota_status
 from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
+from gateway.firmware_service import FirmwareService
+from gateway.lifecycle_service import LifecycleService
 from gateway.reload import SecurityReloader
 from gateway.security_setup import (
     broker_security,
@@ -72,10 +76,14 @@ class Gateway:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
+        lifecycle = config.lifecycle if config.lifecycle and config.lifecycle.enabled else None
+        # Lifecycle records are rows of internal classes ("!..."): same buffer, same
+        # forwarder, never reachable by a device publish (the router knows only config.classes).
+        classes = {**config.classes, **(internal_classes(lifecycle) if lifecycle else {})}
         self.buffer = Buffer(
             config.buffer_path,
             config.buffer,
-            config.classes,
+            classes,
             relaxed_release=config.kafka.delivery != "exactly_once",
         )
         self.tenants = tenant_map(config)
@@ -87,12 +95,17 @@ class Gateway:
             if config.commands is None
             else CommandService(config, config.commands, self.buffer, self.tenants)
         )
+        self.firmware = (
+            None
+            if config.firmware is None
+            else FirmwareService(config, config.firmware, self.buffer)
+        )
         self.forwarder = Forwarder(
             self.buffer,
             RecordBuilder(
                 gateway_id=config.gateway.id,
-                class_topics={n: c.kafka_topic for n, c in config.classes.items()},
-                content_types={n: c.content_type for n, c in config.classes.items()},
+                class_topics={n: c.kafka_topic for n, c in classes.items()},
+                content_types={n: c.content_type for n, c in classes.items()},
                 dead_letter_topic=config.routing.dead_letter_topic,
                 tenants=self.tenants,
             ),
@@ -100,26 +113,46 @@ class Gateway:
             lease_batch=config.buffer.lease_batch,
             gateway_id=config.gateway.id,
         )
+        self.lifecycle = (
+            None
+            if lifecycle is None
+            else LifecycleService(
+                lifecycle,
+                gateway_id=config.gateway.id,
+                buffer=self.buffer,
+                kafka_state=self._kafka_state,
+                started_at=self.started_at,
+            )
+        )
         security = broker_security(config, self.tenants)
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
             sink=self.intake,
-            observer=self.buffer if self.commands is None else self.commands.observer(self.buffer),
+            observer=self._observer(),
             max_inflight_per_session=config.broker.max_inflight_per_session,
             uplink_prefix=router.device_topic_prefix(),
             allow_anonymous=config.broker.allow_anonymous,
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
             security=security,
+            lifecycle=self.lifecycle,
             revocation=revocation(config),
         )
         # SIGHUP re-reads the security settings from config_path (gateway/reload.py).
         self.reloader = SecurityReloader(self, config_path)
         if self.commands is not None:
             self.commands.attach(self.broker, self.intake)
+        if self.firmware is not None:
+            self.firmware.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
+
+    def _observer(self) -> SessionObserver:
+        observer: SessionObserver = (
+            self.buffer if self.commands is None else self.commands.observer(self.buffer)
+        )
+        return observer if self.firmware is None else self.firmware.observer(observer)
 
     def request_stop(self) -> None:
         """Ask the gateway to shut down (SIGTERM handler)."""
@@ -142,6 +175,16 @@ class Gateway:
                         if self.commands is None
                         else tasks.create_task(self.commands.run(), name="commands")
                     )
+                    firmware = (
+                        None
+                        if self.firmware is None
+                        else tasks.create_task(self.firmware.run(), name="firmware")
+                    )
+                    heartbeat = (
+                        None
+                        if self.lifecycle is None
+                        else tasks.create_task(self.lifecycle.run(), name="lifecycle-heartbeat")
+                    )
                     try:
                         async with self.broker, self.admin:
                             self._install_sighup()
@@ -159,10 +202,16 @@ class Gateway:
                     finally:
                         # The broker is closed: nothing new is acknowledged. Rows that are
                         # not yet in Kafka stay in the buffer for the next start.
+                        if heartbeat is not None and self.lifecycle is not None:
+                            heartbeat.cancel()
+                            await self.lifecycle.flush(deadline=min(2.0, deadline / 4))
                         forwarder.cancel()
                         if commands is not None and self.commands is not None:
                             commands.cancel()
                             await self.commands.close(deadline=max(1.0, deadline / 4))
+                        if firmware is not None and self.firmware is not None:
+                            firmware.cancel()
+                            await self.firmware.close(deadline=max(1.0, deadline / 4))
                         await self.forwarder.close(deadline=max(1.0, deadline / 2))
         finally:
             with contextlib.suppress(OSError):
@@ -270,6 +319,7 @@ class Gateway:
                 "tls_handshake_failures": self.broker.stats.tls_handshake_failures,
                 "publishes_denied": self.broker.stats.publishes_denied,
                 "subscriptions_denied": self.broker.stats.subscriptions_denied,
+                "wills_denied": self.broker.stats.wills_denied,
                 "acl": self.config.broker.acl.enabled,
                 "allow_anonymous": self.config.broker.allow_anonymous,
                 "reload": self.reloader.status(),
@@ -315,4 +365,13 @@ class Gateway:
                 else self.buffer.tenant_shares.snapshot(),
             },
             "commands": None if self.commands is None else self.commands.status(),
+            "firmware": None if self.firmware is None else self.firmware.status(),
+            "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
+        }
+
+    def _kafka_state(self) -> dict[str, Any]:
+        """The heartbeat's ``kafka`` object."""
+        return {
+            "connected": self.forwarder.status.kafka_connected,
+            "breaker": self.forwarder.breaker.state.value,
         }

@@ -27,6 +27,7 @@ from gateway.config import load_config
 from gateway.dev.cli import certs_app, dev_app
 from gateway.devices_cli import devices_app
 from gateway.errors import ConfigError, TidegateError
+from gateway.firmware_cli import fw_app
 from gateway.reload_cli import reload_command
 
 __all__ = ["app", "main"]
@@ -43,6 +44,7 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(dev_app, name="dev")
 app.add_typer(cmd_app, name="cmd")
 app.add_typer(devices_app, name="devices")
+app.add_typer(fw_app, name="fw")
 app.command("sim")(sim_command)
 app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)

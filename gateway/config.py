@@ -39,12 +39,14 @@ __all__ = [
     "BufferEncryptionConfig",
     "ClassConfig",
     "CommandsConfig",
+    "FirmwareConfig",
     "EncryptionKeyConfig",
     "GatewayConfig",
     "GatewayIdentity",
     "KafkaConfig",
     "KafkaSaslConfig",
     "KafkaTlsConfig",
+    "LifecycleConfig",
     "ListenerConfig",
     "QuotasConfig",
     "RevocationConfig",
@@ -513,6 +515,88 @@ class CommandsConfig(_Model):
         return self.group_id.replace("{gateway_id}", gateway_id)
 
 
+class FirmwareConfig(_Model):
+    """Firmware releases and staged rollouts (docs/firmware.md). Absent section: off."""
+
+    releases_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.firmware"
+    """Kafka topic releases are published to (fleet-wide; every gateway reads it)."""
+    control_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._{}-]{1,249}$")] = (
+        "iot.firmware-control.{gateway_id}"
+    )
+    """Kafka topic of this gateway's campaign operations; ``{gateway_id}`` is replaced."""
+    status_topic: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = "iot.firmware-status"
+    """Kafka topic for release, campaign and device progress records."""
+    group_id: Annotated[str, Field(min_length=1)] = "tidegate-fw-{gateway_id}"
+    """Kafka consumer group; ``{gateway_id}`` is replaced."""
+    trusted_keys: Annotated[list[ExistingFile], Field(min_length=1)]
+    """Ed25519 public keys (PEM) whose signatures are accepted on releases."""
+    cache_dir: Path = Path("firmware")
+    """Content-addressed image cache; relative paths are taken from ``gateway.data_dir``."""
+    cache_max_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
+    """Cap on cached images; it is set aside from ``buffer.max_bytes`` (the disk bound)."""
+    max_image_bytes: Annotated[int, Field(ge=1024)] = 64 << 20
+    """Larger releases are refused."""
+    device_topic: str = "d/{device_id}/fw"
+    """Device firmware topics: ``/offer`` and ``/chunk`` (gateway to device), ``/req`` and
+    ``/status`` (device to gateway)."""
+    device_chunk_bytes: Annotated[int, Field(ge=512, le=256 << 10)] = 32 << 10
+    """Chunk size served to devices over MQTT."""
+    default_rings: Annotated[list[float], Field(min_length=1)] = [1.0, 10.0, 50.0, 100.0]
+    """Cumulative percent of the campaign's devices reached by each ring."""
+    default_failure_threshold: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """A campaign pauses itself when more than this share of a ring failed."""
+    device_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    """A device offered an update that has not finished after this counts as failed."""
+    tick_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often campaigns are evaluated (ring gates, timeouts, offers)."""
+    max_parallel_chunks: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Chunk responses being sent at once."""
+    max_queued_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
+    """Chunk requests waiting to be served; beyond it a request is dropped (counted; the
+    device asks again after its timeout)."""
+
+    @field_validator("device_topic")
+    @classmethod
+    def _fw_device_level(cls, value: str) -> str:
+        if value.split("/").count("{device_id}") != 1 or any(c in value for c in "+#"):
+            raise ValueError("must contain {device_id} once as a whole level, no wildcards")
+        return value
+
+    @field_validator("default_rings")
+    @classmethod
+    def _rings(cls, value: list[float]) -> list[float]:
+        if any(not 0 < p <= 100 for p in value) or value != sorted(value) or value[-1] != 100:
+            raise ValueError("ascending percents in (0, 100], the last one 100")
+        return value
+
+
+class LifecycleConfig(_Model):
+    """Device connect/disconnect events and the gateway heartbeat to Kafka
+    (docs/lifecycle.md). Absent section: off."""
+
+    enabled: bool = True
+    """Record lifecycle events and heartbeats (false keeps the section but turns them off)."""
+    topic: Annotated[str, Field(pattern=_TOPIC)] = "iot.lifecycle"
+    """Kafka topic for connected/disconnected events (key = device id); ``{tenant}`` is the
+    device's tenant (required with ``tenants.mode = "topic"``)."""
+    heartbeat_topic: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = None
+    """Kafka topic for heartbeats (key = gateway id; a heartbeat belongs to the gateway, not
+    to a tenant); None: the events' ``topic``, which then must not contain ``{tenant}``."""
+    heartbeat_period_s: Annotated[float, Field(ge=0.1, le=86_400)] = 30.0
+    """Seconds between heartbeats."""
+    heartbeat_ttl_s: Annotated[float | None, Field(gt=0)] = 300.0
+    """A heartbeat not yet in Kafka after this long is dropped (recorded in the drop
+    ledger): a backlog of stale heartbeats tells the cloud nothing. None: keep them."""
+    priority: Annotated[int, Field(ge=0, le=9)] = 9
+    """Forwarding priority of events and heartbeats (tiny; highest by default)."""
+
+    @model_validator(mode="after")
+    def _gateway_heartbeat_topic(self) -> LifecycleConfig:
+        if "{tenant}" in self.topic and self.heartbeat_topic is None:
+            raise ValueError("topic has {tenant}: set heartbeat_topic (heartbeats have no tenant)")
+        return self
+
+
 class TenantsConfig(_Model):
     """Tenants (docs/security.md): devices belong to a tenant by device-id patterns; a
     tenant's uplink goes to its own topics or carries a ``tg-tenant`` header, its commands
@@ -572,6 +656,10 @@ class GatewayConfig(_Model):
     """Per-device quotas and the connection rate limit (gateway/quotas_config.py)."""
     commands: CommandsConfig | None = None
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
+    firmware: FirmwareConfig | None = None
+    """Firmware releases and rollouts; None (no ``[firmware]`` section) turns them off."""
+    lifecycle: LifecycleConfig | None = None
+    """Device lifecycle events and heartbeats; None (no ``[lifecycle]`` section): off."""
     tenants: TenantsConfig | None = None
     """Tenants; None (no ``[tenants]`` section): one implicit tenant, no ``{tenant}``."""
 
@@ -592,6 +680,8 @@ class GatewayConfig(_Model):
         if self.commands is not None:
             topics["commands.topic"] = self.commands.topic
             topics["commands.results_topic"] = self.commands.results_topic
+        if self.lifecycle is not None:
+            topics["lifecycle.topic"] = self.lifecycle.topic
         acl = self.broker.acl
         rules = {
             f"broker.acl.{kind}": rule

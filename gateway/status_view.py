@@ -88,6 +88,18 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             f"{kafka['delivery']}, {kafka.get('dead_lettered', 0)} dead-lettered, "
             f"{buffer.get('dead_letters', 0)} dead letters held",
         )
+    lifecycle = data.get("lifecycle")
+    if lifecycle:
+        dropped = lifecycle["dropped"]
+        table.add_row(
+            "lifecycle",
+            f"{lifecycle['connected_devices']} devices connected, "
+            f"{lifecycle['events']['connected']} connects / "
+            f"{lifecycle['events']['disconnected']} disconnects, "
+            f"{lifecycle['heartbeats']} heartbeats every {lifecycle['heartbeat_period_s']} s "
+            f"to {lifecycle['topic']}; dropped: {dropped['events']} events, "
+            f"{dropped['heartbeats']} heartbeats",
+        )
     if kafka["last_error"]:
         table.add_row("last error", f"{kafka['last_error']} ({kafka['last_error_age_s']} s ago)")
     console.print(table)

@@ -175,6 +175,7 @@ enabled = true
             "tls_handshake_failures": 0,
             "publishes_denied": 2,
             "subscriptions_denied": 1,
+            "wills_denied": 0,
             "acl": True,
             "allow_anonymous": False,
         }

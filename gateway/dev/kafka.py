@@ -125,7 +125,9 @@ DEFAULT_TOPICS: tuple[str, ...] = (
     "iot.bulk",
     "iot.dlq",
     "iot.commands",
+    "iot.commands.tidegate-dev",  # configs/dev.toml: [commands] topic for gateway tidegate-dev
     "iot.command-results",
+    "iot.lifecycle",
     "iot.firmware",
     "iot.firmware-status",
 )
