@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.dashboard import add_dashboard_routes
+
 __all__ = ["TOKEN_FILE", "AdminApi", "AdminServer", "read_token", "write_token"]
 
 TOKEN_FILE = "admin.token"
@@ -82,6 +84,7 @@ class AdminServer:
         app.router.add_post("/dead-letters/replay", self._guard(self._replay))
         app.router.add_post("/dead-letters/purge", self._guard(self._purge))
         app.router.add_get("/drops", self._guard(self._drops))
+        add_dashboard_routes(app)  # /dashboard/: static page polling the endpoints above
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
@@ -126,8 +129,20 @@ class AdminServer:
     async def _status_handler(self, _request: web.Request) -> web.Response:
         return web.json_response(self._api.status())
 
-    async def _devices_handler(self, _request: web.Request) -> web.Response:
-        return web.json_response({"devices": await self._api.devices()})
+    async def _devices_handler(self, request: web.Request) -> web.Response:
+        devices = await self._api.devices()
+        if "limit" not in request.query:
+            return web.json_response({"devices": devices})
+        # ?limit=N (the dashboard): the N most recently seen, and the totals.
+        limit = _int_param(request, "limit", 50, 1, _MAX_LIST)
+        devices.sort(key=lambda d: d.get("last_seen_ms") or 0, reverse=True)
+        return web.json_response(
+            {
+                "devices": devices[:limit],
+                "total": len(devices),
+                "connected": sum(1 for d in devices if d.get("connected")),
+            }
+        )
 
     async def _dead_letters(self, request: web.Request) -> web.Response:
         limit = _int_param(request, "limit", 100, 1, _MAX_LIST)

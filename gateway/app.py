@@ -35,6 +35,7 @@ from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
+from gateway.device_rates import CountingSink
 from gateway.errors import TidegateError
 from gateway.firmware_service import FirmwareService
 from gateway.lifecycle_service import LifecycleService
@@ -125,10 +126,11 @@ class Gateway:
                 started_at=self.started_at,
             )
         )
+        self.device_counts = CountingSink(self.intake)  # the dashboard's per-device rates
         security = broker_security(config, self.tenants)
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
-            sink=self.intake,
+            sink=self.device_counts,
             observer=self._observer(),
             max_inflight_per_session=config.broker.max_inflight_per_session,
             uplink_prefix=router.device_topic_prefix(),
@@ -258,8 +260,11 @@ class Gateway:
         tmp.replace(data_dir / RUNTIME_FILE)
 
     async def devices(self) -> list[dict[str, Any]]:
-        """The device registry (``GET /devices``)."""
-        return [dataclasses.asdict(d) for d in await self.buffer.devices()]
+        """The device registry (``GET /devices``), with publishes counted since start."""
+        return [
+            {**dataclasses.asdict(d), "messages": self.device_counts.count(d.device_id)}
+            for d in await self.buffer.devices()
+        ]
 
     async def dead_letters(self, limit: int, after_id: int) -> list[dict[str, Any]]:
         """``GET /dead-letters``: payloads base64, message ids as on Kafka."""
