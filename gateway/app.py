@@ -30,6 +30,7 @@ from edge.buffer import Buffer
 from edge.ingest import SessionObserver
 from edge.intake import Intake
 from edge.lifecycle import internal_classes
+from edge.quotas import quota_status
 from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
@@ -128,6 +129,7 @@ class Gateway:
             )
         )
         self.device_counts = CountingSink(self.intake)  # the dashboard's per-device rates
+        security = broker_security(config, self.tenants)
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
             sink=self.device_counts,
@@ -137,7 +139,7 @@ class Gateway:
             allow_anonymous=config.broker.allow_anonymous,
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
-            security=broker_security(config, self.tenants),
+            security=security,
             lifecycle=self.lifecycle,
             revocation=revocation(config),
         )
@@ -332,6 +334,7 @@ class Gateway:
                 "allow_anonymous": self.config.broker.allow_anonymous,
                 "reload": self.reloader.status(),
             },
+            "quotas": quota_status(self.broker.security.quotas),
             "buffer": {
                 **dataclasses.asdict(stats),
                 "path": str(self.config.buffer_path),

@@ -29,6 +29,7 @@ from pydantic import (
 
 from edge.acl import validate_rule
 from gateway.errors import ConfigError
+from gateway.quotas_config import QuotasConfig
 
 __all__ = [
     "AclConfig",
@@ -48,6 +49,7 @@ __all__ = [
     "KafkaTlsConfig",
     "LifecycleConfig",
     "ListenerConfig",
+    "QuotasConfig",
     "RevocationConfig",
     "RoutingConfig",
     "TenantsConfig",
@@ -676,6 +678,8 @@ class GatewayConfig(_Model):
     routing: RoutingConfig = RoutingConfig()
     kafka: KafkaConfig
     admin: AdminConfig = AdminConfig()
+    quotas: QuotasConfig = QuotasConfig()
+    """Per-device quotas and the connection rate limit (gateway/quotas_config.py)."""
     commands: CommandsConfig | None = None
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
     firmware: FirmwareConfig | None = None
