@@ -97,6 +97,7 @@ from edge.mqtt_wire import (
     encode_acks,
     read_packet,
 )
+from edge.quotas import OVERSIZE, DeviceQuota
 from edge.session_state import LazyQueue
 
 __all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
@@ -165,6 +166,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         self._announced = False
         self._disconnect_seen = False
         self._disconnect_result: Any = None
+        self._quota: DeviceQuota | None = None
         self.close_reason: str | None = None
         """Why the connection ended (:data:`edge.lifecycle.REASONS`); the first cause wins."""
         self._close_detail = ""
@@ -225,6 +227,8 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
             # amqtt's session monitor would then delete it under us. It is ours now.
             self.session.transitions.connect()
         self._announced = True
+        if edge.security.quotas is not None:
+            self._quota = edge.security.quotas.device(device_id, time.monotonic())
         edge.stats.sessions_started += 1
         edge.notify_connected(device_id, self.peer)
         self._session_info = SessionInfo.of_amqtt_session(
@@ -531,6 +535,11 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         if acl is not None and not acl.may_publish(self.device_id, publish.topic):
             await self._on_denied_publish(publish)
             return
+        quota = self._quota
+        if quota is not None:
+            wait = quota.check(len(publish.payload), time.monotonic())
+            if wait and not await self._enforce_quota(publish, wait):
+                return
         if publish.qos == 0:
             future = self._submit(publish)
             if future.done():
@@ -579,6 +588,31 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         if edge.security.on_deny == "disconnect":
             await self.abort(f"publish to {publish.topic!r} denied", DENIED)
             return
+        self._ack_discarded(publish)
+
+    async def _enforce_quota(self, publish: DecodedPublish, wait: float) -> bool:
+        """Over a quota (:mod:`edge.quotas`): True when the publish may go on after a
+        throttling wait (the socket is not read meanwhile), False when it was discarded or
+        the connection is closing."""
+        quotas = self._edge.security.quotas
+        assert quotas is not None  # self._quota comes from it
+        if wait == OVERSIZE:
+            quotas.oversize(self.device_id, self.peer, publish.topic, len(publish.payload))
+            if quotas.settings.on_oversize == "disconnect":
+                await self.abort("payload over max_payload_bytes", DENIED)
+            else:
+                self._ack_discarded(publish)
+            return False
+        if quotas.settings.policy == "disconnect":
+            quotas.rate_exceeded(self.device_id, self.peer)
+            await self.abort("over its rate quota", DENIED)
+            return False
+        quotas.throttled(self.device_id, self.peer, wait)
+        await asyncio.sleep(wait)
+        return not self._closing
+
+    def _ack_discarded(self, publish: DecodedPublish) -> None:
+        """Acknowledge ``publish`` in its turn without storing or forwarding it."""
         if publish.qos == 0:
             return
         packet_id = publish.packet_id

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
@@ -73,6 +74,7 @@ from amqtt.mqtt.connect import ConnectPacket
 
 from edge.amqtt_handler import EdgeProtocolHandler
 from edge.broker_state import BrokerStats, EdgeContext, Security, SubscriptionIndex
+from edge.connect_rules import connect_string_error
 from edge.device_auth import (
     NOT_AUTHORIZED,
     AuthDecision,
@@ -244,7 +246,7 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     # -- connection overrides -----------------------------------------------------------
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
-        if not self._accepting:
+        if not self._accepting or not self._connection_allowed(writer):
             await _close_quietly(writer)
             return
         task = asyncio.current_task()
@@ -259,6 +261,17 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         finally:
             if task is not None:
                 self._connection_tasks.discard(task)
+
+    def _connection_allowed(self, writer: Any) -> bool:
+        """The per-source-address connection rate limit (:mod:`edge.quotas`)."""
+        quotas = self.edge.security.quotas
+        if quotas is None:
+            return True
+        address = str((writer.get_peer_info() or ("?",))[0])
+        if quotas.may_connect(address, time.monotonic()):
+            return True
+        quotas.connection_refused(address)
+        return False
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -279,6 +292,11 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if first is None:
             await _close_quietly(writer)
             raise MQTTError(f"{peer}: connection closed before CONNECT")
+        reason = connect_string_error(first.body)  # what amqtt lets through
+        if reason is not None:
+            self.edge.stats.malformed("?", peer, f"CONNECT refused: {reason}")
+            await _close_quietly(writer)
+            raise MQTTError(f"{peer}: {reason}")
         decision = await self._authenticate_connect(first, writer, peer)
         try:
             # amqtt parses and validates the CONNECT (and answers bad ones with a CONNACK
@@ -431,8 +449,16 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             peer = f"{session.remote_address}:{session.remote_port}"
             self.edge.subscribe_denied(str(session.client_id), peer, subscription[0])
             return 0x80  # SUBACK failure [MQTT-3.9.3]
+        quotas = self.edge.security.quotas
+        client_id = str(session.client_id)
+        if quotas is not None and not quotas.may_subscribe(client_id, subscription[0]):
+            peer = f"{session.remote_address}:{session.remote_port}"
+            quotas.subscription_refused(client_id, peer, subscription[0])
+            return 0x80
         result = int(await super().add_subscription(subscription, session))
         self._index.refresh(subscription[0], self._subscriptions)
+        if quotas is not None and result != 0x80:
+            quotas.subscribed(client_id, subscription[0])
         return result
 
     def _del_subscription(self, a_filter: str, session: Any) -> int:
@@ -440,6 +466,9 @@ class _EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         deleted = int(super()._del_subscription(a_filter, session))
         if deleted:
             self._index.refresh(a_filter, self._subscriptions)
+            quotas = self.edge.security.quotas
+            if quotas is not None:
+                quotas.unsubscribed(str(session.client_id), a_filter)
         return deleted
 
     async def _forward(self, session: Any, publish: DecodedPublish) -> None:
@@ -604,6 +633,9 @@ class EdgeBroker:
         """New ACL / deny policy: applies from the next PUBLISH or SUBSCRIBE read."""
         if security.on_deny not in ("puback_discard", "disconnect"):
             raise ValueError(f"invalid on_deny {security.on_deny!r}")
+        # Quotas do not reload (their section needs a restart) and hold live state (buckets,
+        # subscription counts): the running ones stay.
+        security = dataclasses.replace(security, quotas=self._security.quotas)
         self._security = security
         if self._broker is not None:
             self._broker.edge.security = security

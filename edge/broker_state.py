@@ -18,6 +18,7 @@ from edge.audit import AuditLog
 from edge.ingest import IngestSink, SessionObserver
 from edge.lifecycle import ConnectionEnded, LifecycleListener, SessionInfo
 from edge.mqtt_wire import DecodedPublish
+from edge.quotas import Quotas
 
 if TYPE_CHECKING:
     from edge.amqtt_handler import EdgeProtocolHandler
@@ -131,6 +132,8 @@ class Security:
     on_deny: str = "puback_discard"
     """Denied PUBLISH: ``puback_discard`` (acknowledge, store nothing) or ``disconnect``."""
     audit: AuditLog | None = None
+    quotas: Quotas | None = None
+    """Per-device rate/size/subscription quotas and the connection rate limit; None: none."""
     tenant_of: Callable[[str], tuple[str | None, str]] | None = None
     """With tenants: device id -> ``(tenant, why)``; a device without a tenant is refused
     at CONNECT (:meth:`edge.tenants.TenantMap.resolve`)."""

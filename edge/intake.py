@@ -21,6 +21,8 @@ __all__ = ["Intake"]
 log = logging.getLogger(__name__)
 
 _META_SUFFIX = "/meta"
+_MAX_TTL_S = 100 * 365 * 86_400.0
+"""Longest envelope ``ttl_s`` honoured (longer ones are capped: effectively no expiry)."""
 
 
 class Intake:
@@ -147,7 +149,12 @@ def _envelope_fields(payload: bytes) -> tuple[str, int | None, int | None] | Non
     if not isinstance(msg_id, str) or not msg_id or len(msg_id) > 256:
         return None
     ttl = data.get("ttl_s")
-    ttl_ms = int(ttl * 1000) if isinstance(ttl, int | float) and ttl > 0 else None
+    ttl_ms = None
+    # Any number a device sends must give a storable expiry: +inf or 1e300 raised
+    # OverflowError and a huge int overflowed SQLite's INTEGER, so the publish could never
+    # be stored or acknowledged and the device resent it forever (found by tests/test_fuzz.py).
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
+        ttl_ms = max(1, int(min(ttl, _MAX_TTL_S) * 1000))
     seq = data.get("seq")
     return msg_id, ttl_ms, seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 

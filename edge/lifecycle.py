@@ -66,7 +66,9 @@ PROTOCOL_ERROR: Final = "protocol_error"
 TAKEN_OVER: Final = "taken_over"
 """A new connection with the same client id replaced this one."""
 DENIED: Final = "denied"
-"""The ACL denied a publish and ``broker.on_deny = "disconnect"``."""
+"""The ACL denied a publish and ``broker.on_deny = "disconnect"``, or a quota closed the
+connection (over its rate with ``quotas.policy = "disconnect"``, or an oversized payload with
+``quotas.on_oversize = "disconnect"``; docs/quotas.md)."""
 STORE_FAILED: Final = "store_failed"
 """A publish could not be stored (e.g. blocked past ``buffer.block_timeout_s``)."""
 INTERNAL_ERROR: Final = "internal_error"

@@ -30,6 +30,7 @@ from edge.buffer import Buffer
 from edge.ingest import SessionObserver
 from edge.intake import Intake
 from edge.lifecycle import internal_classes
+from edge.quotas import quota_status
 from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
@@ -37,8 +38,10 @@ from gateway.config import GatewayConfig
 from gateway.device_rates import CountingSink
 from gateway.errors import TidegateError
 from gateway.firmware_service import FirmwareService
+from gateway.health import read_admin_token, readiness
 from gateway.lifecycle_service import LifecycleService
 from gateway.limits import raise_fd_limit
+from gateway.metrics import GatewayMetrics
 from gateway.reload import SecurityReloader
 from gateway.security_setup import (
     broker_security,
@@ -127,6 +130,7 @@ class Gateway:
             )
         )
         self.device_counts = CountingSink(self.intake)  # the dashboard's per-device rates
+        security = broker_security(config, self.tenants)
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
             sink=self.device_counts,
@@ -136,7 +140,7 @@ class Gateway:
             allow_anonymous=config.broker.allow_anonymous,
             tls=listener_tls_contexts(config),
             password_file=config.broker.password_file,
-            security=broker_security(config, self.tenants),
+            security=security,
             lifecycle=self.lifecycle,
             revocation=revocation(config),
         )
@@ -147,6 +151,7 @@ class Gateway:
         if self.firmware is not None:
             self.firmware.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
+        self.prometheus = GatewayMetrics(self)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -167,7 +172,7 @@ class Gateway:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(data_dir)
         raise_fd_limit()  # one descriptor per device: 10,000 devices need more than 1,024
-        self.admin.token = write_token(data_dir)
+        self.admin.token = write_token(data_dir, read_admin_token(self.config.admin.token_file))
         try:
             async with self.buffer:
                 await self.buffer.mark_all_disconnected()
@@ -336,6 +341,7 @@ class Gateway:
                 "allow_anonymous": self.config.broker.allow_anonymous,
                 "reload": self.reloader.status(),
             },
+            "quotas": quota_status(self.broker.security.quotas),
             "buffer": {
                 **dataclasses.asdict(stats),
                 "path": str(self.config.buffer_path),
@@ -379,6 +385,14 @@ class Gateway:
             "firmware": None if self.firmware is None else self.firmware.status(),
             "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
         }
+
+    def readiness(self) -> dict[str, Any]:
+        """``GET /readyz``: ready = broker listening and buffer writable; Kafka apart."""
+        return readiness(self)
+
+    async def metrics(self) -> bytes:
+        """``GET /metrics``: the Prometheus text exposition."""
+        return await self.prometheus.render()
 
     def _kafka_state(self) -> dict[str, Any]:
         """The heartbeat's ``kafka`` object."""

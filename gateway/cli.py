@@ -173,9 +173,16 @@ def status(
     admin = (runtime or {}).get("admin") or {"host": cfg.admin.host, "port": cfg.admin.port}
     base = f"http://{admin['host']}:{admin['port']}"
 
+    from gateway.admin import read_token
+
+    # A non-loopback admin API guards /status and /devices too: send the token if readable.
+    token = read_token(cfg.gateway.data_dir)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+
     def fetch(path: str = "/status") -> Any:
+        request = urllib.request.Request(base + path, headers=headers)
         try:
-            with urllib.request.urlopen(base + path, timeout=5) as response:  # loopback admin
+            with urllib.request.urlopen(request, timeout=5) as response:  # the admin API
                 return json.loads(response.read())
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise _fail(f"no running gateway answers at {base + path}: {exc}", code=1) from None

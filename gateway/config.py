@@ -8,6 +8,7 @@ path (``kafka.tls.cafile: file not found: ...``). Runtime code never sees raw di
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -28,6 +29,7 @@ from pydantic import (
 
 from edge.acl import validate_rule
 from gateway.errors import ConfigError
+from gateway.quotas_config import QuotasConfig
 
 __all__ = [
     "AclConfig",
@@ -48,10 +50,12 @@ __all__ = [
     "KafkaTlsConfig",
     "LifecycleConfig",
     "ListenerConfig",
+    "QuotasConfig",
     "RevocationConfig",
     "RoutingConfig",
     "TenantsConfig",
     "default_config",
+    "is_loopback_host",
     "load_config",
     "parse_config",
 ]
@@ -634,11 +638,35 @@ class TenantsConfig(_Model):
 
 
 class AdminConfig(_Model):
-    """The local admin API (status, later operations)."""
+    """The local admin API (status, metrics, health, operations)."""
 
     host: str = "127.0.0.1"
-    """Loopback by default; the admin API is not meant for the network."""
+    """Loopback by default. Bound anywhere else, every endpoint but ``/healthz`` and
+    ``/readyz`` requires the token, and ``token_file`` must be set."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8181
+    token_file: ExistingFile | None = None
+    """A file holding the admin token (kept by the operator, stable across restarts, e.g. for
+    a remote Prometheus). None: a fresh random token at every start, in
+    ``<data_dir>/admin.token`` (mode 0600)."""
+
+    @model_validator(mode="after")
+    def _remote_needs_token(self) -> AdminConfig:
+        if not is_loopback_host(self.host) and self.token_file is None:
+            raise ValueError(
+                f"host {self.host!r} is not loopback: set admin.token_file (the token remote"
+                " clients send), or bind 127.0.0.1"
+            )
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class LoggingConfig(_Model):
@@ -667,6 +695,8 @@ class GatewayConfig(_Model):
     routing: RoutingConfig = RoutingConfig()
     kafka: KafkaConfig
     admin: AdminConfig = AdminConfig()
+    quotas: QuotasConfig = QuotasConfig()
+    """Per-device quotas and the connection rate limit (gateway/quotas_config.py)."""
     commands: CommandsConfig | None = None
     """Downlink commands; None (no ``[commands]`` section) turns them off."""
     firmware: FirmwareConfig | None = None

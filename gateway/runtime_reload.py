@@ -7,7 +7,9 @@ Applied at runtime:
   (rows already handed to the producer keep the topic they were built with);
 * limits: ``buffer.max_rows`` and ``buffer.max_bytes``: the bounds of the next commits (a
   lower bound than the rows already held makes the buffer full: acknowledgements of
-  ``block`` classes wait, lossy classes drop by their policy, nothing stored is removed).
+  ``block`` classes wait, lossy classes drop by their policy, nothing stored is removed);
+  ``[quotas]``: the broker's security settings are rebuilt with them (each device's token
+  buckets start full again).
 
 Everything else that changed (a class added or removed, a class's policy, priority or
 content type, the buffer's path, other Kafka settings, listeners ...) is reported as
@@ -67,6 +69,11 @@ def split_changes(old: GatewayConfig, new: GatewayConfig) -> RuntimeChanges:
                 if k not in _BUFFER_LIMITS and old_dump[key][k] != new_dump[key][k]
             ]
             update["buffer"] = old.buffer.model_copy(update=limits)
+        elif key == "quotas":
+            # Quotas are part of the broker's security settings, which a reload rebuilds from
+            # the merged config and swaps in (gateway/reload.py): per-device buckets restart.
+            changed.append("quotas")
+            update["quotas"] = new.quotas
         elif key == "classes" and old.classes.keys() == new.classes.keys():
             classes = dict(old.classes)
             for name, before in old.classes.items():

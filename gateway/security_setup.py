@@ -12,6 +12,7 @@ from edge.audit import AuditLog
 from edge.broker import EdgeBrokerError
 from edge.broker_state import Security
 from edge.device_auth import server_tls_context
+from edge.quotas import Quotas
 from edge.revocation import Revocation, read_crl, read_deny_file
 from edge.tenant_share import TenantShares
 from edge.tenants import TenantMap
@@ -69,7 +70,7 @@ def listener_tls_contexts(config: GatewayConfig) -> dict[str, ssl.SSLContext]:
 
 
 def broker_security(config: GatewayConfig, tenants: TenantMap | None = None) -> Security:
-    """ACL (when enabled), deny policy, the audit log under ``gateway.data_dir``, and the
+    """ACL (when enabled), deny policy, quotas, the audit log under ``gateway.data_dir``, and the
     tenant check at CONNECT (with ``[tenants]``; built from ``config`` when not given, so a
     caller that rebuilds the security settings, e.g. on reload, keeps the tenant checks)."""
     if tenants is None:
@@ -85,11 +86,14 @@ def broker_security(config: GatewayConfig, tenants: TenantMap | None = None) -> 
         else None
     )
     audit = AuditLog(config.audit_path, max_bytes=broker.audit.max_bytes, keep=broker.audit.keep)
+    settings = config.quotas.settings()
+    quotas = None if settings is None else Quotas(settings, audit)
     return Security(
         acl=acl,
         on_deny=broker.on_deny,
         audit=audit,
         tenant_of=None if tenants is None else tenants.resolve,
+        quotas=quotas,
     )
 
 

@@ -123,6 +123,16 @@ def render_status(
                 else f"[red]FAILED, previous configuration kept: {last['error']}[/red]"
             )
             table.add_row("last reload", f"{last['age_s']} s ago ({last['trigger']}): {outcome}")
+    quotas = data.get("quotas")
+    if quotas and quotas.get("enabled"):
+        table.add_row(
+            "quotas",
+            f"{quotas['policy']}: {quotas['throttled']} throttled ({quotas['throttled_s']} s), "
+            f"{quotas['rate_disconnects']} disconnected, oversize "
+            f"{quotas['oversize_discarded'] + quotas['oversize_disconnects']}, refused "
+            f"{quotas['subscriptions_refused']} subscriptions, "
+            f"{quotas['connections_refused']} connections",
+        )
     table.add_row(
         "buffer",
         f"{buffer['rows']} rows, {fmt_bytes(buffer['payload_bytes'])}"

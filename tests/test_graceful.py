@@ -105,6 +105,7 @@ def test_reload_applies_routes_limits_and_log_level_and_lists_the_rest() -> None
         },
         buffer={"max_rows": 1000, "commit_max_batch": 16},
         logging={"level": "DEBUG", "format": "json"},
+        quotas={"messages_per_s": 10.0},
         kafka={**old.kafka.model_dump(mode="json"), "linger_ms": 50},
     )
     changes = split_changes(old, new)
@@ -112,6 +113,7 @@ def test_reload_applies_routes_limits_and_log_level_and_lists_the_rest() -> None
         "buffer.max_rows",
         "classes.event.kafka_topic",
         "logging.level",
+        "quotas",
     ]
     assert sorted(changes.restart_needed) == [
         "buffer.commit_max_batch",
@@ -125,6 +127,7 @@ def test_reload_applies_routes_limits_and_log_level_and_lists_the_rest() -> None
     assert (merged.buffer.max_rows, merged.buffer.commit_max_batch) == (1000, 2048)
     assert (merged.logging.level, merged.logging.format) == ("DEBUG", "text")
     assert merged.kafka == old.kafka
+    assert merged.quotas.messages_per_s == 10.0
     # A class added or removed is a restart (its buffer rows, priorities, policies).
     added = split_changes(old, _config(classes={"event": {"kafka_topic": "iot.events"}}))
     assert (added.changed, added.restart_needed) == ([], ["classes"])

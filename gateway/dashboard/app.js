@@ -42,7 +42,9 @@ function push(series, value) {
 }
 
 async function getJson(path, guarded) {
-  const headers = guarded && token ? { Authorization: `Bearer ${token}` } : {};
+  // The token goes with every call when the page has one: an admin server bound beyond
+  // loopback guards /status and /devices too (docs/operations.md).
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
   const response = await fetch(path, { headers, cache: "no-store" });
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
   return response.json();
