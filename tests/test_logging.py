@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,12 @@ def restore_root() -> Iterator[None]:
     root.setLevel(level)
 
 
+def _records(out: io.StringIO, logger: str) -> list[dict[str, Any]]:
+    """Every line parses; those of ``logger`` (threads left by other tests may log too)."""
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [line for line in lines if line["logger"] == logger]
+
+
 def test_json_lines_parse_with_structured_extras(restore_root: None) -> None:
     out = io.StringIO()
     configure_logging(LoggingConfig(format="json", level="DEBUG"), stream=out)
@@ -34,7 +41,7 @@ def test_json_lines_parse_with_structured_extras(restore_root: None) -> None:
         int("boom")
     except ValueError:
         log.exception("commit failed", extra={"correlation_id": "gw:42"})
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    lines = _records(out, "edge.test")
     assert [line["message"] for line in lines] == ["stored 3 rows", "commit failed"]
     first, second = lines
     assert first["level"] == "INFO"
@@ -58,7 +65,7 @@ def test_a_flood_of_one_error_is_rate_limited_and_the_suppressed_count_reported(
         log.error("send to %s failed", f"topic-{i % 3}")
     log.error("another problem")  # a different message template is not limited by the flood
     log.info("info is never limited")
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    lines = _records(out, "bridge.test")
     assert [line["message"] for line in lines[:5]] == [
         f"send to topic-{i % 3} failed" for i in range(5)
     ]
@@ -66,7 +73,7 @@ def test_a_flood_of_one_error_is_rate_limited_and_the_suppressed_count_reported(
     assert limiter.suppressed_total == 995
     now[0] += 10.0
     log.error("send to %s failed", "topic-x")
-    last = json.loads(out.getvalue().splitlines()[-1])
+    last = _records(out, "bridge.test")[-1]
     assert (last["message"], last["suppressed"]) == ("send to topic-x failed", 995)
 
 
@@ -80,7 +87,7 @@ def test_text_format_shows_extras_and_the_suppressed_count(restore_root: None) -
     log.warning("dropped")
     limiter.interval_s = 0.0
     log.warning("dropped")
-    lines = out.getvalue().splitlines()
+    lines = [line for line in out.getvalue().splitlines() if " edge.text: " in line]
     assert len(lines) == 2
     assert "WARNING edge.text: dropped [device_id=d1]" in lines[0]
     assert lines[1].endswith("dropped (1 similar suppressed)")
