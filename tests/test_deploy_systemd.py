@@ -9,12 +9,15 @@ holding the unit, systemd's own unit files, /usr/bin/kill and that one binary pa
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer.main
@@ -22,7 +25,14 @@ import typer.main
 from gateway.cli import app as cli_app
 from gateway.config import load_config
 from gateway.pki import init_pki
-from tests.harness import REPO, provision_devices
+from tests.harness import (
+    REPO,
+    KafkaTls,
+    provision_devices,
+    publish_qos1,
+    wait_for,
+    write_gateway_config,
+)
 
 UNIT = REPO / "deploy" / "systemd" / "tidegate.service"
 ENV_FILE = REPO / "deploy" / "systemd" / "tidegate.env"
@@ -177,3 +187,71 @@ def test_unit_matches_the_gateway(tmp_path: Path) -> None:
     assert "${TIDEGATE_DATA_DIR:-" + state_dir + "}" in example_text
     assert state_dir in one(entries, "Service.ReadWritePaths").split()
     assert int(one(entries, "Service.LimitNOFILE")) >= 20_000  # 10,000 devices and more
+
+
+_MDWE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+# PR_SET_MDWE (65), PR_MDWE_REFUSE_EXEC_GAIN (1): Linux >= 6.3, kept across execve.
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(77)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_gateway_runs_without_writable_executable_memory(tmp_path: Path) -> None:
+    """`MemoryDenyWriteExecute=yes` holds for the gateway: run it under the kernel's same rule
+    (prctl PR_SET_MDWE: no W+X mapping, no exec added to a writable one), publish, stop."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _MDWE, "/bin/true"], check=False, capture_output=True, timeout=30
+    )
+    if probe.returncode == 77:
+        pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
+    pki = init_pki(tmp_path / "pki")
+    config = write_gateway_config(
+        tmp_path,
+        bootstrap="127.0.0.1:9",  # Kafka down: the forwarder keeps trying (TLS, aiokafka)
+        tls=KafkaTls(pki.ca_cert, pki.gateway_cert, pki.gateway_key),
+        topics={"event": "deploy.events"},
+        devices=["dev-1"],
+    )
+    log = (tmp_path / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _MDWE,
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "run",
+            "-c",
+            str(config),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    log.close()
+    try:
+        runtime_file = tmp_path / "data" / "runtime.json"
+
+        def started() -> dict[str, Any] | None:
+            assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
+            if not runtime_file.exists():
+                return None
+            runtime: dict[str, Any] = json.loads(runtime_file.read_text())
+            return runtime if runtime.get("pid") == proc.pid else None
+
+        runtime = wait_for(started, 30, "the gateway under MDWE to listen")
+        port = int(runtime["mqtt"][0]["port"])
+        publish_qos1(port, "dev-1", [("d/dev-1/up/event", b"m%d" % i) for i in range(20)])
+        admin = runtime["admin"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin['port']}/status", timeout=10) as r:
+            assert json.loads(r.read())["buffer"]["rows"] == 20
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, (tmp_path / "gateway.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
