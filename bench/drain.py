@@ -27,7 +27,7 @@ from typing import Any
 
 from edge.buffer import Buffer
 from gateway.config import BufferConfig
-from gateway.dev.kafka import create_topics, read_state, start_kafka, stop_kafka
+from gateway.dev.kafka import KafkaState, create_topics, read_state, start_kafka, stop_kafka
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,17 +85,58 @@ def main() -> None:
     if kafka is None:
         kafka = start_kafka(work / "kafka", work / "pki", topics=())
     try:
-        suffix = os.urandom(3).hex()
-        topics = {"telemetry": f"drain.telemetry.{suffix}", "event": f"drain.event.{suffix}"}
-        create_topics(kafka, list(topics.values()), partitions=6)
-        data = work / "gateway"
-        data.mkdir()
-        started = time.monotonic()
-        _fill(data / "buffer.sqlite3", args.rows, args.devices)
-        fill_s = time.monotonic() - started
-        config = work / "gateway.toml"
-        config.write_text(
-            f"""
+        result = run_drain(
+            kafka,
+            work,
+            rows=args.rows,
+            devices=args.devices,
+            live_devices=args.live_devices,
+            live_rate=args.live_rate,
+            lease_batch=args.lease_batch,
+        )
+        result["command"] = " ".join(sys.argv)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if args.kafka_state is None:
+            stop_kafka(kafka.state_file)
+
+
+def run_drain(
+    kafka: KafkaState,
+    work: Path,
+    *,
+    rows: int,
+    devices: int = 1000,
+    live_devices: int = 100,
+    live_rate: float = 10.0,
+    live_s: float | None = None,
+    lease_batch: int = 2000,
+    code: Path = REPO,
+) -> dict[str, Any]:
+    """Fill a buffer with ``rows`` messages, start the gateway on it with live traffic,
+    measure until the backlog is gone (bench.suite calls this too)."""
+    args = argparse.Namespace(
+        rows=rows,
+        devices=devices,
+        live_devices=live_devices,
+        live_rate=live_rate,
+        lease_batch=lease_batch,
+        # Live traffic for about as long as the drain should take, unless told.
+        live_s=live_s if live_s is not None else max(20, rows // 15_000),
+    )
+    suffix = os.urandom(3).hex()
+    topics = {"telemetry": f"drain.telemetry.{suffix}", "event": f"drain.event.{suffix}"}
+    create_topics(kafka, list(topics.values()), partitions=6)
+    data = work / "gateway"
+    data.mkdir()
+    started = time.monotonic()
+    _fill(data / "buffer.sqlite3", args.rows, args.devices)
+    fill_s = time.monotonic() - started
+    config = work / "gateway.toml"
+    config.write_text(
+        f"""
 [gateway]
 id = "drain-bench"
 data_dir = "{data}"
@@ -122,30 +163,33 @@ keyfile = "{kafka.key_file}"
 [admin]
 port = 0
 """
-        )
-        log = (work / "gateway.log").open("wb")
+    )
+    with (work / "gateway.log").open("wb") as log:
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=code,
         )
-        try:
-            result = _measure(gateway, data, args, work)
-        finally:
-            gateway.terminate()
-            gateway.wait(timeout=30)
-        result.update(rows=args.rows, fill_s=round(fill_s, 1), command=" ".join(sys.argv))
-        print(json.dumps(result, indent=2))
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        result = _measure(gateway, data, args, work, code)
     finally:
-        if args.kafka_state is None:
-            stop_kafka(kafka.state_file)
+        gateway.terminate()
+        try:
+            gateway.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait(timeout=10)
+    result.update(rows=args.rows, fill_s=round(fill_s, 1))
+    return result
 
 
 def _measure(
-    gateway: subprocess.Popen[bytes], data: Path, args: argparse.Namespace, work: Path
+    gateway: subprocess.Popen[bytes],
+    data: Path,
+    args: argparse.Namespace,
+    work: Path,
+    code: Path = REPO,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + 120
     while not (data / "runtime.json").exists():
@@ -155,8 +199,7 @@ def _measure(
     runtime = json.loads((data / "runtime.json").read_text())
     port = runtime["mqtt"][0]["port"]
     started, cpu0 = time.monotonic(), _cpu_s(gateway.pid)
-    # Live traffic for about as long as the drain should take (bounded by --max-time).
-    live_s = max(20, args.rows // 15_000)
+    live_s = args.live_s
     sim = subprocess.Popen(
         [
             sys.executable, "-m", "gateway.cli", "sim", "--port", str(port),
@@ -164,7 +207,7 @@ def _measure(
             "--duration", str(live_s), "--max-time", "900", "--classes", "event",
             "--prefix", "live-", "--quiet", "--json", str(work / "live.json"),
         ],
-        cwd=REPO,
+        cwd=code,
     )  # fmt: skip
     peak_rss = 0
     samples: list[tuple[float, int]] = []

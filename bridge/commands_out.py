@@ -13,7 +13,7 @@ import json
 import logging
 import random
 
-from bridge.producer import KafkaProducerHandle
+from bridge.producer import KafkaProducerHandle, acked_prefix
 from bridge.records import KafkaRecord
 from edge.commands_model import result_value
 from edge.commands_store import CommandStore, OutboxResult
@@ -93,12 +93,7 @@ class ResultSender:
             except KafkaError as exc:
                 outcome = None
                 self.last_error = str(exc)
-            # Delete only an acked prefix: results of one command keep their order on Kafka.
-            prefix = 0
-            for ok in [] if outcome is None else outcome.acked:
-                if not ok:
-                    break
-                prefix += 1
+            prefix = acked_prefix(outcome)
             await self._store.sent([r.id for r in results[:prefix]])
             self.sent += prefix
             if prefix == len(results):

@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError as AioKafkaError
 from aiokafka.structs import OffsetAndMetadata
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bridge.tls import build_ssl_context
+from bridge.kafka_security import client_security
 from edge.firmware_model import (
     HEADER_INDEX,
     HEADER_KIND,
@@ -116,8 +116,7 @@ class FirmwareConsumer:
             bootstrap_servers=self._kafka.bootstrap_servers,
             client_id=f"{self._kafka.client_id}-firmware",
             group_id=self._group,
-            security_protocol="SSL",
-            ssl_context=build_ssl_context(self._kafka.tls),
+            **client_security(self._kafka).kwargs(),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max(1 << 20, self._kafka.max_request_bytes),

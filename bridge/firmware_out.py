@@ -14,7 +14,7 @@ import json
 import logging
 import random
 
-from bridge.producer import KafkaProducerHandle
+from bridge.producer import KafkaProducerHandle, acked_prefix
 from bridge.records import KafkaRecord
 from edge.firmware_store import FirmwareStore
 from gateway.config import KafkaConfig
@@ -86,11 +86,7 @@ class FirmwareStatusSender:
             except KafkaError as exc:
                 outcome = None
                 self.last_error = str(exc)
-            prefix = 0
-            for ok in [] if outcome is None else outcome.acked:
-                if not ok:
-                    break
-                prefix += 1
+            prefix = acked_prefix(outcome)
             try:
                 await self._store.sent([r.id for r in rows[:prefix]])
             except Exception:

@@ -30,7 +30,7 @@ from bridge.records import KafkaRecord
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaAuthError, KafkaError, KafkaUnavailableError
 
-__all__ = ["KafkaProducerHandle", "SendOutcome", "diagnose_connection"]
+__all__ = ["KafkaProducerHandle", "SendOutcome", "acked_prefix", "diagnose_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,17 @@ class SendOutcome:
     """True when the batch missed its deadline: the producer must be rebuilt."""
     errors: list[BaseException | None] = field(default_factory=list)
     """Per record: the aiokafka error it failed with (None: acked, or not attempted)."""
+
+
+def acked_prefix(outcome: SendOutcome | None) -> int:
+    """How many records from the start of a send were acked without a gap: an outbox deletes
+    only those, so records of one key keep their order on Kafka (None: nothing was sent)."""
+    prefix = 0
+    for ok in [] if outcome is None else outcome.acked:
+        if not ok:
+            break
+        prefix += 1
+    return prefix
 
 
 class KafkaProducerHandle:

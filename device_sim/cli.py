@@ -25,8 +25,10 @@ from rich.console import Console
 from device_sim.fleet import FleetError, run_simulation
 from device_sim.kafka_reader import KafkaSource, read_topics
 from device_sim.ledger import AckEntry, DropEntry, LedgerError, read_ack_ledger, read_drop_ledger
+from device_sim.live import LiveProgress
 from device_sim.options import FleetOptions, SimOptionsError, parse_classes
-from device_sim.report import ProgressPrinter, print_fleet_result, print_verify_report
+from device_sim.profile import apply_profile, load_profile
+from device_sim.report import print_fleet_result, print_verify_report
 from device_sim.verify import Oracle, VerifyReport
 from gateway.config import ClassConfig, GatewayConfig, KafkaTlsConfig, load_config
 from gateway.errors import ConfigError, KafkaError
@@ -43,7 +45,15 @@ def _usage(message: str) -> NoReturn:
 
 
 def sim(
+    ctx: typer.Context,
     *,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fleet profile (TOML: device types, sensors, bursts, offline windows, "
+            "storms, misbehaving devices); options given explicitly override it."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Broker address (loopback only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Broker MQTT port.")] = 1883,
     devices: Annotated[int, typer.Option(help="Number of simulated devices.")] = 10,
@@ -147,12 +157,27 @@ def sim(
             tls_ca=tls_ca,
             tls_cert_dir=tls_cert_dir,
         ).validated()
+        if profile is not None:
+            if start_index:
+                _usage("--start-index: not with --profile (ids follow the profile's types)")
+            # typer vendors click, so compare the ParameterSource by name.
+            explicit = {
+                name
+                for name in ctx.params
+                if getattr(ctx.get_parameter_source(name), "name", "")
+                in ("COMMANDLINE", "ENVIRONMENT")
+            }
+            options = apply_profile(options, load_profile(profile), explicit).validated()
     except SimOptionsError as exc:
         _usage(str(exc))
     if ledger is not None and not ledger.parent.is_dir():
         _usage(f"--ledger: directory {ledger.parent} does not exist")
     try:
-        result = run_simulation(options, None if quiet else ProgressPrinter(_err))
+        if quiet:
+            result = run_simulation(options)
+        else:
+            with LiveProgress(_err) as live:
+                result = run_simulation(options, live, live.workers)
     except (FleetError, LedgerError) as exc:
         _usage(str(exc))
     except KeyboardInterrupt:

@@ -8,7 +8,9 @@ only touched from the loop thread and needs no locks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +19,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from device_sim.behaviour import DeviceEvent, plan_for
 from device_sim.commands import CommandApplier
 from device_sim.envelope import encode_envelope, make_msg_id
 from device_sim.ledger import AckEntry, AckLedgerWriter
 from device_sim.link import PahoLoopDriver
-from device_sim.options import FleetOptions, device_id, source_address
+from device_sim.options import FleetOptions, source_address
+from device_sim.sensors import Sensor, garbage
 from device_sim.stats import FleetCounters, LatencyHistogram
 
 __all__ = ["FleetContext", "SimDevice"]
@@ -61,11 +65,19 @@ class SimDevice:
     def __init__(self, ctx: FleetContext, index: int) -> None:
         self.ctx = ctx
         self.index = index
-        self.device_id = device_id(ctx.options.prefix, index)
         opts = ctx.options
         self._rng = random.Random(None if opts.seed is None else opts.seed * 1_000_003 + index)
-        self._classes = [name for name, _ in opts.classes]
-        self._weights = [weight for _, weight in opts.classes]
+        self.plan = plan_for(opts, index, self._rng)
+        self.device_id = self.plan.device_id
+        self._sensor = Sensor(
+            self.plan.sensor,
+            self.plan.encoding,
+            self._rng,
+            size=self.plan.payload_size,
+            filler=ctx.body,
+        )
+        self._classes = [name for name, _ in self.plan.classes]
+        self._weights = [weight for _, weight in self.plan.classes]
         self._seq = dict.fromkeys(self._classes, 0)
         self._topics = {name: f"d/{self.device_id}/up/{name}" for name in self._classes}
         self._pending: dict[int, _Pending] = {}
@@ -77,6 +89,7 @@ class SimDevice:
         self._connack: asyncio.Future[None] | None = None
         self._connected = False
         self._closing = False
+        self._offline = False
         self._lost = asyncio.Event()
         self.sent = 0
         self.commands = CommandApplier(failure_rate=opts.command_failure_rate, rng=self._rng)
@@ -113,7 +126,9 @@ class SimDevice:
         (except cancellation): failures are counted."""
         opts = self.ctx.options
         loop = asyncio.get_running_loop()
-        if opts.connect_rate > 0:
+        if self.plan.connect_at_s is not None:
+            await asyncio.sleep(max(0.0, self.ctx.started + self.plan.connect_at_s - loop.time()))
+        elif opts.connect_rate > 0:
             ramp_at = self.ctx.started + (self.index - opts.start_index) / opts.connect_rate
             await asyncio.sleep(max(0.0, ramp_at - loop.time()))
         try:
@@ -173,24 +188,87 @@ class SimDevice:
     async def _publish_loop(self) -> None:
         opts = self.ctx.options
         loop = asyncio.get_running_loop()
-        interval = 1.0 / opts.rate if opts.rate > 0 else 0.0
+        started = self.ctx.started
+        interval = self.plan.interval(loop.time() - started)
         # Spread first sends over one interval so rate-limited fleets don't pulse in step.
         next_at = loop.time() + self._rng.uniform(0, interval)
         while opts.count is None or self.sent < opts.count:
+            if interval:
+                # Sleep until the next send, waking for events (offline, storm) on the way.
+                while (now := loop.time()) < next_at:
+                    event = self.plan.pop_due(now - started)
+                    if event is not None:
+                        await self._run_event(event)
+                        continue
+                    due = self.plan.next_event_at()
+                    wake = next_at if due is None else min(next_at, started + due)
+                    await asyncio.sleep(max(0.0, wake - now))
+            while (event := self.plan.pop_due(loop.time() - started)) is not None:
+                await self._run_event(event)
             if not self._connected and not await self._connect_with_retries(first=False):
                 return
             if not await self._acquire_window():
                 continue  # connection lost while the window was full: reconnect first
+            interval = self.plan.interval(loop.time() - started)  # bursts change it
             if interval:
-                delay = next_at - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
                 # Catch up after a stall, but at most one interval's worth of burst.
                 next_at = max(next_at + interval, loop.time() - interval)
             if not self._connected:
                 self._window.release()
                 continue
-            self._publish_one()
+            bad = self.plan.pick_misbehaviour(self._rng)
+            if bad is None:
+                self._publish_one()
+            else:
+                self._window.release()  # a bad message is QoS0 and never waits for a PUBACK
+                self._misbehave(bad)
+
+    async def _run_event(self, event: DeviceEvent) -> None:
+        """Go offline for a while (clean DISCONNECT) or lose the socket (storm), then let
+        the publish loop reconnect; QoS1 messages still un-acked are resent after that."""
+        counters = self.ctx.counters
+        if not self._connected:
+            return
+        self._lost.clear()
+        if event.kind == "offline":
+            counters.offline_windows += 1
+            self._offline = True
+            self.client.disconnect()
+        else:
+            counters.storm_drops += 1
+            sock = self.client.socket()
+            if isinstance(sock, socket.socket):  # ssl.SSLSocket is one too
+                # No DISCONNECT: the gateway sees the connection die, paho sees EOF.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._lost.wait()
+            await asyncio.sleep(event.seconds)
+        finally:
+            self._offline = False  # also when the publishing phase ends during the window
+
+    def _misbehave(self, kind: str) -> None:
+        """One bad message, QoS0 (nothing is promised, nothing goes into the ledger)."""
+        counters = self.ctx.counters
+        topic = self._topics[self._classes[0]]
+        if kind == "garbage":
+            payload = garbage(self._rng, 16 + self._rng.randrange(64))
+            counters.sent_garbage += 1
+        elif kind == "oversized":
+            payload = garbage(self._rng, self.plan.misbehave.oversized_bytes)
+            counters.sent_oversized += 1
+        else:
+            # Another device's uplink (the topic ACL refuses it) or a topic outside d/.
+            other = f"not-{self.device_id}" if self._rng.random() < 0.5 else None
+            topic = f"d/{other}/up/{self._classes[0]}" if other else f"junk/{self.device_id}"
+            payload = encode_envelope(
+                msg_id=f"{self.device_id}:bad:{self.sent}", seq=1, ts=0, body=b""
+            )
+            counters.sent_wrong_topic += 1
+        self.client.publish(topic, payload, qos=0)
+        self.sent += 1
 
     async def _acquire_window(self) -> bool:
         """Take a window permit; False if the connection is lost while waiting for one
@@ -223,13 +301,9 @@ class SimDevice:
         seq = self._seq[name] + 1
         self._seq[name] = seq
         msg_id = make_msg_id(self.device_id, self.ctx.run_id, name, seq)
-        start = self._rng.randrange(0, max(1, len(self.ctx.body) - opts.payload_size))
+        ts = time.time_ns() // 1_000_000
         payload = encode_envelope(
-            msg_id=msg_id,
-            seq=seq,
-            ts=time.time_ns() // 1_000_000,
-            body=self.ctx.body[start : start + opts.payload_size],
-            ttl_s=opts.ttl_s,
+            msg_id=msg_id, seq=seq, ts=ts, body=self._sensor.reading(ts), ttl_s=opts.ttl_s
         )
         sent_ns = time.perf_counter_ns()
         info = self.client.publish(self._topics[name], payload, qos=opts.qos)
@@ -308,7 +382,7 @@ class SimDevice:
         if self._connected:
             self._connected = False
             self.ctx.counters.connected -= 1
-            if not self._closing:
+            if not self._closing and not self._offline:
                 self.ctx.counters.disconnects += 1
         fut = self._connack
         if fut is not None and not fut.done():

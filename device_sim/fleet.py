@@ -36,6 +36,7 @@ __all__ = [
     "FleetError",
     "FleetResult",
     "ProgressCallback",
+    "WorkerProgressCallback",
     "raise_nofile_limit",
     "run_fleet",
     "run_simulation",
@@ -43,6 +44,8 @@ __all__ = [
 
 ProgressCallback = Callable[[FleetCounters], None]
 """Called about once a second with a snapshot of the counters."""
+WorkerProgressCallback = Callable[[dict[int, FleetCounters]], None]
+"""Called about once a second with each worker process's latest counters."""
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,12 @@ def raise_nofile_limit(needed: int) -> int:
     return soft
 
 
+def _largest_filler(options: FleetOptions) -> int:
+    if options.profile is None:
+        return options.payload_size
+    return max(t.payload_size for t in options.profile.device_types)
+
+
 def _peak_rss_mb() -> float:
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -136,7 +145,7 @@ async def run_fleet(options: FleetOptions, progress: ProgressCallback | None = N
         started=started,
         # Publishing stops here even if devices connected late: the run is bounded in time.
         publish_deadline=started + limit,
-        body=os.urandom(max(4096, options.payload_size * 2)),
+        body=os.urandom(max(4096, _largest_filler(options) * 2)),
     )
     devices = [
         SimDevice(ctx, index)
@@ -191,14 +200,18 @@ async def run_fleet(options: FleetOptions, progress: ProgressCallback | None = N
     )
 
 
-def run_simulation(options: FleetOptions, progress: ProgressCallback | None = None) -> FleetResult:
+def run_simulation(
+    options: FleetOptions,
+    progress: ProgressCallback | None = None,
+    worker_progress: WorkerProgressCallback | None = None,
+) -> FleetResult:
     """Synchronous entry point: one loop here, or ``options.processes`` worker processes."""
     options = options.validated()
     if options.run_id is None:
         options = replace(options, run_id=new_run_id())
     if options.processes == 1:
         return asyncio.run(run_fleet(options, progress))
-    return _run_sharded(options, progress)
+    return _run_sharded(options, progress, worker_progress)
 
 
 # ----------------------------------------------------------------- multi-process
@@ -218,7 +231,11 @@ def _shard_main(options: FleetOptions, index: int, out: Any) -> None:
     out.put(("result", index, result))
 
 
-def _run_sharded(options: FleetOptions, progress: ProgressCallback | None) -> FleetResult:
+def _run_sharded(
+    options: FleetOptions,
+    progress: ProgressCallback | None,
+    worker_progress: WorkerProgressCallback | None,
+) -> FleetResult:
     started = time.monotonic()
     count = options.processes
     shards = [options.shard(i, count) for i in range(count)]
@@ -233,6 +250,11 @@ def _run_sharded(options: FleetOptions, progress: ProgressCallback | None) -> Fl
         proc.start()
     # Bounded: connect ramp and retries, publishing, drain, plus slack for process start-up.
     connect_budget = options.devices / max(1.0, options.connect_rate or 1000.0) / count
+    if options.profile is not None:
+        connect_budget = max(
+            t.connect_after_s + t.count / max(1.0, t.connect_rate or options.connect_rate or 1000.0)
+            for t in options.profile.device_types
+        )
     deadline = (
         started
         + options.max_time_s
@@ -264,6 +286,8 @@ def _run_sharded(options: FleetOptions, progress: ProgressCallback | None) -> Fl
                 # Every shard reports each second: print the sum once a second, not K times.
                 if progress is not None and time.monotonic() - last_progress >= 0.95:
                     last_progress = time.monotonic()
+                    if worker_progress is not None:
+                        worker_progress(dict(snapshots))
                     total = FleetCounters()
                     for snap in snapshots.values():
                         total.merge(snap)

@@ -10,8 +10,12 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.errors import TidegateError
+
+if TYPE_CHECKING:
+    from device_sim.profile import Profile
 
 __all__ = [
     "FleetOptions",
@@ -116,6 +120,7 @@ class FleetOptions:
     seed: int | None = None
     """Seed for class choice and jitter (None: random)."""
     run_id: str | None = None
+    """Fixed run id (shards of one run share it); None: a fresh random one."""
     commands: bool = False
     """Subscribe to ``d/{id}/cmd``, apply commands, report, PUBACK after applying."""
     command_delay_s: float = 0.0
@@ -132,7 +137,9 @@ class FleetOptions:
     tls_cert_dir: Path | None = None
     """TLS client certificates: ``{dir}/{id}.pem`` and ``{dir}/{id}-key.pem`` per device
     (the layout of ``tidegate certs device``)."""
-    """Fixed run id (shards of one run share it); None: a fresh random one."""
+    profile: Profile | None = None
+    """A fleet profile (``--profile``): per-device type, rate, sensor, events. Device
+    indices then run over the profile's types; ``prefix``/``rate``/``classes`` are unused."""
 
     def validated(self) -> FleetOptions:
         """Self, checked; raises :class:`SimOptionsError` naming the first bad option."""
@@ -193,6 +200,13 @@ class FleetOptions:
             ),
             (self.password is None or bool(self.password), "--password: must not be empty"),
         ]
+        if self.profile is not None:
+            checks.append(
+                (
+                    self.start_index + self.devices <= self.profile.devices,
+                    "--devices: more devices than the profile's types hold",
+                )
+            )
         for ok, message in checks:
             if not ok:
                 raise SimOptionsError(message)

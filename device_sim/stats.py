@@ -95,6 +95,16 @@ class FleetCounters:
     """Commands applied and reported failed (``--command-failure-rate``)."""
     commands_repeated: int = 0
     """Commands received again after they were executed: reported again, not applied."""
+    offline_windows: int = 0
+    """Offline windows a device went through (profile ``[[offline]]``)."""
+    storm_drops: int = 0
+    """Connections dropped on purpose by a reconnect storm (profile ``[[reconnect_storms]]``)."""
+    sent_garbage: int = 0
+    """Misbehaving messages sent (QoS0, not in the ledger): random bytes."""
+    sent_oversized: int = 0
+    """... payloads above the gateway's packet size limit."""
+    sent_wrong_topic: int = 0
+    """... envelopes on a topic the device may not use."""
 
     def merge(self, other: FleetCounters) -> None:
         """Add another shard's counters."""
@@ -112,6 +122,11 @@ class FleetCounters:
             "commands_executed",
             "commands_failed",
             "commands_repeated",
+            "offline_windows",
+            "storm_drops",
+            "sent_garbage",
+            "sent_oversized",
+            "sent_wrong_topic",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.connect_time_s = max(self.connect_time_s, other.connect_time_s)

@@ -97,6 +97,7 @@ from edge.mqtt_wire import (
     encode_acks,
     read_packet,
 )
+from edge.session_state import LazyQueue
 
 __all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
 
@@ -150,8 +151,9 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
     ) -> None:
         super().__init__(plugins_manager, session, loop)
         self._edge = edge
-        self._pending_subscriptions: asyncio.Queue[Any] = asyncio.Queue(_PENDING_SUBSCRIBE_LIMIT)
-        self._pending_unsubscriptions: asyncio.Queue[Any] = asyncio.Queue(_PENDING_SUBSCRIBE_LIMIT)
+        # LazyQueue: most devices never (un)subscribe (edge/session_state.py).
+        self._pending_subscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
+        self._pending_unsubscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
         self._acks: deque[_PendingAck] = deque()
         self._qos0_pending: set[asyncio.Future[None]] = set()
         self._inflight = 0

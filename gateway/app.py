@@ -37,6 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import TidegateError
 from gateway.firmware_service import FirmwareService
 from gateway.lifecycle_service import LifecycleService
+from gateway.limits import raise_fd_limit
 from gateway.reload import SecurityReloader
 from gateway.security_setup import (
     broker_security,
@@ -162,6 +163,7 @@ class Gateway:
         data_dir = self.config.gateway.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(data_dir)
+        raise_fd_limit()  # one descriptor per device: 10,000 devices need more than 1,024
         self.admin.token = write_token(data_dir)
         try:
             async with self.buffer:

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AioKafkaError
 
 from bridge.kafka_security import client_security, explain_login_failure
+from bridge.topic_scan import scan_json_topic
 from edge.tenants import PLACEHOLDER, TENANT_HEADER, render
 from gateway.config import CommandsConfig, GatewayConfig, load_config
 from gateway.errors import ConfigError, TidegateError
@@ -186,44 +187,13 @@ async def _produce(
 
 
 async def _history(cfg: GatewayConfig, topic: str, command_id: str) -> list[dict[str, Any]]:
-    security = client_security(cfg.kafka)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=cfg.kafka.bootstrap_servers,
-        **security.kwargs(),
-        enable_auto_commit=False,
-    )
     found: list[dict[str, Any]] = []
     seen: set[str] = set()
-    async with asyncio.timeout(cfg.kafka.request_timeout_s + 30):
-        try:
-            await consumer.start()
-        except AioKafkaError as exc:
-            await consumer.stop()
-            await explain_login_failure(cfg.kafka, security, exc)
-            raise
-        try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await consumer._client.force_metadata_update()  # a topic not yet in metadata
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if ends[tp] > 0}
-            while remaining:
-                batch = await consumer.getmany(*remaining, timeout_ms=500)
-                for tp, records in batch.items():
-                    for record in records:
-                        if record.offset >= ends[tp] or record.value is None:
-                            continue
-                        item = json.loads(record.value)
-                        if item.get("command_id") == command_id and item["result_id"] not in seen:
-                            seen.add(item["result_id"])  # at-least-once: skip repeats
-                            found.append(item)
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-        finally:
-            await consumer.stop()
+
+    def visit(item: dict[str, Any]) -> None:
+        if item.get("command_id") == command_id and item.get("result_id") not in seen:
+            seen.add(item["result_id"])  # at-least-once: skip repeats
+            found.append(item)
+
+    await scan_json_topic(cfg.kafka, topic, visit)
     return sorted(found, key=lambda r: (r["at_ms"], r["result_id"]))

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AioKafkaError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bridge.tls import build_ssl_context
+from bridge.kafka_security import client_security
+from bridge.topic_scan import scan_json_topic
 from device_sim.firmware import FleetSpec, run_firmware_fleet
 from edge.firmware_model import (
     FirmwareFormatError,
@@ -280,8 +281,7 @@ async def _produce(
 ) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
+        **client_security(cfg.kafka).kwargs(),
         acks="all",
         enable_idempotence=True,
         max_request_size=cfg.kafka.max_request_bytes,
@@ -299,41 +299,16 @@ async def _produce(
 
 
 async def _latest(cfg: GatewayConfig, topic: str, campaign: str) -> dict[str, Any] | None:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=cfg.kafka.bootstrap_servers,
-        security_protocol="SSL",
-        ssl_context=build_ssl_context(cfg.kafka.tls),
-        enable_auto_commit=False,
-    )
     latest: dict[str, Any] | None = None
-    async with asyncio.timeout(cfg.kafka.request_timeout_s + 30):
-        await consumer.start()
-        try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                await consumer._client.force_metadata_update()  # a topic not yet in metadata
-                parts = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if ends[tp] > 0}
-            while remaining:
-                batch = await consumer.getmany(*remaining, timeout_ms=500)
-                for tp, records in batch.items():
-                    for record in records:
-                        if record.offset >= ends[tp] or record.value is None:
-                            continue
-                        item = json.loads(record.value)
-                        if (
-                            item.get("kind") == "campaign"
-                            and item.get("campaign_id") == campaign
-                            and (latest is None or item["at_ms"] >= latest["at_ms"])
-                        ):
-                            latest = item
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-        finally:
-            await consumer.stop()
+
+    def visit(item: dict[str, Any]) -> None:
+        nonlocal latest
+        if (
+            item.get("kind") == "campaign"
+            and item.get("campaign_id") == campaign
+            and (latest is None or item["at_ms"] >= latest["at_ms"])
+        ):
+            latest = item
+
+    await scan_json_topic(cfg.kafka, topic, visit)
     return latest

@@ -1,0 +1,138 @@
+"""The benchmark suite (``python -m bench``): a tiny-load run of every phase and system
+against the real local Kafka, and the checker of its results.json.
+
+Not a timed test: it checks that the suite produces a figure (or an explained null) for every
+target of issue 6 and results for all four systems, not what the figures are.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.suite_schema import SYSTEMS, TARGETS, validate
+from bench.suite_tidegate import scale_figures
+from gateway.dev.kafka import KafkaState
+
+REPO = Path(__file__).resolve().parents[1]
+
+needs_mosquitto = pytest.mark.skipif(
+    shutil.which("mosquitto_pub") is None
+    or (shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists()),
+    reason="mosquitto and mosquitto-clients are installed by scripts/bootstrap",
+)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(
+    kafka: KafkaState, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("bench-smoke")
+    argv = [sys.executable, "-m", "bench", "--smoke", "--code", "worktree", "--out", str(out)]
+    argv += ["--kafka-state", str(kafka.state_file), "--scale-json", str(out / "absent.json")]
+    proc = subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "results.json").read_text()), out
+
+
+@pytest.mark.kafka
+@needs_mosquitto
+def test_smoke_run_has_every_system_and_every_target(
+    smoke_results: tuple[dict[str, Any], Path],
+) -> None:
+    results, out = smoke_results
+    assert validate(results) == []
+    for name in SYSTEMS:
+        assert results["systems"][name]["errors"] == [], name
+        third = results["systems"][name]["phases"]["thirdparty"]["median"]
+        # A number (Mosquitto may use no 10 ms clock tick at all for a smoke-sized load).
+        assert third["cpu_us_per_msg"] >= 0, name
+    assert set(results["targets"]) == set(TARGETS)
+    # Figures the smoke run measures itself (the 10k figure comes from another benchmark).
+    for key in TARGETS:
+        target = results["targets"][key]
+        if key == "rss_mb_10k_devices":
+            assert target["figure"] is None
+            assert target["reason"] == "not measured in this run"
+        else:
+            assert isinstance(target["figure"], int | float), (key, target)
+    # Kafka systems: everything offered by mosquitto_pub to tidegate reached Kafka.
+    tidegate = results["systems"]["tidegate"]["phases"]["thirdparty"]["median"]
+    assert tidegate["in_kafka"] == tidegate["published"]
+    assert results["ratios"]["cpu_us_per_msg_fixed_rate_mosquitto_pub"]["tidegate/amqtt"] > 0
+    assert (out / "results.md").read_text().count("| tidegate |") == 1
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _minimal() -> dict[str, Any]:
+    phase = {"median": {"cpu_us_per_msg": 1.0}}
+    systems = {
+        name: {
+            "phases": {p: phase for p in ("thirdparty", "fixed", "saturate", "latency")},
+            "rss": {"median": {"rss_mb": 10.0}},
+        }
+        for name in SYSTEMS
+    }
+    targets = {key: {"figure": 1.0, "met": True} for key in TARGETS}
+    return {
+        "schema": "tidegate-bench/1",
+        "systems": systems,
+        "targets": targets,
+        "ratios": {"x": {}},
+    }
+
+
+def test_validate_accepts_a_complete_result() -> None:
+    assert validate(_minimal()) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda r: r["systems"].pop("naive-bridge"), "systems.naive-bridge: missing"),
+        (lambda r: r["targets"].pop("drain_msgs_per_s"), "targets.drain_msgs_per_s: missing"),
+        (
+            lambda r: r["targets"]["outage_rss_growth_mb"].update(figure=None, met=None),
+            "targets.outage_rss_growth_mb: figure is null without a reason",
+        ),
+        (
+            lambda r: r["targets"]["ingest_cpu_us_per_msg"].update(met=None),
+            "targets.ingest_cpu_us_per_msg.met: not a boolean: None",
+        ),
+        (
+            lambda r: r["systems"]["tidegate"]["phases"].pop("latency"),
+            "systems.tidegate.phases.latency.median.cpu_us_per_msg: no number",
+        ),
+    ],
+)
+def test_validate_names_what_is_missing(damage: Any, problem: str) -> None:
+    results = copy.deepcopy(_minimal())
+    damage(results)
+    assert problem in validate(results)
+
+
+def test_scale_figure_counts_only_with_10000_connected(tmp_path: Path) -> None:
+    path = tmp_path / "fleet-scale-10k.json"
+    path.write_text(json.dumps({"max_connections_seen": 10_000, "gateway_peak_rss_mb": 180.5}))
+    assert scale_figures(path) == {
+        "source": str(path.resolve()),
+        "connected": 10_000,
+        "rss_mb": 180.5,
+    }
+    path.write_text(json.dumps({"max_connections_seen": 9_000, "gateway_peak_rss_mb": 120.0}))
+    assert "only 9,000 devices" in scale_figures(path)["reason"]
+    assert scale_figures(tmp_path / "absent.json")["reason"] == "not measured in this run"
