@@ -76,10 +76,11 @@ WAL_BYTES = 8 << 20
 """The write-ahead log file: SQLite checkpoints it at ~1,000 pages but does not shrink it;
 4.6-5.4 MB measured while filling."""
 RSS_BASE_BYTES = 90 << 20
-"""Gateway RSS with no device connected (Python, amqtt, aiokafka, SQLite cache); 80 MiB
-measured, anonymous devices (a password check adds scrypt's memory, docs/sizing.md)."""
-RSS_PER_DEVICE_BYTES = 64_000
-"""Added RSS per connected device (session, socket buffers, tasks); 62-68 KB measured."""
+"""Gateway RSS with no device connected (Python, amqtt, aiokafka, SQLite cache); 81-83 MiB
+measured (a password check adds scrypt's memory while devices connect, docs/sizing.md)."""
+RSS_PER_DEVICE_BYTES = 40_000
+"""Added RSS per connected device (session, handler, tasks, socket buffers): 34-48 KB
+measured between 100 and 10,000 devices (bench/sizing.py, bench/fleet_scale.py)."""
 _LEAF_USABLE = PAGE_BYTES - 8
 """A table leaf page minus its header; each cell's 2-byte pointer is in ``ROW_META_BYTES``."""
 _MAX_LOCAL = PAGE_BYTES - 35

@@ -19,6 +19,7 @@ from gateway.config import BufferConfig, ClassConfig
 from tests.harness import REPO
 
 MEASURED = REPO / "docs" / "bench-results" / "sizing.json"
+FLEET_SCALE = REPO / "docs" / "bench-results" / "fleet-scale-10k.json"
 
 
 def test_parse_duration() -> None:
@@ -75,13 +76,20 @@ def test_constants_cover_the_measurements() -> None:
         dedup = run["tables"].get("inbound_dedup", 0) + run["tables"].get("devices", 0)
         assert dedup / run["devices"] <= sizing.DEVICE_STATE_BYTES, run
     assert measured["drop_ledger"]["bytes_per_row"] <= sizing.LEDGER_ROW_BYTES
-    for point in measured["memory"]:
-        rss = point["rss_mb"] * (1 << 20)
+    # Memory: bench/sizing.py's points, and bench/fleet_scale.py's up to 10,000 devices.
+    points = {m["devices"]: m["rss_mb"] for m in measured["memory"]}
+    scale = json.loads(FLEET_SCALE.read_text())
+    scale_points = {
+        int(n): p["gateway_rss_mb"] for n, p in scale["gateway_rss_by_connected"].items()
+    }
+    scale_points[scale["max_connections_seen"]] = scale["gateway_peak_rss_mb"]
+    for devices, rss_mb in [*points.items(), *scale_points.items()]:
+        rss = rss_mb * (1 << 20)
         model_rss = sizing.estimate(
-            rate_per_s=0, outage_s=0, payload_bytes=0, devices=point["devices"]
+            rate_per_s=0, outage_s=0, payload_bytes=0, devices=devices
         ).memory_bytes
-        assert rss <= model_rss, point
-        assert model_rss <= 1.25 * rss, point
+        assert rss <= model_rss, (devices, rss_mb)
+        assert model_rss <= 1.25 * rss, (devices, rss_mb)
 
 
 async def test_model_matches_a_real_buffer(tmp_path: Path) -> None:
