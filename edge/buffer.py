@@ -309,6 +309,19 @@ class Buffer(GroupCommitter, DeadLetterStore):
         """True while publishes wait for room (acknowledgements withheld)."""
         return self.stats.blocked_writes > 0
 
+    @property
+    def writable(self) -> bool:
+        """Open, its committer running, the last commit did not fail and the disk is not
+        below ``min_free_disk_bytes`` (``/readyz``). A full buffer is still writable."""
+        committer = self._committer
+        return (
+            self._db is not None
+            and committer is not None
+            and not committer.done()
+            and not self.stats.commit_failing
+            and not self.stats.low_disk
+        )
+
     # ------------------------------------------------------------------- forward
 
     async def wait_for_rows(self, max_wait: float) -> None:
@@ -373,8 +386,10 @@ class Buffer(GroupCommitter, DeadLetterStore):
             lambda conn: _delete_rows(conn, ids, relaxed, self._heads_and_size)
         )
         self.stats.released += len(done)
+        released = self.stats.class_released
         for message in done:
             self._count_rows(message.class_name, -1, len(message.payload), message.device_id)
+            released[message.class_name] = released.get(message.class_name, 0) + 1
         self._note_removal(heads, used)
 
     async def devices(self) -> list[DeviceRecord]:

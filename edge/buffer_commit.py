@@ -91,7 +91,10 @@ class GroupCommitter(BufferCore):
                         future.set_exception(BufferStoreError(f"commit failed: {exc!r}"))
                 continue
             backoff = 0.05
-            self.stats.disk_full = False
+            self.stats.disk_full = self.stats.commit_failing = False
+            if batch and self.on_commit is not None:
+                # Once per commit, not per message: the batch's oldest publish waited longest.
+                self.on_commit(len(batch), time.monotonic() - batch[0].enqueued)
             self._after_commit(batch, outcome)
             for future in [w.future for w in batch] + barriers:
                 if not future.done():
@@ -107,6 +110,7 @@ class GroupCommitter(BufferCore):
         barriers: list[asyncio.Future[None]],
     ) -> None:
         self.stats.commit_failures += 1
+        self.stats.commit_failing = True
         self.stats.last_error = str(exc)
         full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
         self.stats.disk_full = full
@@ -364,8 +368,10 @@ class GroupCommitter(BufferCore):
             stats.rows_committed += len(outcome.inserted)
             stats.largest_commit = max(stats.largest_commit, len(outcome.inserted))
             self._rows_committed.set()
+        committed = stats.class_committed
         for write in outcome.inserted:
             self._count_rows(write.class_name, +1, len(write.payload), write.device_id)
+            committed[write.class_name] = committed.get(write.class_name, 0) + 1
             if stats.oldest_ingest_ms is None:
                 stats.oldest_ingest_ms = write.ingest_ms
         for evicted in outcome.evicted:

@@ -76,6 +76,9 @@ class BufferCore:
         """At-rest encryption of payloads (``buffer.encryption``), loaded at open."""
         self.tenant_shares: TenantShares | None = None
         """Per-tenant buffer caps (``tenants.max_buffer_share``); set before :meth:`open`."""
+        self.on_commit: Callable[[int, float], None] | None = None
+        """Called after each successful group commit with its publishes and the seconds
+        its oldest publish waited (gateway/metrics.py: PUBACK latency, once per commit)."""
 
     @property
     def db(self) -> aiosqlite.Connection:

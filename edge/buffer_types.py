@@ -131,6 +131,12 @@ class BufferStats:
     class_rows: dict[str, int] = field(default_factory=dict)
     class_dropped: dict[str, int] = field(default_factory=dict)
     """Messages dropped by policy (full, expiry), per class."""
+    class_committed: dict[str, int] = field(default_factory=dict)
+    """Rows stored (acknowledgeable), per class, since start (``/metrics``)."""
+    class_released: dict[str, int] = field(default_factory=dict)
+    """Rows released after Kafka acknowledged them, per class, since start."""
+    commit_failing: bool = False
+    """The last group commit failed (``/readyz``: the buffer is not writable)."""
 
 
 @dataclass(slots=True)

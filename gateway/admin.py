@@ -1,7 +1,9 @@
 """The local admin API: status for ``tidegate status``, and the operations that change the
 buffer (dead-letter replay and purge) for ``tidegate dlq``.
 
-It binds to loopback by default. It never opens the buffer file itself: every operation goes
+It binds to loopback by default; bound elsewhere (``admin.token_file`` set, see
+gateway/config.py) every endpoint except the probes ``/healthz`` and ``/readyz`` needs the
+token. It never opens the buffer file itself: every operation goes
 through the running gateway's single writer. Operations on data (dead letters, the drop
 ledger) need the token the gateway writes to ``<data_dir>/admin.token`` (mode 0600) at start,
 sent as ``Authorization: Bearer <token>``: whoever may read the data directory may operate the
@@ -19,6 +21,10 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.config import is_loopback_host
+from gateway.dashboard import add_dashboard_routes
+from gateway.metrics import CONTENT_TYPE
+
 __all__ = ["TOKEN_FILE", "AdminApi", "AdminServer", "read_token", "write_token"]
 
 TOKEN_FILE = "admin.token"
@@ -30,6 +36,8 @@ class AdminApi(Protocol):
     """What the admin server asks the gateway. Implementations never block the loop long."""
 
     def status(self) -> dict[str, Any]: ...
+    def readiness(self) -> dict[str, Any]: ...
+    async def metrics(self) -> bytes: ...
     async def devices(self) -> list[dict[str, Any]]: ...
     async def dead_letters(self, limit: int, after_id: int) -> list[dict[str, Any]]: ...
     async def replay_dead_letters(self, ids: Sequence[int] | None) -> int: ...
@@ -37,9 +45,9 @@ class AdminApi(Protocol):
     async def drops(self, after_id: int, limit: int) -> list[dict[str, Any]]: ...
 
 
-def write_token(data_dir: Path) -> str:
-    """A fresh random token in ``data_dir/admin.token`` (0600), returned."""
-    token = secrets.token_urlsafe(24)
+def write_token(data_dir: Path, token: str | None = None) -> str:
+    """``token`` (default: a fresh random one) in ``data_dir/admin.token`` (0600), returned."""
+    token = token or secrets.token_urlsafe(24)
     path = data_dir / TOKEN_FILE
     tmp = data_dir / (TOKEN_FILE + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -67,6 +75,8 @@ class AdminServer:
 
     def __init__(self, host: str, port: int, api: AdminApi, token: str | None = None) -> None:
         self._host = host
+        # Beyond loopback, whoever reaches the port is not necessarily on this host.
+        self._remote = not is_loopback_host(host)
         self._port = port
         self._api = api
         self.token = token or secrets.token_urlsafe(24)
@@ -76,12 +86,15 @@ class AdminServer:
     async def __aenter__(self) -> AdminServer:
         app = web.Application(middlewares=[self._errors])
         app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/status", self._status_handler)
-        app.router.add_get("/devices", self._devices_handler)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._remote_guard(self._status_handler))
+        app.router.add_get("/devices", self._remote_guard(self._devices_handler))
+        app.router.add_get("/metrics", self._remote_guard(self._metrics))
         app.router.add_get("/dead-letters", self._guard(self._dead_letters))
         app.router.add_post("/dead-letters/replay", self._guard(self._replay))
         app.router.add_post("/dead-letters/purge", self._guard(self._purge))
         app.router.add_get("/drops", self._guard(self._drops))
+        add_dashboard_routes(app)  # /dashboard/: static page polling the endpoints above
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
@@ -120,14 +133,41 @@ class AdminServer:
 
         return guarded
 
+    def _remote_guard(
+        self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """Read-only endpoints: open on loopback, token-guarded when bound elsewhere."""
+        return self._guard(handler) if self._remote else handler
+
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"alive": True})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        """200 when the broker listens and the buffer takes commits, even with Kafka down
+        (an outage must not get a healthy gateway restarted); 503 otherwise."""
+        ready = self._api.readiness()
+        return web.json_response(ready, status=200 if ready["ready"] else 503)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=await self._api.metrics(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _status_handler(self, _request: web.Request) -> web.Response:
         return web.json_response(self._api.status())
 
-    async def _devices_handler(self, _request: web.Request) -> web.Response:
-        return web.json_response({"devices": await self._api.devices()})
+    async def _devices_handler(self, request: web.Request) -> web.Response:
+        devices = await self._api.devices()
+        if "limit" not in request.query:
+            return web.json_response({"devices": devices})
+        # ?limit=N (the dashboard): the N most recently seen, and the totals.
+        limit = _int_param(request, "limit", 50, 1, _MAX_LIST)
+        devices.sort(key=lambda d: d.get("last_seen_ms") or 0, reverse=True)
+        return web.json_response(
+            {
+                "devices": devices[:limit],
+                "total": len(devices),
+                "connected": sum(1 for d in devices if d.get("connected")),
+            }
+        )
 
     async def _dead_letters(self, request: web.Request) -> web.Response:
         limit = _int_param(request, "limit", 100, 1, _MAX_LIST)

@@ -34,10 +34,13 @@ from edge.routing import TopicRouter
 from gateway.admin import AdminServer, encode_payload, write_token
 from gateway.commands_service import CommandService
 from gateway.config import GatewayConfig
+from gateway.device_rates import CountingSink
 from gateway.errors import TidegateError
 from gateway.firmware_service import FirmwareService
+from gateway.health import read_admin_token, readiness
 from gateway.lifecycle_service import LifecycleService
 from gateway.limits import raise_fd_limit
+from gateway.metrics import GatewayMetrics
 from gateway.reload import SecurityReloader
 from gateway.security_setup import (
     broker_security,
@@ -124,9 +127,10 @@ class Gateway:
                 started_at=self.started_at,
             )
         )
+        self.device_counts = CountingSink(self.intake)  # the dashboard's per-device rates
         self.broker = EdgeBroker(
             listeners=[(x.name, x.host, x.port) for x in config.broker.listeners],
-            sink=self.intake,
+            sink=self.device_counts,
             observer=self._observer(),
             max_inflight_per_session=config.broker.max_inflight_per_session,
             uplink_prefix=router.device_topic_prefix(),
@@ -144,6 +148,7 @@ class Gateway:
         if self.firmware is not None:
             self.firmware.attach(self.broker, self.intake)
         self.admin = AdminServer(config.admin.host, config.admin.port, self)
+        self.prometheus = GatewayMetrics(self)
         self._stack = contextlib.AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -164,7 +169,7 @@ class Gateway:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock(data_dir)
         raise_fd_limit()  # one descriptor per device: 10,000 devices need more than 1,024
-        self.admin.token = write_token(data_dir)
+        self.admin.token = write_token(data_dir, read_admin_token(self.config.admin.token_file))
         try:
             async with self.buffer:
                 await self.buffer.mark_all_disconnected()
@@ -256,8 +261,11 @@ class Gateway:
         tmp.replace(data_dir / RUNTIME_FILE)
 
     async def devices(self) -> list[dict[str, Any]]:
-        """The device registry (``GET /devices``)."""
-        return [dataclasses.asdict(d) for d in await self.buffer.devices()]
+        """The device registry (``GET /devices``), with publishes counted since start."""
+        return [
+            {**dataclasses.asdict(d), "messages": self.device_counts.count(d.device_id)}
+            for d in await self.buffer.devices()
+        ]
 
     async def dead_letters(self, limit: int, after_id: int) -> list[dict[str, Any]]:
         """``GET /dead-letters``: payloads base64, message ids as on Kafka."""
@@ -367,6 +375,14 @@ class Gateway:
             "firmware": None if self.firmware is None else self.firmware.status(),
             "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
         }
+
+    def readiness(self) -> dict[str, Any]:
+        """``GET /readyz``: ready = broker listening and buffer writable; Kafka apart."""
+        return readiness(self)
+
+    async def metrics(self) -> bytes:
+        """``GET /metrics``: the Prometheus text exposition."""
+        return await self.prometheus.render()
 
     def _kafka_state(self) -> dict[str, Any]:
         """The heartbeat's ``kafka`` object."""

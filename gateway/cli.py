@@ -24,6 +24,7 @@ from device_sim.cli import sim as sim_command
 from device_sim.cli import verify as verify_command
 from gateway.commands_cli import cmd_app
 from gateway.config import load_config
+from gateway.dashboard_cli import dashboard_command
 from gateway.dev.cli import certs_app, dev_app
 from gateway.devices_cli import devices_app
 from gateway.errors import ConfigError, TidegateError
@@ -50,6 +51,7 @@ app.command("sim")(sim_command)
 app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)
 app.command("reload")(reload_command)
+app.command("dashboard")(dashboard_command)
 app.command("sizing")(sizing_command)
 
 ConfigOption = Annotated[

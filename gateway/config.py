@@ -8,6 +8,7 @@ path (``kafka.tls.cafile: file not found: ...``). Runtime code never sees raw di
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -51,6 +52,7 @@ __all__ = [
     "RoutingConfig",
     "TenantsConfig",
     "default_config",
+    "is_loopback_host",
     "load_config",
     "parse_config",
 ]
@@ -633,11 +635,35 @@ class TenantsConfig(_Model):
 
 
 class AdminConfig(_Model):
-    """The local admin API (status, later operations)."""
+    """The local admin API (status, metrics, health, operations)."""
 
     host: str = "127.0.0.1"
-    """Loopback by default; the admin API is not meant for the network."""
+    """Loopback by default. Bound anywhere else, every endpoint but ``/healthz`` and
+    ``/readyz`` requires the token, and ``token_file`` must be set."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8181
+    token_file: ExistingFile | None = None
+    """A file holding the admin token (kept by the operator, stable across restarts, e.g. for
+    a remote Prometheus). None: a fresh random token at every start, in
+    ``<data_dir>/admin.token`` (mode 0600)."""
+
+    @model_validator(mode="after")
+    def _remote_needs_token(self) -> AdminConfig:
+        if not is_loopback_host(self.host) and self.token_file is None:
+            raise ValueError(
+                f"host {self.host!r} is not loopback: set admin.token_file (the token remote"
+                " clients send), or bind 127.0.0.1"
+            )
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class GatewayConfig(_Model):
