@@ -32,6 +32,7 @@ from gateway.devices_cli import devices_app
 from gateway.errors import ConfigError, TidegateError
 from gateway.firmware_cli import fw_app
 from gateway.reload_cli import reload_command
+from gateway.sizing import sizing_command
 
 __all__ = ["app", "main"]
 
@@ -54,6 +55,7 @@ app.command("verify")(verify_command)
 app.command("chaos")(chaos_command)
 app.command("reload")(reload_command)
 app.command("dashboard")(dashboard_command)
+app.command("sizing")(sizing_command)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="Gateway config file (TOML).", show_default=True)
