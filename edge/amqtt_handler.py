@@ -1,52 +1,34 @@
-"""amqtt's broker protocol handler, rebuilt around ack-after-commit.
+"""amqtt's broker protocol handler, rebuilt around ack-after-commit (docs/edge-broker.md).
 
-amqtt 0.12.1 reads a device's socket in ``ProtocolHandler._reader_loop``, starts one task
-per inbound PUBLISH, and sends the PUBACK from ``_handle_qos1_message_flow`` as soon as the
-message is on an unbounded in-memory queue. Overriding only ``_handle_qos1_message_flow``
-would get durability but not order (per-message tasks) nor a bound on memory (nothing
-stops the reader). So :class:`EdgeProtocolHandler` replaces the *inbound* half of the
-handler, the reader loop, and keeps amqtt's outbound half (``mqtt_publish`` and the
-PUBACK/PUBREC/PUBCOMP waiters used for deliveries to devices) and amqtt's broker loop
-(CONNECT/CONNACK, SUBSCRIBE, takeover, will messages, session bookkeeping):
+amqtt 0.12.1 starts one task per inbound PUBLISH and sends the PUBACK as soon as the message
+is on an unbounded in-memory queue: no durability, no order, no bound on memory.
+:class:`EdgeProtocolHandler` replaces the *inbound* half of amqtt's handler (the reader
+loop; acknowledgements in :mod:`edge.amqtt_acks`) and keeps amqtt's outbound half
+(``mqtt_publish`` and its PUBACK waiters, for deliveries to devices) and amqtt's broker loop
+(CONNECT/CONNACK, SUBSCRIBE, takeover, wills, session bookkeeping):
 
-* The reader reads one whole packet at a time (bounded size, see :mod:`edge.mqtt_wire`)
-  and calls ``IngestSink.submit`` synchronously, before it reads the next packet. Call
-  order is therefore socket order, with no per-message task to reorder it.
-* Each QoS 1/2 publish becomes a :class:`_PendingAck` on a per-session FIFO. One "ack pump"
-  task per session sends PUBACK (QoS 1) or PUBREC (QoS 2) for the head of the FIFO once its
-  sink future has resolved, so acknowledgements follow durability and leave in the order the
-  publishes arrived. The pump only awaits, it never cancels a sink future: the sink owns them.
-* At ``max_inflight`` un-acknowledged publishes (QoS 0 publishes whose sink future is still
-  pending count too) the reader stops reading the socket until an acknowledgement goes out.
-  TCP flow control then pushes back on the device; memory per session is bounded by
-  ``max_inflight x max_packet_size``.
-* A failed sink future closes the connection without acknowledging it or anything after it.
-  The device resends after reconnecting (at-least-once: the buffer may hold a copy of a later
-  publish that was stored but not acknowledged).
+* The reader cuts packets out of whole socket reads (:class:`edge.mqtt_wire.PacketSplitter`,
+  bounded) and calls ``IngestSink.submit`` synchronously per PUBLISH, in socket order.
+* Each QoS 1/2 publish waits on a per-connection FIFO until its sink future resolved; then
+  its PUBACK/PUBREC goes out, in arrival order. A failed store closes the connection
+  without acknowledging it or anything after it.
+* At ``max_inflight`` un-acknowledged publishes the reader stops reading the socket (TCP
+  pushes back on the device): memory per connection is bounded.
+* QoS 2: persist-before-PUBREC; the ``awaiting_pubrel`` ids live on amqtt's ``Session``
+  (in memory: after a crash a resent un-PUBREC'd message may be stored twice, which the
+  at-least-once contract covers).
 
-QoS 2 decision: supported, persist-before-PUBREC. The PUBREC is sent only after the sink
-future resolved; the packet id then waits in the session's ``awaiting_pubrel`` set until
-PUBREL, and a PUBLISH resent with the same id before PUBREL (DUP) is answered with PUBREC
-without being submitted again. The state lives on amqtt's ``Session`` so it follows a
-persistent (clean_session=0) session across reconnects for as long as amqtt keeps the
-session. It is in memory only: after a gateway crash a device resending an un-PUBREC'd
-message can be stored twice, which the at-least-once contract (stable message ids, promise
-5 in DESIGN.md) already covers. Per session it holds at most 65,535 packet ids.
-
-Also fixed on the way: a second CONNECT, a reserved packet type, a truncated or oversized
-packet or a bad PUBLISH close the connection (amqtt logged and continued, which can leave
-the stream out of step); the keep-alive is enforced (amqtt's broker never disconnects an
-idle client); a peer that stops reading cannot stall the handler's shutdown.
+Also enforced here: a second CONNECT, reserved packet types, truncated or oversized
+packets and bad PUBLISHes close the connection; the keep-alive (one watchdog timer per
+connection); per-device quotas (:mod:`edge.quotas`) and the topic ACL on publish.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Final
 
 from amqtt.adapters import BufferReader
@@ -60,6 +42,7 @@ from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.subscribe import SubscribePacket
 from amqtt.mqtt.unsubscribe import UnsubscribePacket
 
+from edge.amqtt_acks import AckFlow, PendingAck
 from edge.broker_state import EdgeContext, Qos2State
 from edge.ingest import InboundPublish
 from edge.lifecycle import (
@@ -71,7 +54,6 @@ from edge.lifecycle import (
     KEEPALIVE_TIMEOUT,
     PROTOCOL_ERROR,
     REVOKED,
-    STORE_FAILED,
     TAKEN_OVER,
     TOOK_OVER_KEY,
     ConnectionEnded,
@@ -94,7 +76,6 @@ from edge.mqtt_wire import (
     RawPacket,
     decode_packet_id,
     decode_publish,
-    encode_acks,
     read_packet,
 )
 from edge.quotas import OVERSIZE, DeviceQuota
@@ -115,26 +96,7 @@ _PENDING_SUBSCRIBE_LIMIT: Final = 16
 device flooding SUBSCRIBE stalls its own reader instead of growing the queue."""
 
 
-@dataclass(eq=False, slots=True)
-class _PendingAck:
-    """One inbound QoS 1/2 publish that is not acknowledged yet."""
-
-    kind: int
-    """PUBACK or PUBREC."""
-    packet_id: int
-    future: asyncio.Future[None]
-    publish: DecodedPublish
-    forward: bool
-    """False for a QoS 2 duplicate: it was (or is being) stored and forwarded already."""
-
-
-def _failure(future: asyncio.Future[None]) -> BaseException | None:
-    if future.cancelled():
-        return asyncio.CancelledError("sink future cancelled")
-    return future.exception()
-
-
-class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
+class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's ``BrokerProtocolHandler`` with the inbound flow replaced (module docstring).
 
     Built by :class:`edge.broker.EdgeBroker`'s amqtt ``Broker`` subclass for every device
@@ -155,7 +117,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         # LazyQueue: most devices never (un)subscribe (edge/session_state.py).
         self._pending_subscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
         self._pending_unsubscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
-        self._acks: deque[_PendingAck] = deque()
+        self._acks: deque[PendingAck] = deque()
         self._qos0_pending: set[asyncio.Future[None]] = set()
         self._inflight = 0
         self._capacity = asyncio.Event()
@@ -573,7 +535,7 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
                 state.track(packet_id, future)
             if not forward:
                 edge.stats.qos2_duplicates += 1
-        self._acks.append(_PendingAck(kind, packet_id, future, publish, forward))
+        self._acks.append(PendingAck(kind, packet_id, future, publish, forward))
         self._inflight += 1
         if future.done():
             self._pump_wakeup.set()
@@ -611,19 +573,6 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         await asyncio.sleep(wait)
         return not self._closing
 
-    def _ack_discarded(self, publish: DecodedPublish) -> None:
-        """Acknowledge ``publish`` in its turn without storing or forwarding it."""
-        if publish.qos == 0:
-            return
-        packet_id = publish.packet_id
-        assert packet_id is not None  # decode_publish guarantees it for QoS 1/2
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        kind = PUBACK if publish.qos == 1 else PUBREC
-        self._acks.append(_PendingAck(kind, packet_id, done, publish, forward=False))
-        self._inflight += 1
-        self._pump_wakeup.set()
-
     def _submit(self, publish: DecodedPublish) -> asyncio.Future[None]:
         inbound = InboundPublish(
             device_id=self.device_id,
@@ -649,82 +598,3 @@ class EdgeProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt
         if not isinstance(state, Qos2State):
             state = attributes[QOS2_STATE_KEY] = Qos2State()
         return state
-
-    def _qos0_report(self, future: asyncio.Future[None]) -> None:
-        error = _failure(future)
-        if error is not None:
-            self._edge.stats.qos0_store_failed(self.device_id, error)
-
-    def _qos0_stored(self, future: asyncio.Future[None]) -> None:
-        self._qos0_pending.discard(future)
-        self._qos0_report(future)
-        self._inflight -= 1
-        self._capacity.set()
-
-    # -- acknowledging ----------------------------------------------------------------------
-
-    def _wake_pump(self, _future: asyncio.Future[None]) -> None:
-        self._pump_wakeup.set()
-
-    async def _ack_pump(self) -> None:
-        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection.
-
-        Every acknowledgement that is ready goes out in one socket write (under load about
-        one commit's worth per device): a write, not a packet object and a plugin event
-        per message, is what amqtt's ``_send_packet`` would cost.
-        """
-        acks = self._acks
-        edge = self._edge
-        try:
-            while not self._closing:
-                if not acks or not acks[0].future.done():
-                    self._pump_wakeup.clear()
-                    await self._pump_wakeup.wait()
-                    continue
-                ready: list[tuple[int, int]] = []
-                forwards: list[DecodedPublish] = []
-                failed: tuple[_PendingAck, BaseException] | None = None
-                while acks and acks[0].future.done():
-                    item = acks.popleft()
-                    error = _failure(item.future)
-                    if error is not None:
-                        failed = (item, error)
-                        break
-                    ready.append((item.kind, item.packet_id))
-                    if item.forward:
-                        forwards.append(item.publish)
-                if ready:
-                    await self._write_acks(ready)
-                for publish in forwards:
-                    await edge.forward(self.session, publish)
-                if failed is not None:
-                    item, error = failed
-                    edge.stats.sink_failed(self.device_id, item.publish.topic, error)
-                    await self.abort(f"a publish could not be stored: {error}", STORE_FAILED)
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if self._closing:  # amqtt turns our cancellation inside _send_packet into this
-                return
-            log.exception("device %s: acknowledging failed", self.device_id)
-            with contextlib.suppress(Exception):
-                await self.abort("acknowledging failed", CONNECTION_LOST)
-
-    async def _write_acks(self, ready: list[tuple[int, int]]) -> None:
-        writer = self.writer
-        if writer is None:
-            return
-        try:
-            # amqtt's write lock: a delivery to this device (mqtt_publish) writes its packets
-            # under it too, so an ack never lands inside another packet's bytes.
-            async with self._write_lock:
-                writer.write(encode_acks(ready))
-                await writer.drain()
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            self._ended(CONNECTION_LOST, f"writing acknowledgements failed: {exc!r}")
-            await self.handle_connection_closed()
-            return
-        self._edge.stats.acks_sent += len(ready)
-        self._inflight -= len(ready)
-        self._capacity.set()

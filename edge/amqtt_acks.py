@@ -1,0 +1,165 @@
+"""The acknowledging half of :class:`edge.amqtt_handler.EdgeProtocolHandler`.
+
+Each inbound QoS 1/2 publish is a :class:`PendingAck` on the connection's FIFO. One "ack
+pump" task per connection sends PUBACK (QoS 1) or PUBREC (QoS 2) for every head of the FIFO
+whose sink future has resolved, all in one socket write, in arrival order: acknowledgements
+follow durability. The pump only awaits sink futures, never cancels them (the sink owns
+them). A failed store closes the connection without acknowledging it or anything after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edge.broker_state import EdgeContext
+from edge.lifecycle import CONNECTION_LOST, STORE_FAILED
+from edge.mqtt_wire import PUBACK, PUBREC, DecodedPublish, encode_acks
+
+__all__ = ["AckFlow", "PendingAck", "sink_failure"]
+
+log = logging.getLogger("edge.amqtt_handler")
+
+
+@dataclass(eq=False, slots=True)
+class PendingAck:
+    """One inbound QoS 1/2 publish that is not acknowledged yet."""
+
+    kind: int
+    """PUBACK or PUBREC."""
+    packet_id: int
+    future: asyncio.Future[None]
+    publish: DecodedPublish
+    forward: bool
+    """False for a QoS 2 duplicate: it was (or is being) stored and forwarded already."""
+
+
+def sink_failure(future: asyncio.Future[None]) -> BaseException | None:
+    """The error a sink future ended with (cancelled counts as one), or None."""
+    if future.cancelled():
+        return asyncio.CancelledError("sink future cancelled")
+    return future.exception()
+
+
+class AckFlow:
+    """Mixin: the FIFO of pending acknowledgements and the pump that sends them.
+
+    The handler provides the state below (set in its ``__init__``) and the connection
+    methods declared under ``TYPE_CHECKING`` (its own, or amqtt's ``ProtocolHandler``'s).
+    """
+
+    _edge: EdgeContext
+    _acks: deque[PendingAck]
+    _qos0_pending: set[asyncio.Future[None]]
+    _inflight: int
+    _capacity: asyncio.Event
+    _pump_wakeup: asyncio.Event
+    _closing: bool
+
+    if TYPE_CHECKING:  # provided by EdgeProtocolHandler and amqtt's ProtocolHandler
+        session: Any
+        writer: Any
+        _write_lock: asyncio.Lock
+
+        @property
+        def device_id(self) -> str: ...
+
+        async def abort(self, reason: str, code: str = ...) -> None: ...
+
+        def _ended(self, reason: str, detail: str) -> None: ...
+
+        async def handle_connection_closed(self) -> None: ...
+
+    def _ack_discarded(self, publish: DecodedPublish) -> None:
+        """Acknowledge ``publish`` in its turn without storing or forwarding it."""
+        if publish.qos == 0:
+            return
+        packet_id = publish.packet_id
+        assert packet_id is not None  # decode_publish guarantees it for QoS 1/2
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        kind = PUBACK if publish.qos == 1 else PUBREC
+        self._acks.append(PendingAck(kind, packet_id, done, publish, forward=False))
+        self._inflight += 1
+        self._pump_wakeup.set()
+
+    def _qos0_report(self, future: asyncio.Future[None]) -> None:
+        error = sink_failure(future)
+        if error is not None:
+            self._edge.stats.qos0_store_failed(self.device_id, error)
+
+    def _qos0_stored(self, future: asyncio.Future[None]) -> None:
+        self._qos0_pending.discard(future)
+        self._qos0_report(future)
+        self._inflight -= 1
+        self._capacity.set()
+
+    def _wake_pump(self, _future: asyncio.Future[None]) -> None:
+        self._pump_wakeup.set()
+
+    async def _ack_pump(self) -> None:
+        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection.
+
+        Every acknowledgement that is ready goes out in one socket write (under load about
+        one commit's worth per device): a write, not a packet object and a plugin event
+        per message, is what amqtt's ``_send_packet`` would cost.
+        """
+        acks = self._acks
+        edge = self._edge
+        try:
+            while not self._closing:
+                if not acks or not acks[0].future.done():
+                    self._pump_wakeup.clear()
+                    await self._pump_wakeup.wait()
+                    continue
+                ready: list[tuple[int, int]] = []
+                forwards: list[DecodedPublish] = []
+                failed: tuple[PendingAck, BaseException] | None = None
+                while acks and acks[0].future.done():
+                    item = acks.popleft()
+                    error = sink_failure(item.future)
+                    if error is not None:
+                        failed = (item, error)
+                        break
+                    ready.append((item.kind, item.packet_id))
+                    if item.forward:
+                        forwards.append(item.publish)
+                if ready:
+                    await self._write_acks(ready)
+                for publish in forwards:
+                    await edge.forward(self.session, publish)
+                if failed is not None:
+                    item, error = failed
+                    edge.stats.sink_failed(self.device_id, item.publish.topic, error)
+                    await self.abort(f"a publish could not be stored: {error}", STORE_FAILED)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if self._closing:  # amqtt turns our cancellation inside _send_packet into this
+                return
+            log.exception("device %s: acknowledging failed", self.device_id)
+            with contextlib.suppress(Exception):
+                await self.abort("acknowledging failed", CONNECTION_LOST)
+
+    async def _write_acks(self, ready: list[tuple[int, int]]) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            # amqtt's write lock: a delivery to this device (mqtt_publish) writes its packets
+            # under it too, so an ack never lands inside another packet's bytes.
+            async with self._write_lock:
+                writer.write(encode_acks(ready))
+                await writer.drain()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            self._ended(CONNECTION_LOST, f"writing acknowledgements failed: {exc!r}")
+            await self.handle_connection_closed()
+            return
+        self._edge.stats.acks_sent += len(ready)
+        self._inflight -= len(ready)
+        self._capacity.set()
