@@ -169,6 +169,11 @@ class Forwarder:
         recovery_due = self.exactly_once and self._recovered_generation == 0
         if not batch and not dlq_due and not recovery_due:
             await self._buffer.wait_for_rows(max_wait=_DLQ_IDLE_CHECK_S)
+            if self._buffer.stats.rows and self._kafka.linger_ms:
+                # Idle until now: give the next commits kafka.linger_ms to join this batch.
+                # At 1,000 msg/s a commit holds ~2 rows; one Kafka batch per commit cost
+                # more CPU than the messages themselves (docs/benchmarks.md).
+                await asyncio.sleep(self._kafka.linger_ms / 1000)
             return
         if not self.breaker.allow():
             # Open (or backing off): no Kafka call at all. Rows keep buffering.
@@ -241,7 +246,10 @@ class Forwarder:
         outcome: SendOutcome | None = None
         verdicts = 0
         whole = len(to_send) == len(leased) and not dead and not plan.held
-        if to_send and whole and not self.exactly_once and self._ahead is None:
+        # Lease ahead only with a backlog (a full batch): otherwise the next lease would
+        # mostly come back empty, one more trip to the SQLite thread per batch for nothing.
+        backlog = len(leased) >= self._lease_batch
+        if to_send and whole and backlog and not self.exactly_once and self._ahead is None:
             self._lease_ahead(to_send)
         if to_send:
             started = time.monotonic()
