@@ -115,19 +115,18 @@ class RawDevice:
 
 _KILLED_DEVICE = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, threading
     import paho.mqtt.client as mqtt
     port, device, username, password = int(sys.argv[1]), *sys.argv[2:5]
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=device)
     client.username_pw_set(username, password)
     client.will_set(f"d/{device}/up/event", b"will-of-" + device.encode(), qos=1)
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
     client.connect("127.0.0.1", port, keepalive=60)
     client.loop_start()
-    deadline = time.monotonic() + 20
-    while not client.is_connected() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    print("ready" if client.is_connected() else "failed", flush=True)
-    time.sleep(600)
+    print("ready" if connected.wait(20) else "failed", flush=True)
+    signal.pause()  # until the test SIGKILLs this process (no DISCONNECT is ever sent)
     """
 )
 
