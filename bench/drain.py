@@ -172,7 +172,8 @@ port = 0
             cwd=code,
         )
     try:
-        result = _measure(gateway, data, args, work, code)
+        kafka_pids = [b.pid for b in kafka.brokers if b.pid]
+        result = _measure(gateway, data, args, work, code=code, kafka_pids=kafka_pids)
     finally:
         gateway.terminate()
         try:
@@ -189,7 +190,9 @@ def _measure(
     data: Path,
     args: argparse.Namespace,
     work: Path,
+    *,
     code: Path = REPO,
+    kafka_pids: list[int] | None = None,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + 120
     while not (data / "runtime.json").exists():
@@ -198,7 +201,9 @@ def _measure(
         time.sleep(0.2)
     runtime = json.loads((data / "runtime.json").read_text())
     port = runtime["mqtt"][0]["port"]
+    kafka_pids = kafka_pids or []
     started, cpu0 = time.monotonic(), _cpu_s(gateway.pid)
+    kafka_cpu0 = sum(_cpu_s(pid) for pid in kafka_pids)
     live_s = args.live_s
     sim = subprocess.Popen(
         [
@@ -230,6 +235,7 @@ def _measure(
     finally:
         drained_s = time.monotonic() - started
         cpu = _cpu_s(gateway.pid) - cpu0
+        kafka_cpu = sum(_cpu_s(pid) for pid in kafka_pids) - kafka_cpu0
         try:
             sim.wait(timeout=live_s + 120)
         except subprocess.TimeoutExpired:
@@ -240,6 +246,13 @@ def _measure(
         "drain_s": round(drained_s, 1),
         "drain_msgs_per_s": round(args.rows / drained_s),
         "gateway_cpu_s": round(cpu, 1),
+        # Both sides of the drain share this machine's cores: what one row costs each (live
+        # traffic included) says how far the CPU allows the rate to go.
+        "kafka_cpu_s": round(kafka_cpu, 1),
+        "cpu_us_per_row": {
+            "gateway": round(cpu / args.rows * 1e6, 1),
+            "kafka": round(kafka_cpu / args.rows * 1e6, 1),
+        },
         "gateway_peak_rss_mb": round(peak_rss / 2**20, 1),
         # Where the forwarder's time went (cumulative seconds): buffer (lease, release) or
         # Kafka (send: from enqueue to the last ack of a batch).
