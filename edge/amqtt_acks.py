@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from edge.broker_state import EdgeContext
 from edge.lifecycle import CONNECTION_LOST, STORE_FAILED
 from edge.mqtt_wire import PUBACK, PUBREC, DecodedPublish, encode_acks
+from edge.session_state import Wakeup
 
 __all__ = ["AckFlow", "PendingAck", "sink_failure"]
 
@@ -56,8 +57,8 @@ class AckFlow:
     _acks: deque[PendingAck]
     _qos0_pending: set[asyncio.Future[None]]
     _inflight: int
-    _capacity: asyncio.Event
-    _pump_wakeup: asyncio.Event
+    _capacity: Wakeup
+    _pump_wakeup: Wakeup
     _closing: bool
 
     if TYPE_CHECKING:  # provided by EdgeProtocolHandler and amqtt's ProtocolHandler
@@ -113,7 +114,6 @@ class AckFlow:
         try:
             while not self._closing:
                 if not acks or not acks[0].future.done():
-                    self._pump_wakeup.clear()
                     await self._pump_wakeup.wait()
                     continue
                 ready: list[tuple[int, int]] = []

@@ -25,6 +25,8 @@ exactly in pyproject.toml because of them):
   the handler's ``will_due()`` says so (the same decision the lifecycle event reports),
   through the ACL and the sink like a publish of the device (amqtt only broadcast it, so a
   will on an uplink topic never reached Kafka, and no ACL checked its topic).
+* ``_client_message_loop``: the same work without amqtt's four waiter tasks per connection
+  (:mod:`edge.amqtt_loop`).
 * ``add_subscription`` / ``_del_subscription`` / ``start``: keep :class:`SubscriptionIndex`
   current, which decides whether a stored publish goes to amqtt's broadcast at all.
 
@@ -63,6 +65,7 @@ from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
 
 from edge.amqtt_handler import EdgeProtocolHandler
+from edge.amqtt_loop import client_message_loop
 from edge.broker_state import EdgeContext, Security, SubscriptionIndex
 from edge.connect_rules import connect_string_error
 from edge.device_auth import (
@@ -373,6 +376,11 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             current = self._sessions.get(client_session.client_id, (None, None))[1]
             if current is handler and client_session.transitions.is_connected():
                 client_session.transitions.disconnect()
+
+    async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
+        # One task per connection instead of amqtt's five (edge/amqtt_loop.py).
+        if not await client_message_loop(self, client_session, handler):
+            await super()._client_message_loop(client_session, handler)
 
     async def _handle_disconnect(
         self, client_session: Any, handler: Any, disconnect_waiter: Any

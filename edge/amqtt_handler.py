@@ -32,6 +32,7 @@ from collections import deque
 from typing import Any, Final
 
 from amqtt.adapters import BufferReader
+from amqtt.errors import ProtocolHandlerError
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingresp import PingRespPacket
@@ -79,11 +80,12 @@ from edge.mqtt_wire import (
     read_packet,
 )
 from edge.quotas import OVERSIZE, DeviceQuota
-from edge.session_state import LazyQueue
+from edge.session_state import LazyEvent, LazyQueue, Wakeup
 
 __all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
 
 log = logging.getLogger(__name__)
+_AMQTT_HANDLER_LOG: Final = logging.getLogger("amqtt.mqtt.protocol.handler")
 
 QOS2_STATE_KEY: Final = "tidegate.edge.qos2"
 """Key of :class:`Qos2State` in amqtt's ``Session.attributes``."""
@@ -115,13 +117,17 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         super().__init__(plugins_manager, session, loop)
         self._edge = edge
         # LazyQueue: most devices never (un)subscribe (edge/session_state.py).
-        self._pending_subscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
-        self._pending_unsubscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
+        self.activity = Wakeup()
+        """Wakes the connection loop (edge/amqtt_loop.py): (un)subscription, disconnect."""
+        self._pending_subscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
+        self._pending_unsubscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
+        self._pending_subscriptions.wakeup = self._pending_unsubscriptions.wakeup = self.activity
         self._acks: deque[PendingAck] = deque()
         self._qos0_pending: set[asyncio.Future[None]] = set()
         self._inflight = 0
-        self._capacity = asyncio.Event()
-        self._pump_wakeup = asyncio.Event()
+        # Wakeup, not asyncio.Event: one waiter each, no deque per connection.
+        self._capacity = Wakeup()
+        self._pump_wakeup = Wakeup()
         self._pump_task: asyncio.Task[None] | None = None
         self._closing = False
         self._stopped = False
@@ -198,7 +204,32 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         )
         edge.lifecycle_started(self._session_info)
         self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
-        await super().start()
+        await self._start_reader()
+
+    async def _start_reader(self) -> None:
+        """amqtt's ``ProtocolHandler.start`` and ``BrokerProtocolHandler.start``, slimmer.
+
+        The same steps (reader task, wait until it runs, resend unacknowledged deliveries,
+        a fresh disconnect waiter) with :class:`LazyEvent` for the reader events, and
+        without amqtt's write-timeout timer: for a broker its callback does nothing
+        (``BrokerProtocolHandler.handle_write_timeout``); our keep-alive is the reader's.
+        """
+        if not self._is_attached():
+            raise ProtocolHandlerError("Handler is not attached to a stream")
+        self._reader_ready = LazyEvent()
+        self._reader_stopped = LazyEvent()
+        self._reader_task = asyncio.create_task(self._reader_loop())
+        await self._reader_ready.wait()
+        await self._retry_deliveries()
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter  # type: ignore[has-type]
+        if waiter is None or waiter.done():
+            self._disconnect_waiter = asyncio.get_running_loop().create_future()
+
+    def _init_session(self, session: Any) -> None:
+        super()._init_session(session)
+        # amqtt wraps its module logger in a LoggerAdapter per connection (~0.5 KB) only to
+        # attach the client id; our log lines carry the device id themselves.
+        self.logger = _AMQTT_HANDLER_LOG
 
     async def stop(self) -> None:
         """Stop reading and acknowledging, close the socket, tell the observer. Idempotent.
@@ -222,6 +253,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._qos0_pending.clear()
         self._abort_if_peer_not_reading()
         await super().stop()
+        self.activity.set()  # amqtt's stop resolved the disconnect waiter
         if self._edge.stopping:
             self._ended(GATEWAY_SHUTDOWN, "the gateway is shutting down")
         else:
@@ -314,11 +346,26 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
             self._disconnect_seen = True
             self._disconnect_result = disconnect
         await super().handle_disconnect(disconnect)
+        self.activity.set()
 
     async def wait_disconnect(self) -> Any:
         if self._disconnect_seen:
             return self._disconnect_result
         return await super().wait_disconnect()
+
+    def disconnect_due(self) -> bool:
+        """Whether ``wait_disconnect`` would return at once (the connection loop's test)."""
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter
+        return self._disconnect_seen or waiter is None or waiter.done()
+
+    def disconnect_result(self) -> Any:
+        """What ``wait_disconnect`` returns once :meth:`disconnect_due`."""
+        if self._disconnect_seen:
+            return self._disconnect_result
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter
+        if waiter is not None and waiter.done() and not waiter.cancelled():
+            return waiter.result()
+        return None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -435,10 +482,8 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         # in the splitter) until an ack frees a slot. No keep-alive timeout here: the
         # silence is ours, not the device's.
         self._edge.stats.reader_paused += 1
-        self._capacity.clear()
         while self._inflight >= max_inflight and not self._closing:
             await self._capacity.wait()
-            self._capacity.clear()
 
     async def _dispatch(self, packet: RawPacket) -> bool:
         """Handle one packet; False when the device said DISCONNECT."""
