@@ -1,0 +1,162 @@
+"""Memory per connection: the slim primitives (pure unit tests) and, against a real
+in-process broker on real sockets, that an idle connected device costs three tasks (the
+connection's own, its reader, its ack pump) and that the one-task connection loop still
+serves SUBSCRIBE, UNSUBSCRIBE, deliveries and DISCONNECT (bench/conn_memory.py measures the
+bytes; docs/benchmarks.md "10,000 devices")."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from edge.broker import EdgeBroker
+from edge.ingest import InboundPublish
+from edge.session_state import LazyEvent, LazyQueue, Wakeup
+from tests.harness import eventually
+
+pytestmark = pytest.mark.timeout(60)
+
+HOST = "127.0.0.1"
+TASKS_PER_CONNECTION = 3
+
+
+class InstantSink:
+    def __init__(self) -> None:
+        self.received: list[InboundPublish] = []
+
+    def submit(self, publish: InboundPublish) -> asyncio.Future[None]:
+        self.received.append(publish)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+def _string(text: str) -> bytes:
+    return struct.pack("!H", len(text)) + text.encode()
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes([first, len(body)]) + body
+
+
+def _connect(client_id: str) -> bytes:
+    body = _string("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id)
+    return _packet(0x10, body)
+
+
+def _publish(topic: str, packet_id: int, payload: bytes) -> bytes:
+    return _packet(0x32, _string(topic) + struct.pack("!H", packet_id) + payload)
+
+
+async def test_wakeup_wakes_its_one_waiter_and_forgets_unheard_sets() -> None:
+    wakeup = Wakeup()
+    wakeup.set()  # nobody waits: nothing is remembered
+    waiter = asyncio.ensure_future(wakeup.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    with pytest.raises(RuntimeError, match="already has a waiter"):
+        await wakeup.wait()
+    wakeup.set()
+    async with asyncio.timeout(1):
+        await waiter
+    cancelled = asyncio.ensure_future(wakeup.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    again = asyncio.ensure_future(wakeup.wait())  # a cancelled waiter leaves no trace
+    await asyncio.sleep(0)
+    wakeup.set()
+    async with asyncio.timeout(1):
+        await again
+
+
+async def test_lazy_event_builds_its_deque_only_while_waited_on() -> None:
+    event = LazyEvent()
+    assert "_waiters" not in event.__dict__
+    event.set()
+    assert event.is_set()
+    assert "_waiters" not in event.__dict__
+    async with asyncio.timeout(1):
+        assert await event.wait()
+    event.clear()
+    waiters = [asyncio.ensure_future(event.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert len(event.__dict__["_waiters"]) == 2
+    event.set()
+    async with asyncio.timeout(1):
+        assert await asyncio.gather(*waiters) == [True, True]
+    assert "_waiters" not in event.__dict__
+
+
+async def test_lazy_queue_answers_size_without_building_and_wakes_on_put() -> None:
+    queue: LazyQueue[int] = LazyQueue(1)
+    assert queue.empty()
+    assert queue.qsize() == 0
+    assert not queue.full()
+    assert not {"_queue", "_getters", "_putters", "_finished"} & set(queue.__dict__)
+    wakeup = queue.wakeup = Wakeup()
+    waiter = asyncio.ensure_future(wakeup.wait())
+    await asyncio.sleep(0)
+    putter = asyncio.ensure_future(queue.put(7))  # asyncio.Queue.put ends in put_nowait
+    async with asyncio.timeout(1):
+        await waiter
+        await putter
+    assert queue.full()
+    assert queue.get_nowait() == 7
+    assert queue.empty()
+
+
+async def test_idle_connections_cost_three_tasks_and_the_loop_still_serves_them() -> None:
+    sink = InstantSink()
+    broker = EdgeBroker(
+        listeners=[("default", HOST, 0)], sink=sink, observer=None, max_inflight_per_session=8
+    )
+    await broker.start()
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        port = broker.bound_addresses["default"][1]
+        devices = 10
+        before = 0
+        # Device 0 first: the broker starts a shared task of its own on the first connection.
+        for index in range(devices + 1):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(_connect(f"idle-{index}") + _publish(f"d/idle-{index}/t", 1, b"x"))
+            async with asyncio.timeout(10):
+                assert await reader.readexactly(8) == b"\x20\x02\x00\x00\x40\x02\x00\x01"
+            streams.append((reader, writer))
+            if index == 0:
+                await eventually(lambda: broker.amqtt_broker.edge.live, "device 0 live", 10)
+                before = len(asyncio.all_tasks())
+        await eventually(
+            lambda: len(broker.amqtt_broker.edge.live) == devices + 1, "all devices live", 10
+        )
+        assert len(asyncio.all_tasks()) - before == devices * TASKS_PER_CONNECTION
+        assert len(sink.received) == devices + 1
+
+        # Through the one-task loop: SUBSCRIBE, a delivery to it, UNSUBSCRIBE, DISCONNECT.
+        (sub_reader, sub_writer), (_pub_reader, pub_writer) = streams[1], streams[2]
+        sub_writer.write(_packet(0x82, struct.pack("!H", 5) + _string("e/news") + b"\x00"))
+        async with asyncio.timeout(10):
+            assert await sub_reader.readexactly(5) == b"\x90\x03\x00\x05\x00"  # SUBACK qos 0
+        pub_writer.write(_packet(0x30, _string("e/news") + b"hello"))  # QoS 0, not uplink
+        async with asyncio.timeout(10):
+            assert await sub_reader.readexactly(15) == _packet(0x30, _string("e/news") + b"hello")
+        sub_writer.write(_packet(0xA2, struct.pack("!H", 6) + _string("e/news")))
+        async with asyncio.timeout(10):
+            assert await sub_reader.readexactly(4) == b"\xb0\x02\x00\x06"  # UNSUBACK
+        sub_writer.write(b"\xe0\x00")  # DISCONNECT
+        async with asyncio.timeout(10):
+            assert await sub_reader.read() == b""  # the broker closed the connection
+        await eventually(
+            lambda: len(asyncio.all_tasks()) - before == (devices - 1) * TASKS_PER_CONNECTION,
+            "the disconnected device's tasks ended",
+            10,
+        )
+    finally:
+        for _reader, writer in streams:
+            writer.close()
+        await broker.stop()
