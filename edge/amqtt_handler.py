@@ -32,7 +32,7 @@ from collections import deque
 from typing import Any, Final
 
 from amqtt.adapters import BufferReader
-from amqtt.errors import ProtocolHandlerError
+from amqtt.errors import AMQTTError, ProtocolHandlerError
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingresp import PingRespPacket
@@ -85,7 +85,6 @@ from edge.session_state import LazyEvent, LazyQueue, Wakeup
 __all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
 
 log = logging.getLogger(__name__)
-_AMQTT_HANDLER_LOG: Final = logging.getLogger("amqtt.mqtt.protocol.handler")
 
 QOS2_STATE_KEY: Final = "tidegate.edge.qos2"
 """Key of :class:`Qos2State` in amqtt's ``Session.attributes``."""
@@ -98,6 +97,18 @@ _PENDING_SUBSCRIBE_LIMIT: Final = 16
 device flooding SUBSCRIBE stalls its own reader instead of growing the queue."""
 
 
+class _KeepAlive:
+    """The reader's keep-alive state (one per connection, while it reads)."""
+
+    __slots__ = ("expired", "idle_since", "timer")
+
+    def __init__(self) -> None:
+        self.timer: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None
+        """loop.time() since which the reader waits for a packet's first byte (None: not)."""
+        self.expired = False
+
+
 class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's ``BrokerProtocolHandler`` with the inbound flow replaced (module docstring).
 
@@ -105,6 +116,22 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
     connection; amqtt's own broker loop drives it through ``start``/``stop``,
     ``wait_disconnect``, ``get_next_pending_subscription`` and ``mqtt_publish``.
     """
+
+    # _CLASS_DEFAULTS_WHY: CPython keeps an instance's attributes in a compact table shared
+    # by all instances of the class for up to 30 names; with more, every instance gets a
+    # dict of its own (~1.6 KB). amqtt's __init__ sets 18, __init__ below 11 (start adds
+    # _quota when quotas are on). State that changes only when the connection ends reads
+    # these class defaults until then; keep-alive state lives in _read_until_closed.
+    _stopped = False
+    _disconnect_seen = False
+    _disconnect_result: Any = None
+    _quota: DeviceQuota | None = None
+    close_reason: str | None = None
+    """Why the connection ended (:data:`edge.lifecycle.REASONS`); the first cause wins."""
+    _close_detail = ""
+    _will_due: bool | None = None
+    keepalive_timeout = None
+    """amqtt's write-timeout period; unused (see _start_reader)."""
 
     def __init__(
         self,
@@ -130,20 +157,9 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._pump_wakeup = Wakeup()
         self._pump_task: asyncio.Task[None] | None = None
         self._closing = False
-        self._stopped = False
-        self._announced = False
-        self._disconnect_seen = False
-        self._disconnect_result: Any = None
-        self._quota: DeviceQuota | None = None
-        self.close_reason: str | None = None
-        """Why the connection ended (:data:`edge.lifecycle.REASONS`); the first cause wins."""
-        self._close_detail = ""
-        self._will_due: bool | None = None
         self._session_info: SessionInfo | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
-        self._keepalive_expired = False
-        self._idle_since: float | None = None
-        """loop.time() since which the reader waits for a packet's first byte (None: not)."""
+        """Set while the device is announced (start to _retire)."""
+        # Nothing more per instance (see _CLASS_DEFAULTS_WHY above).
 
     # -- identity -----------------------------------------------------------------------
 
@@ -194,15 +210,14 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
             # disconnect mark the shared Session disconnected after the new one connected;
             # amqtt's session monitor would then delete it under us. It is ours now.
             self.session.transitions.connect()
-        self._announced = True
+        info = self._session_info = SessionInfo.of_amqtt_session(
+            self.session, self.peer, took_over=took_over
+        )  # announced from here on: _retire reports the end
         if edge.security.quotas is not None:
             self._quota = edge.security.quotas.device(device_id, time.monotonic())
         edge.stats.sessions_started += 1
         edge.notify_connected(device_id, self.peer)
-        self._session_info = SessionInfo.of_amqtt_session(
-            self.session, self.peer, took_over=took_over
-        )
-        edge.lifecycle_started(self._session_info)
+        edge.lifecycle_started(info)
         self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
         await self._start_reader()
 
@@ -226,10 +241,13 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
             self._disconnect_waiter = asyncio.get_running_loop().create_future()
 
     def _init_session(self, session: Any) -> None:
-        super()._init_session(session)
-        # amqtt wraps its module logger in a LoggerAdapter per connection (~0.5 KB) only to
-        # attach the client id; our log lines carry the device id themselves.
-        self.logger = _AMQTT_HANDLER_LOG
+        # amqtt's, without two per-connection attributes: a LoggerAdapter (~0.5 KB) that only
+        # attaches the client id to amqtt's debug lines (self.logger stays amqtt's module
+        # logger), and keepalive_timeout (its write-timeout timer is not armed, see
+        # _start_reader; the keep-alive is the reader's).
+        if not session:
+            raise AMQTTError("Session cannot be None")
+        self.session = session
 
     async def stop(self) -> None:
         """Stop reading and acknowledging, close the socket, tell the observer. Idempotent.
@@ -308,25 +326,25 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         await self.handle_connection_closed()
 
     def _retire(self) -> None:
-        if not self._announced:
+        info = self._session_info
+        if info is None:  # not announced, or retired already
             return
-        self._announced = False
+        self._session_info = None
         device_id = self.device_id
         if self._edge.live.get(device_id) is self:
             del self._edge.live[device_id]
         self._edge.notify_disconnected(device_id)
-        if self._session_info is not None:
-            self._ended(CONNECTION_LOST, "the connection ended")
-            self._edge.lifecycle_ended(
-                ConnectionEnded(
-                    device_id=device_id,
-                    session=self._session_info,
-                    reason=self.close_reason or CONNECTION_LOST,
-                    detail=self._close_detail,
-                    will_published=self.will_due(),
-                    disconnected_ms=time.time_ns() // 1_000_000,
-                )
+        self._ended(CONNECTION_LOST, "the connection ended")
+        self._edge.lifecycle_ended(
+            ConnectionEnded(
+                device_id=device_id,
+                session=info,
+                reason=self.close_reason or CONNECTION_LOST,
+                detail=self._close_detail,
+                will_published=self.will_due(),
+                disconnected_ms=time.time_ns() // 1_000_000,
             )
+        )
 
     def _abort_if_peer_not_reading(self) -> None:
         # amqtt's close drains the write buffer first; a peer that stopped reading would
@@ -414,9 +432,13 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         max_inflight = self._edge.max_inflight
         splitter = PacketSplitter(self._edge.max_packet_size)
         loop = asyncio.get_running_loop()
+        keepalive = _KeepAlive()
         if first_byte_timeout is not None:
-            self._keepalive = loop.call_at(
-                loop.time() + first_byte_timeout, self._check_keepalive, first_byte_timeout
+            keepalive.timer = loop.call_at(
+                loop.time() + first_byte_timeout,
+                self._check_keepalive,
+                keepalive,
+                first_byte_timeout,
             )
         try:
             while not self._closing:
@@ -427,11 +449,11 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
                 if packet is None:
                     # Only silence between packets counts against the keep-alive (inside a
                     # packet a timeout would leave the stream mid-packet, see read_packet).
-                    self._idle_since = None if splitter.pending else loop.time()
+                    keepalive.idle_since = None if splitter.pending else loop.time()
                     data = await stream.read(_READ_CHUNK)
-                    self._idle_since = None
+                    keepalive.idle_since = None
                     if not data:
-                        if self._keepalive_expired:
+                        if keepalive.expired:
                             raise TimeoutError("keep-alive expired")
                         if splitter.pending:
                             raise MalformedPacketError("connection ended inside a packet")
@@ -442,24 +464,24 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
                     return "DISCONNECT"
             return "closing"
         finally:
-            if self._keepalive is not None:
-                self._keepalive.cancel()
+            if keepalive.timer is not None:
+                keepalive.timer.cancel()
 
-    def _check_keepalive(self, timeout: float) -> None:
+    def _check_keepalive(self, keepalive: _KeepAlive, timeout: float) -> None:
         """MQTT-3.1.2-24 without a timer per read: one timer per keep-alive period checks how
         long the reader has been waiting for a packet's first byte, and closes the socket
         (the read then ends) once that is 1.5 x the keep-alive."""
         loop = asyncio.get_running_loop()
-        idle_since = self._idle_since
+        idle_since = keepalive.idle_since
         now = loop.time()
         if idle_since is not None and now - idle_since >= timeout and not self._closing:
-            self._keepalive_expired = True
+            keepalive.expired = True
             transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
             if transport is not None:
                 transport.abort()
                 return
         start = idle_since if idle_since is not None else now
-        self._keepalive = loop.call_at(start + timeout, self._check_keepalive, timeout)
+        keepalive.timer = loop.call_at(start + timeout, self._check_keepalive, keepalive, timeout)
 
     async def _read_packet_by_packet(self, first_byte_timeout: float | None) -> str:
         max_inflight = self._edge.max_inflight

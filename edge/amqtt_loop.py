@@ -37,12 +37,10 @@ def _resolved(value: Any) -> asyncio.Future[Any]:
     return future
 
 
-async def client_message_loop(broker: Any, session: Any, handler: EdgeProtocolHandler) -> bool:
-    """Serve one connection until it disconnects; False (nothing done) when the session's
-    delivery queue is not a :class:`LazyQueue` (the caller then runs amqtt's own loop)."""
-    deliveries = session.delivered_message_queue
-    if not isinstance(deliveries, LazyQueue):
-        return False
+async def client_message_loop(broker: Any, session: Any, handler: EdgeProtocolHandler) -> None:
+    """Serve one connection until it disconnects. The session's delivery queue must be a
+    :class:`LazyQueue` (slimmed sessions have one; the broker runs amqtt's loop otherwise)."""
+    deliveries: LazyQueue[Any] = session.delivered_message_queue
     activity = handler.activity
     subscriptions = handler._pending_subscriptions
     unsubscriptions = handler._pending_unsubscriptions
@@ -52,7 +50,7 @@ async def client_message_loop(broker: Any, session: Any, handler: EdgeProtocolHa
             if handler.disconnect_due():
                 result = _resolved(handler.disconnect_result())
                 await broker._handle_disconnect(session, handler, result)
-                return True
+                return
             if not subscriptions.empty():
                 request = _resolved(subscriptions.get_nowait())
                 await broker._handle_subscription(session, handler, request)
@@ -62,14 +60,13 @@ async def client_message_loop(broker: Any, session: Any, handler: EdgeProtocolHa
             elif not deliveries.empty():
                 message = _resolved(deliveries.get_nowait())
                 if not await broker._handle_message_delivery(session, handler, message):
-                    return True
+                    return
             else:
                 await activity.wait()
     except asyncio.CancelledError:
         # As amqtt's loop: a cancelled connection task ends its loop quietly, and
         # _handle_client_session's cleanup then stops the handler.
         log.debug("device %s: connection loop cancelled", handler.device_id)
-        return True
     finally:
         if deliveries.wakeup is activity:
             deliveries.wakeup = None

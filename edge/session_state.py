@@ -18,7 +18,8 @@ per connection instead of one task per queue).
 ``asyncio.Event`` allocates a deque (~0.8 KB with the event) for waiters it mostly never has:
 :class:`LazyEvent` builds it only while somebody waits. :class:`Wakeup` is what a single
 waiting task needs (the ack pump, the reader at its in-flight cap, the connection loop): one
-future while it waits, nothing otherwise.
+future while it waits, nothing otherwise. :func:`slim_stream` does the same for the stream
+protocol's drain waiters.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from transitions import MachineError
 
-__all__ = ["LazyEvent", "LazyQueue", "SessionStates", "Wakeup", "slim_session"]
+__all__ = ["LazyEvent", "LazyQueue", "SessionStates", "Wakeup", "slim_session", "slim_stream"]
 
 _T = TypeVar("_T")
 _LAZY: Final = ("_getters", "_putters", "_queue", "_finished")
@@ -92,19 +93,20 @@ class Wakeup:
     def __init__(self) -> None:
         self._future: asyncio.Future[None] | None = None
 
-    async def wait(self) -> None:
-        if self._future is not None:
+    def wait(self) -> asyncio.Future[None]:
+        """The future to await (a plain future, not a coroutine: no frame while waiting)."""
+        current = self._future
+        if current is not None and not current.done():
             raise RuntimeError("Wakeup already has a waiter")
         future = self._future = asyncio.get_running_loop().create_future()
-        try:
-            await future
-        finally:
-            self._future = None
+        return future
 
     def set(self) -> None:
         future = self._future
-        if future is not None and not future.done():
-            future.set_result(None)
+        if future is not None:
+            self._future = None
+            if not future.done():  # done: its waiter was cancelled
+                future.set_result(None)
 
 
 class LazyEvent(asyncio.Event):
@@ -190,3 +192,15 @@ def slim_session(session: Any) -> None:
         queue = getattr(session, name, None)
         if type(queue) is asyncio.Queue and queue.empty():
             setattr(session, name, LazyQueue())
+
+
+def slim_stream(stream: asyncio.StreamWriter) -> None:
+    """Swap the connection protocol's empty drain-waiter deque (~0.8 KB) for a list.
+
+    asyncio's ``FlowControlMixin`` only appends to, iterates and removes from it (a waiter
+    exists only while a write waits for the peer to read), all of which a list does.
+    """
+    protocol = getattr(stream, "_protocol", None)
+    waiters = getattr(protocol, "_drain_waiters", None)
+    if type(waiters) is collections.deque and not waiters:
+        protocol._drain_waiters = []  # type: ignore[union-attr]
