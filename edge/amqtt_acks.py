@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +53,9 @@ class AckFlow:
     """
 
     _edge: EdgeContext
-    _acks: deque[PendingAck]
+    _acks: list[PendingAck]
+    """The FIFO: a list, not a deque (an empty deque is ~0.7 KB per connection; the
+    pump takes a batch of heads at once, at most max_inflight entries to shift)."""
     _qos0_pending: set[asyncio.Future[None]]
     _inflight: int
     _capacity: Wakeup
@@ -119,8 +120,11 @@ class AckFlow:
                 ready: list[tuple[int, int]] = []
                 forwards: list[DecodedPublish] = []
                 failed: tuple[PendingAck, BaseException] | None = None
-                while acks and acks[0].future.done():
-                    item = acks.popleft()
+                taken = 0
+                for item in acks:
+                    if not item.future.done():
+                        break
+                    taken += 1
                     error = sink_failure(item.future)
                     if error is not None:
                         failed = (item, error)
@@ -128,6 +132,7 @@ class AckFlow:
                     ready.append((item.kind, item.packet_id))
                     if item.forward:
                         forwards.append(item.publish)
+                del acks[:taken]  # before any await: the reader appends meanwhile
                 if ready:
                     await self._write_acks(ready)
                 for publish in forwards:

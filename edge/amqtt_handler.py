@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import Any, Final
 
 from amqtt.adapters import BufferReader
@@ -149,7 +148,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._pending_subscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
         self._pending_unsubscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
         self._pending_subscriptions.wakeup = self._pending_unsubscriptions.wakeup = self.activity
-        self._acks: deque[PendingAck] = deque()
+        self._acks: list[PendingAck] = []
         self._qos0_pending: set[asyncio.Future[None]] = set()
         self._inflight = 0
         # Wakeup, not asyncio.Event: one waiter each, no deque per connection.
