@@ -1,10 +1,12 @@
 """The acknowledging half of :class:`edge.amqtt_handler.EdgeProtocolHandler`.
 
-Each inbound QoS 1/2 publish is a :class:`PendingAck` on the connection's FIFO. One "ack
-pump" task per connection sends PUBACK (QoS 1) or PUBREC (QoS 2) for every head of the FIFO
-whose sink future has resolved, all in one socket write, in arrival order: acknowledgements
-follow durability. The pump only awaits sink futures, never cancels them (the sink owns
-them). A failed store closes the connection without acknowledging it or anything after it.
+Each inbound QoS 1/2 publish is a :class:`PendingAck` on the connection's FIFO. When a sink
+future resolves it wakes the connection's task (edge/amqtt_loop.py), which calls
+:meth:`AckFlow.pump_acks`: PUBACK (QoS 1) or PUBREC (QoS 2) for every head of the FIFO whose
+sink future has resolved, all in one socket write, in arrival order: acknowledgements follow
+durability. (This was a task of its own per connection, ~1 KB that mostly waited.) Sink
+futures are only awaited, never cancelled (the sink owns them). A failed store closes the
+connection without acknowledging it or anything after it.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class AckFlow:
     _qos0_pending: set[asyncio.Future[None]]
     _inflight: int
     _capacity: Wakeup
-    _pump_wakeup: Wakeup
+    activity: Wakeup
     _closing: bool
 
     if TYPE_CHECKING:  # provided by EdgeProtocolHandler and amqtt's ProtocolHandler
@@ -87,7 +89,7 @@ class AckFlow:
         kind = PUBACK if publish.qos == 1 else PUBREC
         self._acks.append(PendingAck(kind, packet_id, done, publish, forward=False))
         self._inflight += 1
-        self._pump_wakeup.set()
+        self.activity.set()
 
     def _qos0_report(self, future: asyncio.Future[None]) -> None:
         error = sink_failure(future)
@@ -101,10 +103,16 @@ class AckFlow:
         self._capacity.set()
 
     def _wake_pump(self, _future: asyncio.Future[None]) -> None:
-        self._pump_wakeup.set()
+        self.activity.set()
 
-    async def _ack_pump(self) -> None:
-        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection.
+    def acks_ready(self) -> bool:
+        """Whether :meth:`pump_acks` has something to send (the connection loop's test)."""
+        acks = self._acks
+        return bool(acks) and acks[0].future.done() and not self._closing
+
+    async def pump_acks(self) -> None:
+        """Acknowledge the FIFO's heads that are stored, until none is; on a failed store,
+        drop the connection. Runs in the connection's task (edge/amqtt_loop.py).
 
         Every acknowledgement that is ready goes out in one socket write (under load about
         one commit's worth per device): a write, not a packet object and a plugin event
@@ -113,10 +121,7 @@ class AckFlow:
         acks = self._acks
         edge = self._edge
         try:
-            while not self._closing:
-                if not acks or not acks[0].future.done():
-                    await self._pump_wakeup.wait()
-                    continue
+            while not self._closing and acks and acks[0].future.done():
                 ready: list[tuple[int, int]] = []
                 forwards: list[DecodedPublish] = []
                 failed: tuple[PendingAck, BaseException] | None = None
@@ -136,6 +141,8 @@ class AckFlow:
                 if ready:
                     await self._write_acks(ready)
                 for publish in forwards:
+                    if self._closing:  # stopped meanwhile (this used to cancel the pump)
+                        return
                     await edge.forward(self.session, publish)
                 if failed is not None:
                     item, error = failed

@@ -144,7 +144,8 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._edge = edge
         # LazyQueue: most devices never (un)subscribe (edge/session_state.py).
         self.activity = Wakeup()
-        """Wakes the connection loop (edge/amqtt_loop.py): (un)subscription, disconnect."""
+        """Wakes the connection loop (edge/amqtt_loop.py): acknowledgements to send,
+        (un)subscriptions, the disconnect."""
         self._pending_subscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
         self._pending_unsubscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
         self._pending_subscriptions.wakeup = self._pending_unsubscriptions.wakeup = self.activity
@@ -153,8 +154,6 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._inflight = 0
         # Wakeup, not asyncio.Event: one waiter each, no deque per connection.
         self._capacity = Wakeup()
-        self._pump_wakeup = Wakeup()
-        self._pump_task: asyncio.Task[None] | None = None
         self._closing = False
         self._session_info: SessionInfo | None = None
         """Set while the device is announced (start to _retire)."""
@@ -187,7 +186,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Announce the device, start the ack pump, then amqtt's start (which starts the reader).
+        """Announce the device, then amqtt's start (which starts the reader).
 
         The observer hears ``device_connected`` before any publish of the connection is
         submitted. A previous live connection with the same client id is closed first (amqtt
@@ -217,7 +216,6 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         edge.stats.sessions_started += 1
         edge.notify_connected(device_id, self.peer)
         edge.lifecycle_started(info)
-        self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
         await self._start_reader()
 
     async def _start_reader(self) -> None:
@@ -256,12 +254,8 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         """
         self._closing = True
         self._stopped = True
-        pump = self._pump_task
-        if pump is not None and pump is not asyncio.current_task() and not pump.done():
-            pump.cancel()
-            # The pump may end with amqtt's ProtocolHandlerError (it wraps CancelledError
-            # raised inside _send_packet); either way it is finished.
-            await asyncio.gather(pump, return_exceptions=True)
+        # The acknowledgements are sent by the connection's task (pump_acks), which stops
+        # at _closing; one write already under way completes or fails with the socket.
         for item in self._acks:
             item.future.remove_done_callback(self._wake_pump)
         self._acks.clear()
@@ -604,7 +598,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._acks.append(PendingAck(kind, packet_id, future, publish, forward))
         self._inflight += 1
         if future.done():
-            self._pump_wakeup.set()
+            self.activity.set()
         else:
             future.add_done_callback(self._wake_pump)
 

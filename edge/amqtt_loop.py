@@ -1,15 +1,18 @@
-"""amqtt's per-connection broker loop, without its four waiter tasks.
+"""amqtt's per-connection broker loop, without its four waiter tasks, and our acknowledgements.
 
 amqtt 0.12.1's ``Broker._client_message_loop`` keeps four tasks per connected client, each
 awaiting one thing (the disconnect, the next SUBSCRIBE, the next UNSUBSCRIBE, the next
 message the client published), and re-arms them through ``asyncio.wait``: with their
 coroutines, futures, contexts and the queue deques their ``get()`` builds, about a third of
 the broker's heap per idle device. :func:`client_message_loop` does the same work in the
-connection's own task: it handles whatever is ready (the disconnect first, as amqtt does),
-and otherwise waits on the handler's one :class:`~edge.session_state.Wakeup`, which the
-handler sets on a disconnect or stop and the :class:`~edge.session_state.LazyQueue` s set on
-every put. The amqtt handlers (``_handle_disconnect``, ``_handle_subscription``, ...) are
-called with an already-resolved future in place of the waiter task, as amqtt's loop does.
+connection's own task: it handles whatever is ready (the disconnect before subscriptions,
+as amqtt does), and otherwise waits on the handler's one
+:class:`~edge.session_state.Wakeup`, which the handler sets on a disconnect or stop and
+when a sink future resolves, and the :class:`~edge.session_state.LazyQueue` s set on every
+put. The acknowledgements of stored publishes (:meth:`~edge.amqtt_acks.AckFlow.pump_acks`)
+go out from here too, before anything else: a connection is two tasks, this one and its
+reader. amqtt's handlers (``_handle_disconnect``, ``_handle_subscription``, ...) are called
+with an already-resolved future in place of the waiter task, as amqtt's loop does.
 
 The client-published message queue is always empty here (our reader hands publishes to the
 sink, not to amqtt's delivery queue); it is still served, so nothing amqtt puts there is lost.
@@ -47,6 +50,9 @@ async def client_message_loop(broker: Any, session: Any, handler: EdgeProtocolHa
     deliveries.wakeup = activity  # a resumed session: this connection's loop now
     try:
         while True:
+            if handler.acks_ready():  # first: acknowledging is never wrong once stored
+                await handler.pump_acks()
+                continue
             if handler.disconnect_due():
                 result = _resolved(handler.disconnect_result())
                 await broker._handle_disconnect(session, handler, result)

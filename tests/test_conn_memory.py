@@ -1,8 +1,8 @@
 """Memory per connection: the slim primitives (pure unit tests) and, against a real
-in-process broker on real sockets, that an idle connected device costs three tasks (the
-connection's own, its reader, its ack pump) and that the one-task connection loop still
-serves SUBSCRIBE, UNSUBSCRIBE, deliveries and DISCONNECT (bench/conn_memory.py measures the
-bytes; docs/benchmarks.md "10,000 devices")."""
+in-process broker on real sockets, that an idle connected device costs two tasks (the
+connection's own, which also sends the acknowledgements, and its reader) and that the
+one-task connection loop still serves SUBSCRIBE, UNSUBSCRIBE, deliveries and DISCONNECT
+(bench/conn_memory.py measures the bytes; docs/benchmarks.md "10,000 devices")."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.harness import eventually
 pytestmark = pytest.mark.timeout(60)
 
 HOST = "127.0.0.1"
-TASKS_PER_CONNECTION = 3
+TASKS_PER_CONNECTION = 2
 
 
 class InstantSink:
@@ -110,7 +110,7 @@ async def test_lazy_queue_answers_size_without_building_and_wakes_on_put() -> No
     assert queue.empty()
 
 
-async def test_idle_connections_cost_three_tasks_and_the_loop_still_serves_them() -> None:
+async def test_idle_connections_cost_two_tasks_and_the_loop_still_serves_them() -> None:
     sink = InstantSink()
     broker = EdgeBroker(
         listeners=[("default", HOST, 0)], sink=sink, observer=None, max_inflight_per_session=8
