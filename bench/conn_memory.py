@@ -164,7 +164,7 @@ async def _measure(devices: int, frames: int) -> dict[str, Any]:
                     "count": round(s.count_diff / devices, 2),
                     "trace": [f"{Path(f.filename).name}:{f.lineno}" for f in s.traceback],
                 }
-                for s in stats[:40]
+                for s in stats[:150]
                 if s.size_diff > 0
             ]
         return result
