@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 
 import pytest
 
@@ -135,6 +136,11 @@ async def test_idle_connections_cost_two_tasks_and_the_loop_still_serves_them() 
             lambda: len(broker.amqtt_broker.edge.live) == devices + 1, "all devices live", 10
         )
         assert len(asyncio.all_tasks()) - before == devices * TASKS_PER_CONNECTION
+        # CPython shares attribute keys among instances up to 30 names; one more and every
+        # handler carries its own ~1.6 KB dict (edge/amqtt_handler.py, _CLASS_DEFAULTS_WHY).
+        handler = broker.amqtt_broker.edge.live["idle-3"]
+        assert len(vars(handler)) <= 30
+        assert sys.getsizeof(vars(handler)) < 1000, sorted(vars(handler))
         assert len(sink.received) == devices + 1
 
         # Through the one-task loop: SUBSCRIBE, a delivery to it, UNSUBSCRIBE, DISCONNECT.
