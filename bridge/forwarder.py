@@ -133,6 +133,9 @@ class Forwarder:
         self._ahead: asyncio.Task[list[StoredMessage]] | None = None
         self._ahead_usable = False
         """True only after the batch in flight when the lease-ahead started went out whole."""
+        self._last_lease = float("-inf")
+        self._backlog = False
+        """The last lease came back full: more rows are waiting, forward without pause."""
 
     # ------------------------------------------------------------------ the loop
 
@@ -161,19 +164,21 @@ class Forwarder:
 
     async def step(self) -> None:
         """One round: lease, decide, send, settle; or wait. Tests may drive it directly."""
+        await self._pace()
         started = time.monotonic()
         batch = await self._take_batch()
         self.status.lease_s += time.monotonic() - started
+        self._backlog = len(batch) >= self._lease_batch
         dlq_due = self._dead_letters_due()
         # Exactly-once: recover as soon as the gateway starts, not only once rows arrive.
         recovery_due = self.exactly_once and self._recovered_generation == 0
         if not batch and not dlq_due and not recovery_due:
             await self._buffer.wait_for_rows(max_wait=_DLQ_IDLE_CHECK_S)
-            if self._buffer.stats.rows and self._kafka.linger_ms:
-                # Idle until now: give the next commits kafka.linger_ms to join this batch.
-                # At 1,000 msg/s a commit holds ~2 rows; one Kafka batch per commit cost
-                # more CPU than the messages themselves (docs/benchmarks.md).
-                await asyncio.sleep(self._kafka.linger_ms / 1000)
+            if self._buffer.stats.rows and self._kafka.forward_linger_ms:
+                # Idle until now: give the next commits forward_linger_ms to join this
+                # batch. At 1,000 msg/s a commit holds ~1.5 rows; one Kafka batch per commit
+                # cost more CPU than the messages themselves (docs/benchmarks.md).
+                await asyncio.sleep(self._kafka.forward_linger_ms / 1000)
             return
         if not self.breaker.allow():
             # Open (or backing off): no Kafka call at all. Rows keep buffering.
@@ -201,6 +206,17 @@ class Forwarder:
             self.status.producer_rebuilds = self._producer.rebuilds
         if batch and not sent:
             await asyncio.sleep(_HOLD_WAIT_S)
+
+    async def _pace(self) -> None:
+        """Without a backlog, lease at most once per ``kafka.forward_linger_ms``, so a trickle
+        of rows shares one Kafka batch (and one lease and one release) instead of one round
+        per group commit; with a backlog, forward back to back."""
+        linger = self._kafka.forward_linger_ms / 1000
+        if linger and not self._backlog:
+            wait = self._last_lease + linger - self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        self._last_lease = self._clock()
 
     # ------------------------------------------------------------------- uplink
 

@@ -53,6 +53,7 @@ class GroupCommitter(BufferCore):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await self._linger()
             self._check_disk()
             self._fail_timed_out_blocks()
             batch = self._take_batch()
@@ -101,6 +102,15 @@ class GroupCommitter(BufferCore):
                     future.set_result(None)
             self.stats.used_bytes = used
             await self._maybe_cleanup_dedup()
+
+    async def _linger(self) -> None:
+        """With ``commit_linger_ms``: no commit before its oldest publish waited that long,
+        so a trickle shares commits. Under load the oldest already waited a whole commit."""
+        linger = self._config.commit_linger_ms / 1000
+        if linger and self._pending and not self._closing:
+            wait = self._pending[0].enqueued + linger - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
 
     def _commit_failed(
         self,

@@ -185,6 +185,12 @@ class BufferConfig(ConfigModel):
     """Stop acknowledging when the filesystem has less free space than this."""
     commit_max_batch: Annotated[int, Field(ge=1, le=100_000)] = 2048
     """Most publishes sharing one durable (synchronous=FULL) transaction."""
+    commit_linger_ms: Annotated[float, Field(ge=0, le=50)] = 0.0
+    """No group commit starts before its oldest publish waited this long, so publishes
+    arriving one by one share commits. 0 (default): commit at once; under load commits
+    group anyway (each takes what arrived during the previous one). At a steady trickle
+    (1,000 msg/s from 100 devices) 1 ms makes commits ~2x larger and cuts gateway CPU per
+    message ~20 %, and adds up to 1 ms to PUBACKs (docs/benchmarks.md, "The floor")."""
     lease_batch: Annotated[int, Field(ge=1, le=100_000)] = 2000
     """Most rows handed to the bridge at once."""
     lease_min_share: Annotated[float, Field(ge=0, le=0.5)] = 0.1

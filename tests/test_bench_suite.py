@@ -136,3 +136,22 @@ def test_scale_figure_counts_only_with_10000_connected(tmp_path: Path) -> None:
     path.write_text(json.dumps({"max_connections_seen": 9_000, "gateway_peak_rss_mb": 120.0}))
     assert "only 9,000 devices" in scale_figures(path)["reason"]
     assert scale_figures(tmp_path / "absent.json")["reason"] == "not measured in this run"
+
+
+def test_the_floor_benchmark_measures_both_ackers(tmp_path: Path) -> None:
+    """bench/floor.py (the minimal Python acknowledger, with and without a durable commit)
+    runs end to end with the simulator and reports CPU per message and PUBACK latency."""
+    out = tmp_path / "floor.json"
+    argv = [sys.executable, "-m", "bench.floor", "--devices", "3", "--rate", "20"]
+    argv += ["--duration", "1.5", "--runs", "1", "--linger-ms", "0,1", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["store"], r["linger_ms"]) for r in runs] == [
+        ("none", 0.0), ("sqlite", 0.0), ("sqlite", 1.0)
+    ]  # fmt: skip
+    for run in runs:
+        assert run["messages"] >= 60
+        assert run["cpu_us_per_msg"] > 0
+        assert run["puback_ms"]["p99"] > 0
+    assert all(r["rows_per_commit"] >= 1 for r in runs[1:])
