@@ -45,6 +45,7 @@ from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from edge.amqtt_acks import AckFlow, PendingAck
 from edge.broker_state import EdgeContext, Qos2State
 from edge.ingest import InboundPublish
+from edge.keepalive import KeepAliveEntry
 from edge.lifecycle import (
     CLEAN,
     CONNECTION_LOST,
@@ -96,16 +97,22 @@ _PENDING_SUBSCRIBE_LIMIT: Final = 16
 device flooding SUBSCRIBE stalls its own reader instead of growing the queue."""
 
 
-class _KeepAlive:
+class _KeepAlive(KeepAliveEntry):
     """The reader's keep-alive state (one per connection, while it reads)."""
 
-    __slots__ = ("expired", "idle_since", "timer")
+    __slots__ = ("expired", "handler", "idle_since", "timeout")
 
-    def __init__(self) -> None:
-        self.timer: asyncio.TimerHandle | None = None
+    def __init__(self, handler: EdgeProtocolHandler, timeout: float) -> None:
+        super().__init__()
+        self.handler = handler
+        self.timeout = timeout
+        """1.5 x the keep-alive (MQTT-3.1.2-24)."""
         self.idle_since: float | None = None
         """loop.time() since which the reader waits for a packet's first byte (None: not)."""
         self.expired = False
+
+    def due(self) -> None:
+        self.handler._check_keepalive(self)
 
 
 class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
@@ -425,14 +432,10 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         max_inflight = self._edge.max_inflight
         splitter = PacketSplitter(self._edge.max_packet_size)
         loop = asyncio.get_running_loop()
-        keepalive = _KeepAlive()
+        keepalive = _KeepAlive(self, first_byte_timeout or 0.0)
+        wheel = self._edge.keepalive
         if first_byte_timeout is not None:
-            keepalive.timer = loop.call_at(
-                loop.time() + first_byte_timeout,
-                self._check_keepalive,
-                keepalive,
-                first_byte_timeout,
-            )
+            wheel.schedule(keepalive, loop.time() + first_byte_timeout)
         try:
             while not self._closing:
                 if self._inflight >= max_inflight:
@@ -457,13 +460,14 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
                     return "DISCONNECT"
             return "closing"
         finally:
-            if keepalive.timer is not None:
-                keepalive.timer.cancel()
+            wheel.cancel(keepalive)
 
-    def _check_keepalive(self, keepalive: _KeepAlive, timeout: float) -> None:
-        """MQTT-3.1.2-24 without a timer per read: one timer per keep-alive period checks how
-        long the reader has been waiting for a packet's first byte, and closes the socket
-        (the read then ends) once that is 1.5 x the keep-alive."""
+    def _check_keepalive(self, keepalive: _KeepAlive) -> None:
+        """MQTT-3.1.2-24 without a timer per read: one check per keep-alive period (on the
+        broker's shared wheel, edge/keepalive.py) sees how long the reader has been waiting
+        for a packet's first byte, and closes the socket (the read then ends) once that is
+        1.5 x the keep-alive."""
+        timeout = keepalive.timeout
         loop = asyncio.get_running_loop()
         idle_since = keepalive.idle_since
         now = loop.time()
@@ -474,7 +478,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
                 transport.abort()
                 return
         start = idle_since if idle_since is not None else now
-        keepalive.timer = loop.call_at(start + timeout, self._check_keepalive, keepalive, timeout)
+        self._edge.keepalive.schedule(keepalive, start + timeout)
 
     async def _read_packet_by_packet(self, first_byte_timeout: float | None) -> str:
         max_inflight = self._edge.max_inflight

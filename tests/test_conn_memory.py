@@ -166,3 +166,41 @@ async def test_idle_connections_cost_two_tasks_and_the_loop_still_serves_them() 
         for _reader, writer in streams:
             writer.close()
         await broker.stop()
+
+
+async def test_keepalive_wheel_runs_each_entry_once_per_schedule_on_one_timer_per_slot() -> None:
+    from edge.keepalive import KeepAliveEntry, KeepAliveWheel
+
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[str, float]] = []
+
+    class Entry(KeepAliveEntry):
+        __slots__ = ("again", "name")
+
+        def __init__(self, name: str, again: float = 0.0) -> None:
+            super().__init__()
+            self.name, self.again = name, again
+
+        def due(self) -> None:
+            fired.append((self.name, loop.time()))
+            if self.again:
+                wheel.schedule(self, loop.time() + self.again)
+                self.again = 0.0
+
+    wheel = KeepAliveWheel(resolution=0.05)
+    start = loop.time()
+    a, b, c, d = Entry("a"), Entry("b"), Entry("c", again=0.1), Entry("d")
+    for entry in (a, b, c):
+        wheel.schedule(entry, start + 0.1)  # the same slot: one timer
+    wheel.schedule(d, start + 0.3)
+    assert len(wheel) == 4
+    assert wheel.timers == 2
+    wheel.cancel(b)
+    wheel.cancel(b)  # twice: no-op
+    wheel.schedule(a, start + 0.2)  # moved to a later slot
+    await eventually(lambda: len(fired) == 4, "a, c, c again and d ran", 5)
+    assert sorted(name for name, _ in fired) == ["a", "c", "c", "d"]
+    assert all(at >= start + 0.1 for _, at in fired)
+    assert dict(fired)["a"] >= start + 0.2
+    assert len(wheel) == 0
+    assert wheel.timers == 0  # nothing armed once empty
