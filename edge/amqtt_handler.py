@@ -19,8 +19,9 @@ loop; acknowledgements in :mod:`edge.amqtt_acks`) and keeps amqtt's outbound hal
   at-least-once contract covers).
 
 Also enforced here: a second CONNECT, reserved packet types, truncated or oversized
-packets and bad PUBLISHes close the connection; the keep-alive (one watchdog timer per
-connection); per-device quotas (:mod:`edge.quotas`) and the topic ACL on publish.
+packets and bad PUBLISHes close the connection; the keep-alive (one check per keep-alive
+period, on the broker's shared wheel, :mod:`edge.keepalive`); per-device quotas
+(:mod:`edge.quotas`) and the topic ACL on publish.
 """
 
 from __future__ import annotations
