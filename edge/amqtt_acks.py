@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +158,27 @@ class AckFlow:
             log.exception("device %s: acknowledging failed", self.device_id)
             with contextlib.suppress(Exception):
                 await self.abort("acknowledging failed", CONNECTION_LOST)
+
+    @contextlib.asynccontextmanager
+    async def acking_aside(self) -> AsyncIterator[None]:
+        """While the connection's task waits on the device itself (amqtt delivering retained
+        or queued QoS 1/2 messages and awaiting their PUBACKs), acknowledge from a task of
+        its own. Otherwise a reader paused at the in-flight cap could not read those PUBACKs
+        (they queue behind the device's publishes), and nothing would send the acks that
+        free it: a deadlock the separate ack pump task never had."""
+        task = asyncio.create_task(self._pump_aside())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _pump_aside(self) -> None:
+        while not self._closing:
+            if self.acks_ready():
+                await self.pump_acks()
+            else:
+                await self.activity.wait()  # the connection's task is busy: not waiting on it
 
     async def _write_acks(self, ready: list[tuple[int, int]]) -> None:
         writer = self.writer

@@ -412,6 +412,32 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 client_session=client_session,
             )
 
+    async def _publish_session_retained_messages(self, session: Any) -> None:
+        # amqtt awaits the device's PUBACKs of these in the connection's task, which also
+        # sends our acknowledgements: hand those to a helper task meanwhile (acking_aside).
+        handler = self._sessions.get(session.client_id, (None, None))[1]
+        if session.retained_messages.empty() or not isinstance(handler, EdgeProtocolHandler):
+            await super()._publish_session_retained_messages(session)
+            return
+        async with handler.acking_aside():
+            await super()._publish_session_retained_messages(session)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        # As above, for the retained messages a new QoS 1/2 subscription receives.
+        handler = self._sessions.get(session.client_id, (None, None))[1]
+        topic_filter, qos = subscription
+        if (
+            not qos
+            or not isinstance(handler, EdgeProtocolHandler)
+            or not any(self._matches(topic, topic_filter) for topic in self._retained_messages)
+        ):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+            return
+        async with handler.acking_aside():
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
     async def _publish_will(self, session: Any) -> None:
         """Publish a device's will as if the device had published it: through the sink (so
         a will on an uplink topic is stored and forwarded to Kafka like any publish), then

@@ -204,3 +204,59 @@ async def test_keepalive_wheel_runs_each_entry_once_per_schedule_on_one_timer_pe
     assert dict(fired)["a"] >= start + 0.2
     assert len(wheel) == 0
     assert wheel.timers == 0  # nothing armed once empty
+
+
+async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return first, await reader.readexactly(length)
+
+
+async def test_acks_keep_flowing_while_the_connection_task_awaits_a_retained_delivery() -> None:
+    """The connection's task sends the acknowledgements, and amqtt makes it await the
+    device's PUBACK of a retained QoS 1 message after a SUBSCRIBE. That PUBACK queues behind
+    the device's publishes while the reader is paused at the in-flight cap (2 here): only
+    acknowledgements sent by someone else (acking_aside) let the reader reach it."""
+    sink = InstantSink()
+    broker = EdgeBroker(
+        listeners=[("default", HOST, 0)], sink=sink, observer=None, max_inflight_per_session=2
+    )
+    await broker.start()
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        port = broker.bound_addresses["default"][1]
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writers.append(writer)
+        retained = _packet(0x33, _string("e/state") + struct.pack("!H", 1) + b"on")
+        writer.write(_connect("keeper") + retained)
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(8) == b"\x20\x02\x00\x00\x40\x02\x00\x01"
+
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writers.append(writer)
+        writer.write(_connect("busy"))
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(4) == b"\x20\x02\x00\x00"
+        subscribe = _packet(0x82, struct.pack("!H", 9) + _string("e/state") + b"\x01")
+        publishes = b"".join(_publish("d/busy/t", pid, b"x") for pid in range(1, 7))
+        writer.write(subscribe + publishes)  # then PUBACK the retained message when it comes
+        pubacks: set[int] = set()
+        async with asyncio.timeout(15):
+            while len(pubacks) < 6:
+                kind, body = await _read_packet(reader)
+                if kind >> 4 == 3:  # the retained PUBLISH, QoS 1: acknowledge it
+                    topic_len = struct.unpack("!H", body[:2])[0]
+                    packet_id = body[2 + topic_len : 4 + topic_len]
+                    writer.write(b"\x40\x02" + packet_id)
+                elif kind == 0x40:
+                    pubacks.add(struct.unpack("!H", body)[0])
+        assert pubacks == set(range(1, 7))
+    finally:
+        for writer in writers:
+            writer.close()
+        await broker.stop()
