@@ -165,7 +165,8 @@ class AckFlow:
         or queued QoS 1/2 messages and awaiting their PUBACKs), acknowledge from a task of
         its own. Otherwise a reader paused at the in-flight cap could not read those PUBACKs
         (they queue behind the device's publishes), and nothing would send the acks that
-        free it: a deadlock the separate ack pump task never had."""
+        free it: the connection would stall until amqtt gives up on the delivery (5 s), which
+        the separate ack pump task never did."""
         task = asyncio.create_task(self._pump_aside())
         try:
             yield
