@@ -240,7 +240,13 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._reader_stopped = LazyEvent()
         self._reader_task = asyncio.create_task(self._reader_loop())
         await self._reader_ready.wait()
-        await self._retry_deliveries()
+        if self.session.inflight_in or self.session.inflight_out:
+            # amqtt resends these and awaits the device's answers in this (the connection's)
+            # task, which also sends our acknowledgements: see AckFlow.acking_aside.
+            async with self.acking_aside():
+                await self._retry_deliveries()
+        else:
+            await self._retry_deliveries()
         waiter: asyncio.Future[Any] | None = self._disconnect_waiter  # type: ignore[has-type]
         if waiter is None or waiter.done():
             self._disconnect_waiter = asyncio.get_running_loop().create_future()
