@@ -1,10 +1,12 @@
 """The acknowledging half of :class:`edge.amqtt_handler.EdgeProtocolHandler`.
 
-Each inbound QoS 1/2 publish is a :class:`PendingAck` on the connection's FIFO. One "ack
-pump" task per connection sends PUBACK (QoS 1) or PUBREC (QoS 2) for every head of the FIFO
-whose sink future has resolved, all in one socket write, in arrival order: acknowledgements
-follow durability. The pump only awaits sink futures, never cancels them (the sink owns
-them). A failed store closes the connection without acknowledging it or anything after it.
+Each inbound QoS 1/2 publish is a :class:`PendingAck` on the connection's FIFO. When a sink
+future resolves it wakes the connection's task (edge/amqtt_loop.py), which calls
+:meth:`AckFlow.pump_acks`: PUBACK (QoS 1) or PUBREC (QoS 2) for every head of the FIFO whose
+sink future has resolved, all in one socket write, in arrival order: acknowledgements follow
+durability. (This was a task of its own per connection, ~1 KB that mostly waited.) Sink
+futures are only awaited, never cancelled (the sink owns them). A failed store closes the
+connection without acknowledging it or anything after it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edge.broker_state import EdgeContext
 from edge.lifecycle import CONNECTION_LOST, STORE_FAILED
 from edge.mqtt_wire import PUBACK, PUBREC, DecodedPublish, encode_acks
+from edge.session_state import Wakeup
 
 __all__ = ["AckFlow", "PendingAck", "sink_failure"]
 
@@ -53,11 +56,13 @@ class AckFlow:
     """
 
     _edge: EdgeContext
-    _acks: deque[PendingAck]
+    _acks: list[PendingAck]
+    """The FIFO: a list, not a deque (an empty deque is ~0.7 KB per connection; the
+    pump takes a batch of heads at once, at most max_inflight entries to shift)."""
     _qos0_pending: set[asyncio.Future[None]]
     _inflight: int
-    _capacity: asyncio.Event
-    _pump_wakeup: asyncio.Event
+    _capacity: Wakeup
+    activity: Wakeup
     _closing: bool
 
     if TYPE_CHECKING:  # provided by EdgeProtocolHandler and amqtt's ProtocolHandler
@@ -85,7 +90,7 @@ class AckFlow:
         kind = PUBACK if publish.qos == 1 else PUBREC
         self._acks.append(PendingAck(kind, packet_id, done, publish, forward=False))
         self._inflight += 1
-        self._pump_wakeup.set()
+        self.activity.set()
 
     def _qos0_report(self, future: asyncio.Future[None]) -> None:
         error = sink_failure(future)
@@ -99,10 +104,16 @@ class AckFlow:
         self._capacity.set()
 
     def _wake_pump(self, _future: asyncio.Future[None]) -> None:
-        self._pump_wakeup.set()
+        self.activity.set()
 
-    async def _ack_pump(self) -> None:
-        """Acknowledge the FIFO's head once stored; on a failed store, drop the connection.
+    def acks_ready(self) -> bool:
+        """Whether :meth:`pump_acks` has something to send (the connection loop's test)."""
+        acks = self._acks
+        return bool(acks) and acks[0].future.done() and not self._closing
+
+    async def pump_acks(self) -> None:
+        """Acknowledge the FIFO's heads that are stored, until none is; on a failed store,
+        drop the connection. Runs in the connection's task (edge/amqtt_loop.py).
 
         Every acknowledgement that is ready goes out in one socket write (under load about
         one commit's worth per device): a write, not a packet object and a plugin event
@@ -111,16 +122,15 @@ class AckFlow:
         acks = self._acks
         edge = self._edge
         try:
-            while not self._closing:
-                if not acks or not acks[0].future.done():
-                    self._pump_wakeup.clear()
-                    await self._pump_wakeup.wait()
-                    continue
+            while not self._closing and acks and acks[0].future.done():
                 ready: list[tuple[int, int]] = []
                 forwards: list[DecodedPublish] = []
                 failed: tuple[PendingAck, BaseException] | None = None
-                while acks and acks[0].future.done():
-                    item = acks.popleft()
+                taken = 0
+                for item in acks:
+                    if not item.future.done():
+                        break
+                    taken += 1
                     error = sink_failure(item.future)
                     if error is not None:
                         failed = (item, error)
@@ -128,9 +138,12 @@ class AckFlow:
                     ready.append((item.kind, item.packet_id))
                     if item.forward:
                         forwards.append(item.publish)
+                del acks[:taken]  # before any await: the reader appends meanwhile
                 if ready:
                     await self._write_acks(ready)
                 for publish in forwards:
+                    if self._closing:  # stopped meanwhile (this used to cancel the pump)
+                        return
                     await edge.forward(self.session, publish)
                 if failed is not None:
                     item, error = failed
@@ -145,6 +158,28 @@ class AckFlow:
             log.exception("device %s: acknowledging failed", self.device_id)
             with contextlib.suppress(Exception):
                 await self.abort("acknowledging failed", CONNECTION_LOST)
+
+    @contextlib.asynccontextmanager
+    async def acking_aside(self) -> AsyncIterator[None]:
+        """While the connection's task waits on the device itself (amqtt delivering retained
+        or queued QoS 1/2 messages and awaiting their PUBACKs), acknowledge from a task of
+        its own. Otherwise a reader paused at the in-flight cap could not read those PUBACKs
+        (they queue behind the device's publishes), and nothing would send the acks that
+        free it: the connection would stall until amqtt gives up on the delivery (5 s), which
+        the separate ack pump task never did."""
+        task = asyncio.create_task(self._pump_aside())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _pump_aside(self) -> None:
+        while not self._closing:
+            if self.acks_ready():
+                await self.pump_acks()
+            else:
+                await self.activity.wait()  # the connection's task is busy: not waiting on it
 
     async def _write_acks(self, ready: list[tuple[int, int]]) -> None:
         writer = self.writer

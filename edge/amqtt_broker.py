@@ -25,6 +25,8 @@ exactly in pyproject.toml because of them):
   the handler's ``will_due()`` says so (the same decision the lifecycle event reports),
   through the ACL and the sink like a publish of the device (amqtt only broadcast it, so a
   will on an uplink topic never reached Kafka, and no ACL checked its topic).
+* ``_client_message_loop``: the same work without amqtt's four waiter tasks per connection
+  (:mod:`edge.amqtt_loop`).
 * ``add_subscription`` / ``_del_subscription`` / ``start``: keep :class:`SubscriptionIndex`
   current, which decides whether a stored publish goes to amqtt's broadcast at all.
 
@@ -50,7 +52,7 @@ import logging
 import ssl
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any, Final
 
@@ -63,6 +65,7 @@ from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
 
 from edge.amqtt_handler import EdgeProtocolHandler
+from edge.amqtt_loop import client_message_loop
 from edge.broker_state import EdgeContext, Security, SubscriptionIndex
 from edge.connect_rules import connect_string_error
 from edge.device_auth import (
@@ -80,7 +83,7 @@ from edge.lifecycle import (
 )
 from edge.mqtt_wire import CONNECT, DecodedPublish, MalformedPacketError, encode_packet, read_packet
 from edge.revocation import PeerIdentity
-from edge.session_state import slim_session
+from edge.session_state import LazyQueue, slim_session, slim_stream
 
 __all__ = ["EdgeAmqttBroker", "amqtt_config"]
 
@@ -233,6 +236,9 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         task = asyncio.current_task()
         if task is not None:
             self._connection_tasks.add(task)
+        stream = getattr(writer, "_writer", None)  # amqtt's StreamWriterAdapter
+        if isinstance(stream, asyncio.StreamWriter):
+            slim_stream(stream)
         try:
             if listener_name in self._tls_contexts and not await self._tls_handshake(
                 listener_name, writer
@@ -374,6 +380,14 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             if current is handler and client_session.transitions.is_connected():
                 client_session.transitions.disconnect()
 
+    def _client_message_loop(self, client_session: Any, handler: Any) -> Coroutine[Any, Any, None]:
+        # One task per connection instead of amqtt's five (edge/amqtt_loop.py). Not async
+        # itself: amqtt awaits the coroutine returned, one frame less per connection.
+        if isinstance(client_session.delivered_message_queue, LazyQueue):
+            return client_message_loop(self, client_session, handler)
+        coroutine: Coroutine[Any, Any, None] = super()._client_message_loop(client_session, handler)
+        return coroutine
+
     async def _handle_disconnect(
         self, client_session: Any, handler: Any, disconnect_waiter: Any
     ) -> None:
@@ -397,6 +411,32 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 client_id=client_id,
                 client_session=client_session,
             )
+
+    async def _publish_session_retained_messages(self, session: Any) -> None:
+        # amqtt awaits the device's PUBACKs of these in the connection's task, which also
+        # sends our acknowledgements: hand those to a helper task meanwhile (acking_aside).
+        handler = self._sessions.get(session.client_id, (None, None))[1]
+        if session.retained_messages.empty() or not isinstance(handler, EdgeProtocolHandler):
+            await super()._publish_session_retained_messages(session)
+            return
+        async with handler.acking_aside():
+            await super()._publish_session_retained_messages(session)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        # As above, for the retained messages a new QoS 1/2 subscription receives.
+        handler = self._sessions.get(session.client_id, (None, None))[1]
+        topic_filter, qos = subscription
+        if (
+            not qos
+            or not isinstance(handler, EdgeProtocolHandler)
+            or not any(self._matches(topic, topic_filter) for topic in self._retained_messages)
+        ):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+            return
+        async with handler.acking_aside():
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def _publish_will(self, session: Any) -> None:
         """Publish a device's will as if the device had published it: through the sink (so

@@ -19,8 +19,9 @@ loop; acknowledgements in :mod:`edge.amqtt_acks`) and keeps amqtt's outbound hal
   at-least-once contract covers).
 
 Also enforced here: a second CONNECT, reserved packet types, truncated or oversized
-packets and bad PUBLISHes close the connection; the keep-alive (one watchdog timer per
-connection); per-device quotas (:mod:`edge.quotas`) and the topic ACL on publish.
+packets and bad PUBLISHes close the connection; the keep-alive (one check per keep-alive
+period, on the broker's shared wheel, :mod:`edge.keepalive`); per-device quotas
+(:mod:`edge.quotas`) and the topic ACL on publish.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import Any, Final
 
 from amqtt.adapters import BufferReader
+from amqtt.errors import AMQTTError, ProtocolHandlerError
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingresp import PingRespPacket
@@ -45,6 +46,7 @@ from amqtt.mqtt.unsubscribe import UnsubscribePacket
 from edge.amqtt_acks import AckFlow, PendingAck
 from edge.broker_state import EdgeContext, Qos2State
 from edge.ingest import InboundPublish
+from edge.keepalive import KeepAliveEntry
 from edge.lifecycle import (
     CLEAN,
     CONNECTION_LOST,
@@ -79,7 +81,7 @@ from edge.mqtt_wire import (
     read_packet,
 )
 from edge.quotas import OVERSIZE, DeviceQuota
-from edge.session_state import LazyQueue
+from edge.session_state import LazyEvent, LazyQueue, Wakeup
 
 __all__ = ["QOS2_STATE_KEY", "EdgeProtocolHandler"]
 
@@ -96,6 +98,24 @@ _PENDING_SUBSCRIBE_LIMIT: Final = 16
 device flooding SUBSCRIBE stalls its own reader instead of growing the queue."""
 
 
+class _KeepAlive(KeepAliveEntry):
+    """The reader's keep-alive state (one per connection, while it reads)."""
+
+    __slots__ = ("expired", "handler", "idle_since", "timeout")
+
+    def __init__(self, handler: EdgeProtocolHandler, timeout: float) -> None:
+        super().__init__()
+        self.handler = handler
+        self.timeout = timeout
+        """1.5 x the keep-alive (MQTT-3.1.2-24)."""
+        self.idle_since: float | None = None
+        """loop.time() since which the reader waits for a packet's first byte (None: not)."""
+        self.expired = False
+
+    def due(self) -> None:
+        self.handler._check_keepalive(self)
+
+
 class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's ``BrokerProtocolHandler`` with the inbound flow replaced (module docstring).
 
@@ -103,6 +123,22 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
     connection; amqtt's own broker loop drives it through ``start``/``stop``,
     ``wait_disconnect``, ``get_next_pending_subscription`` and ``mqtt_publish``.
     """
+
+    # _CLASS_DEFAULTS_WHY: CPython keeps an instance's attributes in a compact table shared
+    # by all instances of the class for up to 30 names; with more, every instance gets a
+    # dict of its own (~1.6 KB). amqtt's __init__ sets 18, __init__ below 11 (start adds
+    # _quota when quotas are on). State that changes only when the connection ends reads
+    # these class defaults until then; keep-alive state lives in _read_until_closed.
+    _stopped = False
+    _disconnect_seen = False
+    _disconnect_result: Any = None
+    _quota: DeviceQuota | None = None
+    close_reason: str | None = None
+    """Why the connection ended (:data:`edge.lifecycle.REASONS`); the first cause wins."""
+    _close_detail = ""
+    _will_due: bool | None = None
+    keepalive_timeout = None
+    """amqtt's write-timeout period; unused (see _start_reader)."""
 
     def __init__(
         self,
@@ -115,29 +151,21 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         super().__init__(plugins_manager, session, loop)
         self._edge = edge
         # LazyQueue: most devices never (un)subscribe (edge/session_state.py).
-        self._pending_subscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
-        self._pending_unsubscriptions: asyncio.Queue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
-        self._acks: deque[PendingAck] = deque()
+        self.activity = Wakeup()
+        """Wakes the connection loop (edge/amqtt_loop.py): acknowledgements to send,
+        (un)subscriptions, the disconnect."""
+        self._pending_subscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
+        self._pending_unsubscriptions: LazyQueue[Any] = LazyQueue(_PENDING_SUBSCRIBE_LIMIT)
+        self._pending_subscriptions.wakeup = self._pending_unsubscriptions.wakeup = self.activity
+        self._acks: list[PendingAck] = []
         self._qos0_pending: set[asyncio.Future[None]] = set()
         self._inflight = 0
-        self._capacity = asyncio.Event()
-        self._pump_wakeup = asyncio.Event()
-        self._pump_task: asyncio.Task[None] | None = None
+        # Wakeup, not asyncio.Event: one waiter each, no deque per connection.
+        self._capacity = Wakeup()
         self._closing = False
-        self._stopped = False
-        self._announced = False
-        self._disconnect_seen = False
-        self._disconnect_result: Any = None
-        self._quota: DeviceQuota | None = None
-        self.close_reason: str | None = None
-        """Why the connection ended (:data:`edge.lifecycle.REASONS`); the first cause wins."""
-        self._close_detail = ""
-        self._will_due: bool | None = None
         self._session_info: SessionInfo | None = None
-        self._keepalive: asyncio.TimerHandle | None = None
-        self._keepalive_expired = False
-        self._idle_since: float | None = None
-        """loop.time() since which the reader waits for a packet's first byte (None: not)."""
+        """Set while the device is announced (start to _retire)."""
+        # Nothing more per instance (see _CLASS_DEFAULTS_WHY above).
 
     # -- identity -----------------------------------------------------------------------
 
@@ -166,7 +194,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Announce the device, start the ack pump, then amqtt's start (which starts the reader).
+        """Announce the device, then amqtt's start (which starts the reader).
 
         The observer hears ``device_connected`` before any publish of the connection is
         submitted. A previous live connection with the same client id is closed first (amqtt
@@ -188,17 +216,49 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
             # disconnect mark the shared Session disconnected after the new one connected;
             # amqtt's session monitor would then delete it under us. It is ours now.
             self.session.transitions.connect()
-        self._announced = True
+        info = self._session_info = SessionInfo.of_amqtt_session(
+            self.session, self.peer, took_over=took_over
+        )  # announced from here on: _retire reports the end
         if edge.security.quotas is not None:
             self._quota = edge.security.quotas.device(device_id, time.monotonic())
         edge.stats.sessions_started += 1
         edge.notify_connected(device_id, self.peer)
-        self._session_info = SessionInfo.of_amqtt_session(
-            self.session, self.peer, took_over=took_over
-        )
-        edge.lifecycle_started(self._session_info)
-        self._pump_task = asyncio.create_task(self._ack_pump(), name=f"edge-acks:{device_id}")
-        await super().start()
+        edge.lifecycle_started(info)
+        await self._start_reader()
+
+    async def _start_reader(self) -> None:
+        """amqtt's ``ProtocolHandler.start`` and ``BrokerProtocolHandler.start``, slimmer.
+
+        The same steps (reader task, wait until it runs, resend unacknowledged deliveries,
+        a fresh disconnect waiter) with :class:`LazyEvent` for the reader events, and
+        without amqtt's write-timeout timer: for a broker its callback does nothing
+        (``BrokerProtocolHandler.handle_write_timeout``); our keep-alive is the reader's.
+        """
+        if not self._is_attached():
+            raise ProtocolHandlerError("Handler is not attached to a stream")
+        self._reader_ready = LazyEvent()
+        self._reader_stopped = LazyEvent()
+        self._reader_task = asyncio.create_task(self._reader_loop())
+        await self._reader_ready.wait()
+        if self.session.inflight_in or self.session.inflight_out:
+            # amqtt resends these and awaits the device's answers in this (the connection's)
+            # task, which also sends our acknowledgements: see AckFlow.acking_aside.
+            async with self.acking_aside():
+                await self._retry_deliveries()
+        else:
+            await self._retry_deliveries()
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter  # type: ignore[has-type]
+        if waiter is None or waiter.done():
+            self._disconnect_waiter = asyncio.get_running_loop().create_future()
+
+    def _init_session(self, session: Any) -> None:
+        # amqtt's, without two per-connection attributes: a LoggerAdapter (~0.5 KB) that only
+        # attaches the client id to amqtt's debug lines (self.logger stays amqtt's module
+        # logger), and keepalive_timeout (its write-timeout timer is not armed, see
+        # _start_reader; the keep-alive is the reader's).
+        if not session:
+            raise AMQTTError("Session cannot be None")
+        self.session = session
 
     async def stop(self) -> None:
         """Stop reading and acknowledging, close the socket, tell the observer. Idempotent.
@@ -208,12 +268,8 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         """
         self._closing = True
         self._stopped = True
-        pump = self._pump_task
-        if pump is not None and pump is not asyncio.current_task() and not pump.done():
-            pump.cancel()
-            # The pump may end with amqtt's ProtocolHandlerError (it wraps CancelledError
-            # raised inside _send_packet); either way it is finished.
-            await asyncio.gather(pump, return_exceptions=True)
+        # The acknowledgements are sent by the connection's task (pump_acks), which stops
+        # at _closing; one write already under way completes or fails with the socket.
         for item in self._acks:
             item.future.remove_done_callback(self._wake_pump)
         self._acks.clear()
@@ -222,6 +278,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._qos0_pending.clear()
         self._abort_if_peer_not_reading()
         await super().stop()
+        self.activity.set()  # amqtt's stop resolved the disconnect waiter
         if self._edge.stopping:
             self._ended(GATEWAY_SHUTDOWN, "the gateway is shutting down")
         else:
@@ -276,25 +333,25 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         await self.handle_connection_closed()
 
     def _retire(self) -> None:
-        if not self._announced:
+        info = self._session_info
+        if info is None:  # not announced, or retired already
             return
-        self._announced = False
+        self._session_info = None
         device_id = self.device_id
         if self._edge.live.get(device_id) is self:
             del self._edge.live[device_id]
         self._edge.notify_disconnected(device_id)
-        if self._session_info is not None:
-            self._ended(CONNECTION_LOST, "the connection ended")
-            self._edge.lifecycle_ended(
-                ConnectionEnded(
-                    device_id=device_id,
-                    session=self._session_info,
-                    reason=self.close_reason or CONNECTION_LOST,
-                    detail=self._close_detail,
-                    will_published=self.will_due(),
-                    disconnected_ms=time.time_ns() // 1_000_000,
-                )
+        self._ended(CONNECTION_LOST, "the connection ended")
+        self._edge.lifecycle_ended(
+            ConnectionEnded(
+                device_id=device_id,
+                session=info,
+                reason=self.close_reason or CONNECTION_LOST,
+                detail=self._close_detail,
+                will_published=self.will_due(),
+                disconnected_ms=time.time_ns() // 1_000_000,
             )
+        )
 
     def _abort_if_peer_not_reading(self) -> None:
         # amqtt's close drains the write buffer first; a peer that stopped reading would
@@ -314,11 +371,26 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
             self._disconnect_seen = True
             self._disconnect_result = disconnect
         await super().handle_disconnect(disconnect)
+        self.activity.set()
 
     async def wait_disconnect(self) -> Any:
         if self._disconnect_seen:
             return self._disconnect_result
         return await super().wait_disconnect()
+
+    def disconnect_due(self) -> bool:
+        """Whether ``wait_disconnect`` would return at once (the connection loop's test)."""
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter
+        return self._disconnect_seen or waiter is None or waiter.done()
+
+    def disconnect_result(self) -> Any:
+        """What ``wait_disconnect`` returns once :meth:`disconnect_due`."""
+        if self._disconnect_seen:
+            return self._disconnect_result
+        waiter: asyncio.Future[Any] | None = self._disconnect_waiter
+        if waiter is not None and waiter.done() and not waiter.cancelled():
+            return waiter.result()
+        return None
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -367,10 +439,10 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         max_inflight = self._edge.max_inflight
         splitter = PacketSplitter(self._edge.max_packet_size)
         loop = asyncio.get_running_loop()
+        keepalive = _KeepAlive(self, first_byte_timeout or 0.0)
+        wheel = self._edge.keepalive
         if first_byte_timeout is not None:
-            self._keepalive = loop.call_at(
-                loop.time() + first_byte_timeout, self._check_keepalive, first_byte_timeout
-            )
+            wheel.schedule(keepalive, loop.time() + first_byte_timeout)
         try:
             while not self._closing:
                 if self._inflight >= max_inflight:
@@ -380,11 +452,11 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
                 if packet is None:
                     # Only silence between packets counts against the keep-alive (inside a
                     # packet a timeout would leave the stream mid-packet, see read_packet).
-                    self._idle_since = None if splitter.pending else loop.time()
+                    keepalive.idle_since = None if splitter.pending else loop.time()
                     data = await stream.read(_READ_CHUNK)
-                    self._idle_since = None
+                    keepalive.idle_since = None
                     if not data:
-                        if self._keepalive_expired:
+                        if keepalive.expired:
                             raise TimeoutError("keep-alive expired")
                         if splitter.pending:
                             raise MalformedPacketError("connection ended inside a packet")
@@ -395,24 +467,25 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
                     return "DISCONNECT"
             return "closing"
         finally:
-            if self._keepalive is not None:
-                self._keepalive.cancel()
+            wheel.cancel(keepalive)
 
-    def _check_keepalive(self, timeout: float) -> None:
-        """MQTT-3.1.2-24 without a timer per read: one timer per keep-alive period checks how
-        long the reader has been waiting for a packet's first byte, and closes the socket
-        (the read then ends) once that is 1.5 x the keep-alive."""
+    def _check_keepalive(self, keepalive: _KeepAlive) -> None:
+        """MQTT-3.1.2-24 without a timer per read: one check per keep-alive period (on the
+        broker's shared wheel, edge/keepalive.py) sees how long the reader has been waiting
+        for a packet's first byte, and closes the socket (the read then ends) once that is
+        1.5 x the keep-alive."""
+        timeout = keepalive.timeout
         loop = asyncio.get_running_loop()
-        idle_since = self._idle_since
+        idle_since = keepalive.idle_since
         now = loop.time()
         if idle_since is not None and now - idle_since >= timeout and not self._closing:
-            self._keepalive_expired = True
+            keepalive.expired = True
             transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
             if transport is not None:
                 transport.abort()
                 return
         start = idle_since if idle_since is not None else now
-        self._keepalive = loop.call_at(start + timeout, self._check_keepalive, timeout)
+        self._edge.keepalive.schedule(keepalive, start + timeout)
 
     async def _read_packet_by_packet(self, first_byte_timeout: float | None) -> str:
         max_inflight = self._edge.max_inflight
@@ -435,10 +508,8 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         # in the splitter) until an ack frees a slot. No keep-alive timeout here: the
         # silence is ours, not the device's.
         self._edge.stats.reader_paused += 1
-        self._capacity.clear()
         while self._inflight >= max_inflight and not self._closing:
             await self._capacity.wait()
-            self._capacity.clear()
 
     async def _dispatch(self, packet: RawPacket) -> bool:
         """Handle one packet; False when the device said DISCONNECT."""
@@ -538,7 +609,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         self._acks.append(PendingAck(kind, packet_id, future, publish, forward))
         self._inflight += 1
         if future.done():
-            self._pump_wakeup.set()
+            self.activity.set()
         else:
             future.add_done_callback(self._wake_pump)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from edge.acl import AclPolicy
 from edge.audit import AuditLog
 from edge.ingest import IngestSink, SessionObserver
+from edge.keepalive import KeepAliveWheel
 from edge.lifecycle import ConnectionEnded, LifecycleListener, SessionInfo
 from edge.mqtt_wire import DecodedPublish
 from edge.quotas import Quotas
@@ -156,6 +157,8 @@ class EdgeContext:
     """Told when connections start and end, with session details and the reason."""
     stopping: bool = False
     """The broker is shutting down: connections end with reason ``gateway_shutdown``."""
+    keepalive: KeepAliveWheel = field(default_factory=KeepAliveWheel)
+    """The connections' keep-alive checks, one timer per slot (edge/keepalive.py)."""
 
     def _audit(self, event: str, **fields: object) -> None:
         if self.security.audit is not None:

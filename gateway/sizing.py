@@ -80,7 +80,9 @@ RSS_BASE_BYTES = 90 << 20
 measured (a password check adds scrypt's memory while devices connect, docs/sizing.md)."""
 RSS_PER_DEVICE_BYTES = 40_000
 """Added RSS per connected device (session, handler, tasks, socket buffers): 34-48 KB
-measured between 100 and 10,000 devices (bench/sizing.py, bench/fleet_scale.py)."""
+measured between 100 and 10,000 devices (bench/sizing.py, bench/fleet_scale.py) before the
+per-connection work of branch mem, 18.1 KiB at 1,000 devices since; conservative until the
+10,000-device run is repeated (docs/sizing.md "Memory")."""
 _LEAF_USABLE = PAGE_BYTES - 8
 """A table leaf page minus its header; each cell's 2-byte pointer is in ``ROW_META_BYTES``."""
 _MAX_LOCAL = PAGE_BYTES - 35
