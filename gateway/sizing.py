@@ -78,11 +78,11 @@ WAL_BYTES = 8 << 20
 RSS_BASE_BYTES = 90 << 20
 """Gateway RSS with no device connected (Python, amqtt, aiokafka, SQLite cache); 81-83 MiB
 measured (a password check adds scrypt's memory while devices connect, docs/sizing.md)."""
-RSS_PER_DEVICE_BYTES = 40_000
-"""Added RSS per connected device (session, handler, tasks, socket buffers): 34-48 KB
-measured between 100 and 10,000 devices (bench/sizing.py, bench/fleet_scale.py) before the
-per-connection work of branch mem, 18.1 KiB at 1,000 devices since; conservative until the
-10,000-device run is repeated (docs/sizing.md "Memory")."""
+RSS_PER_DEVICE_BYTES = 16_000
+"""Added RSS per connected device (session, handler, two tasks, socket buffers): 13.6-15.4
+KB measured between 1,000 and 10,000 devices (bench/sizing.py, bench/fleet_scale.py: 97.7 MB
+at 1,000, 219.7 MB at 10,000, peak 231.7), with a margin for the peak while waves connect
+(docs/sizing.md "Memory"). Before the per-connection work it was 34-48 KB."""
 _LEAF_USABLE = PAGE_BYTES - 8
 """A table leaf page minus its header; each cell's 2-byte pointer is in ``ROW_META_BYTES``."""
 _MAX_LOCAL = PAGE_BYTES - 35
