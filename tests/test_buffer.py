@@ -94,21 +94,22 @@ async def test_idle_publish_is_committed_at_once(tmp_path: Path) -> None:
 
 
 async def test_commit_linger_lets_a_trickle_share_one_commit(tmp_path: Path) -> None:
-    """With ``commit_linger_ms``, publishes arriving one by one inside the linger after an
-    idle moment share the first one's commit (none is acknowledged before it)."""
+    """With ``commit_linger_ms``, publishes arriving within the linger share the first
+    one's commit, and none is acknowledged before the linger has passed."""
     async with _buffer(tmp_path / "b.sqlite3", commit_linger_ms=50) as buffer:
         await _settle(buffer)  # the committer is idle, waiting for work
         before = buffer.stats.commits
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        acked: list[float] = []
         first = _enqueue(buffer, "a", 1)[0]
-        later = []
-        for i in range(3):  # arriving one by one during the linger (paced, not waited on)
-            await asyncio.sleep(0.005)
-            assert not first.done()
-            later += _enqueue(buffer, f"b{i}", 1)
+        first.add_done_callback(lambda _f: acked.append(loop.time() - started))
+        later = [f for i in range(3) for f in _enqueue(buffer, f"b{i}", 1)]
         async with asyncio.timeout(5):
             await asyncio.gather(first, *later)
         assert buffer.stats.commits == before + 1
         assert buffer.stats.rows_committed == 4
+        assert acked[0] >= 0.05  # no PUBACK before the linger (0: about 1 ms)
 
 
 async def test_ids_never_reused_after_drain_and_restart(tmp_path: Path) -> None:

@@ -55,21 +55,18 @@ def _publish(topic: str, packet_id: int, payload: bytes) -> bytes:
 async def test_wakeup_wakes_its_one_waiter_and_forgets_unheard_sets() -> None:
     wakeup = Wakeup()
     wakeup.set()  # nobody waits: nothing is remembered
-    waiter = asyncio.ensure_future(wakeup.wait())
-    await asyncio.sleep(0)
+    waiter = wakeup.wait()  # a plain future, registered at once
     assert not waiter.done()
     with pytest.raises(RuntimeError, match="already has a waiter"):
         await wakeup.wait()
     wakeup.set()
     async with asyncio.timeout(1):
         await waiter
-    cancelled = asyncio.ensure_future(wakeup.wait())
-    await asyncio.sleep(0)
+    cancelled = wakeup.wait()
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
-    again = asyncio.ensure_future(wakeup.wait())  # a cancelled waiter leaves no trace
-    await asyncio.sleep(0)
+    again = wakeup.wait()  # a cancelled waiter leaves no trace
     wakeup.set()
     async with asyncio.timeout(1):
         await again
@@ -85,8 +82,7 @@ async def test_lazy_event_builds_its_deque_only_while_waited_on() -> None:
         assert await event.wait()
     event.clear()
     waiters = [asyncio.ensure_future(event.wait()) for _ in range(2)]
-    await asyncio.sleep(0)
-    assert len(event.__dict__["_waiters"]) == 2
+    await eventually(lambda: len(event.__dict__.get("_waiters", ())) == 2, "two waiters", 5)
     event.set()
     async with asyncio.timeout(1):
         assert await asyncio.gather(*waiters) == [True, True]
@@ -100,8 +96,7 @@ async def test_lazy_queue_answers_size_without_building_and_wakes_on_put() -> No
     assert not queue.full()
     assert not {"_queue", "_getters", "_putters", "_finished"} & set(queue.__dict__)
     wakeup = queue.wakeup = Wakeup()
-    waiter = asyncio.ensure_future(wakeup.wait())
-    await asyncio.sleep(0)
+    waiter = wakeup.wait()
     putter = asyncio.ensure_future(queue.put(7))  # asyncio.Queue.put ends in put_nowait
     async with asyncio.timeout(1):
         await waiter

@@ -63,12 +63,13 @@ async def eventually(predicate: Callable[[], object], what: str, deadline_s: flo
 
 
 async def holds_for(predicate: Callable[[], object], what: str, window: float) -> None:
-    """Assert ``predicate()`` stays truthy for ``window`` seconds (negative checks only)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + window
-    while loop.time() < end:
-        assert predicate(), what
-        await asyncio.sleep(0.01)
+    """Assert ``predicate()`` stays truthy for ``window`` seconds (negative checks only):
+    wait for it to turn false, with the window as the deadline."""
+    try:
+        await wait_until(lambda: not predicate(), what, window, interval=0.01)
+    except AssertionError:
+        return  # the window passed with the predicate true throughout
+    raise AssertionError(f"no longer true within {window}s: {what}")
 
 
 class FakeSink:

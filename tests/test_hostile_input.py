@@ -6,6 +6,7 @@ disconnect of that connection only, counted, with bounded memory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 
@@ -115,19 +116,26 @@ async def test_slow_loris_connects_are_closed_at_the_deadline(harness: Harness) 
     harness.raw.extend(clients)
     started = asyncio.get_running_loop().time()
 
-    async def trickle(client: RawClient) -> None:
+    closed = [asyncio.Event() for _ in clients]
+
+    async def trickle(client: RawClient, done: asyncio.Event) -> None:
         # One byte every 100 ms: always "making progress", never a whole CONNECT in time.
+        # Between bytes, wait for the broker to close the connection (the 100 ms deadline).
         for byte in data:
             try:
                 await client.send(bytes([byte]))
             except ConnectionError:
                 return
-            await asyncio.sleep(0.1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await done.wait()
+                    return
 
-    trickles = [asyncio.create_task(trickle(c)) for c in clients]
+    trickles = [asyncio.create_task(trickle(c, e)) for c, e in zip(clients, closed, strict=True)]
     try:
-        for client in clients:
+        for client, done in zip(clients, closed, strict=True):
             await client.expect_closed()
+            done.set()
     finally:
         for task in trickles:
             task.cancel()

@@ -115,8 +115,8 @@ class Device:
                 seq += 1
                 if self.rate is not None:
                     delay = started + seq / self.rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    if delay > 0 and self._stop.wait(delay):  # paced; ends at once on stop
+                        break
                 payload = json.dumps({"device": self.device_id, "seq": seq}).encode()
                 sent_at = time.monotonic()
                 info = client.publish(f"d/{self.device_id}/up/event", payload, qos=1)

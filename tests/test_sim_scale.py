@@ -20,7 +20,14 @@ from device_sim.options import FleetOptions, SimOptionsError, source_address
 from device_sim.profile import Profile, apply_profile, is_hit, load_profile
 from device_sim.sensors import Sensor
 from gateway.dev.kafka import KafkaState
-from tests.harness import REPO, kafka_tls, run_cli, running_gateway, write_gateway_config
+from tests.harness import (
+    REPO,
+    eventually,
+    kafka_tls,
+    run_cli,
+    running_gateway,
+    write_gateway_config,
+)
 
 CI_PROFILE = REPO / "configs/sim/ci.toml"
 PASSWORD = "ci-fleet-password"
@@ -312,7 +319,7 @@ async def test_lazy_queue_behaves_like_asyncio_queue() -> None:
     assert "_getters" not in queue.__dict__  # nothing built yet
     assert queue.empty()
     waiter = asyncio.ensure_future(queue.get())
-    await asyncio.sleep(0)
+    await eventually(lambda: queue.__dict__.get("_getters"), "the getter to wait", 5)
     await queue.put(1)
     assert await waiter == 1
     queue.put_nowait(2)
