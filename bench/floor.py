@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from bench.procs import free_port, port_open, wait_for
 from edge.mqtt_wire import PacketSplitter, encode_acks
 
 __all__ = ["main", "serve"]
@@ -178,33 +178,21 @@ async def serve(port: int, store: str, linger_s: float, db_path: Path) -> _Count
     return counter
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def measure(
     devices: int, rate: float, duration: float, store: str, linger_ms: float = 0.0
 ) -> dict[str, Any]:
     """Run the server in a child process under the simulator's load; its report plus the
     simulator's PUBACK latency."""
     with tempfile.TemporaryDirectory(prefix="tg-floor-") as tmp:
-        report, port = Path(tmp) / "floor.json", _free_port()
+        report, port = Path(tmp) / "floor.json", free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "bench.floor", "--serve", str(port), "--store", store,
              "--linger-ms", str(linger_ms), "--report", str(report)],
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError("floor server did not start") from None
-                    time.sleep(0.05)
+            wait_for(lambda: server.poll() is not None or port_open(port), 20, "the floor server")
+            if server.poll() is not None:
+                raise RuntimeError("floor server exited at start")
             subprocess.run(
                 [sys.executable, "-m", "device_sim", "sim", "--port", str(port),
                  "--devices", str(devices), "--rate", str(rate), "--duration", str(duration),

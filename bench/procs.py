@@ -23,6 +23,7 @@ __all__ = [
     "CpuSample",
     "cpu_sample",
     "free_port",
+    "port_open",
     "rss_mb",
     "system_cpu",
     "wait_for",
@@ -97,7 +98,8 @@ def wait_for(predicate: Callable[[], _T | None], timeout_s: float, what: str) ->
         time.sleep(0.05)  # polling a condition; the deadline bounds it
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
+    """Something accepts TCP connections on loopback ``port``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -151,4 +153,4 @@ class Child:
 
 def wait_port(child: Child, port: int, timeout_s: float = 30.0) -> None:
     """Wait until ``child`` accepts TCP connections on ``port`` (or fails)."""
-    wait_for(lambda: child.check_alive() and _port_open(port), timeout_s, f"{child.name} :{port}")
+    wait_for(lambda: child.check_alive() and port_open(port), timeout_s, f"{child.name} :{port}")
