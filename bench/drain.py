@@ -32,7 +32,9 @@ from gateway.dev.kafka import KafkaState, create_topics, read_state, start_kafka
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fill(path: Path, rows: int, devices: int) -> None:
+def fill_backlog(path: Path, rows: int, devices: int) -> None:
+    """A new buffer file holding ``rows`` telemetry messages of ``devices`` devices
+    (``bk-0000`` …), 100-byte payloads, as if Kafka had been away."""
     asyncio.run(_create(path))
     payload = b"x" * 100
     now = time.time_ns() // 1_000_000
@@ -132,7 +134,7 @@ def run_drain(
     data = work / "gateway"
     data.mkdir()
     started = time.monotonic()
-    _fill(data / "buffer.sqlite3", args.rows, args.devices)
+    fill_backlog(data / "buffer.sqlite3", args.rows, args.devices)
     fill_s = time.monotonic() - started
     config = work / "gateway.toml"
     config.write_text(
@@ -231,7 +233,7 @@ def _measure(
                 break
             if elapsed > 1800:
                 raise SystemExit("backlog not drained in 30 minutes")
-            time.sleep(1.0)
+            time.sleep(0.25)  # the drain takes seconds: 1 s steps were ±10 %
     finally:
         drained_s = time.monotonic() - started
         cpu = _cpu_s(gateway.pid) - cpu0

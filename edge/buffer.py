@@ -382,16 +382,27 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         done = list(messages)
         if not done:
             return
-        ids = [(m.row_id,) for m in done]
+        ids = [m.row_id for m in done]
         relaxed = self._relaxed_release
         heads, used = await self.in_thread(
             lambda conn: _delete_rows(conn, ids, relaxed, self._heads_and_size)
         )
         self.stats.released += len(done)
-        released = self.stats.class_released
+        # Counted per class, not per row: a drain releases tens of thousands a second.
+        removed: dict[str, list[int]] = {}
+        shares = self.tenant_shares
         for message in done:
-            self._count_rows(message.class_name, -1, len(message.payload), message.device_id)
-            released[message.class_name] = released.get(message.class_name, 0) + 1
+            counts = removed.get(message.class_name)
+            if counts is None:
+                counts = removed[message.class_name] = [0, 0]
+            counts[0] += 1
+            counts[1] += len(message.payload)
+            if shares is not None:
+                shares.count(message.device_id, -1, len(message.payload))
+        released = self.stats.class_released
+        for class_name, (rows, nbytes) in removed.items():
+            self._count_class(class_name, -rows, -nbytes)
+            released[class_name] = released.get(class_name, 0) + rows
         self._note_removal(heads, used)
 
     async def devices(self) -> list[DeviceRecord]:
@@ -416,16 +427,27 @@ def _lease_rows(
     return out
 
 
+_DELETE_CHUNK = 500
+"""Row ids per DELETE statement (below SQLite's oldest default limit of 999 parameters)."""
+
+
 def _delete_rows(
     conn: sqlite3.Connection,
-    ids: list[tuple[int]],
+    ids: list[int],
     relaxed: bool,
     after: Callable[[sqlite3.Connection], tuple[list[int], int]],
 ) -> tuple[list[int], int]:
+    def delete(c: sqlite3.Connection) -> None:
+        # A few statements of 500 ids, not one per row: executemany hands the GIL back and
+        # forth with the event loop for every row (2.5 -> 1.3 µs/row, bench/drain.py).
+        for start in range(0, len(ids), _DELETE_CHUNK):
+            chunk = ids[start : start + _DELETE_CHUNK]
+            c.execute(f"DELETE FROM uplink WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+
     if relaxed:
         conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        in_transaction(conn, lambda c: c.executemany("DELETE FROM uplink WHERE id = ?", ids))
+        in_transaction(conn, delete)
     finally:
         if relaxed:
             conn.execute("PRAGMA synchronous=FULL")

@@ -123,12 +123,15 @@ class BufferCore:
     def _count_rows(self, class_name: str, delta: int, nbytes: int, device_id: str) -> None:
         if self.tenant_shares is not None:
             self.tenant_shares.count(device_id, delta, nbytes)
+        self._count_class(class_name, delta, delta * nbytes)
+
+    def _count_class(self, class_name: str, rows_delta: int, bytes_delta: int) -> None:
         rows = self.stats.class_rows
-        rows[class_name] = max(0, rows.get(class_name, 0) + delta)
+        rows[class_name] = max(0, rows.get(class_name, 0) + rows_delta)
         if not rows[class_name]:
             del rows[class_name]
-        self.stats.rows = max(0, self.stats.rows + delta)
-        self.stats.payload_bytes = max(0, self.stats.payload_bytes + delta * nbytes)
+        self.stats.rows = max(0, self.stats.rows + rows_delta)
+        self.stats.payload_bytes = max(0, self.stats.payload_bytes + bytes_delta)
 
     async def _refresh_used_bytes(self, db: aiosqlite.Connection) -> None:
         self.stats.used_bytes = int(await scalar(db, USED_BYTES))

@@ -38,6 +38,7 @@ from gateway.config import GatewayConfig
 from gateway.device_rates import CountingSink
 from gateway.errors import TidegateError
 from gateway.firmware_service import FirmwareService
+from gateway.gc_tuning import gc_status, tune_gc
 from gateway.health import read_admin_token, readiness
 from gateway.lifecycle_service import LifecycleService
 from gateway.limits import raise_fd_limit
@@ -79,6 +80,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig, config_path: Path | None = None) -> None:
         self.config = config
         self.started_at = time.time()
+        self._gc_frozen = 0
+        """Objects frozen out of the garbage collector at start (gateway/gc_tuning.py)."""
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
         lifecycle = config.lifecycle if config.lifecycle and config.lifecycle.enabled else None
@@ -197,6 +200,7 @@ class Gateway:
                         async with self.broker, self.admin:
                             self._install_sighup()
                             self._write_runtime(data_dir)
+                            self._gc_frozen = tune_gc()
                             log.info(
                                 "gateway %s running: mqtt %s, admin %s, buffer %s, loop %s",
                                 self.config.gateway.id,
@@ -363,6 +367,7 @@ class Gateway:
                 "lease_s": round(fwd.lease_s, 3),
                 "send_s": round(fwd.send_s, 3),
                 "release_s": round(fwd.release_s, 3),
+                "releases_overlapped": fwd.releases_overlapped,
                 "producer_rebuilds": fwd.producer_rebuilds,
                 "delivery": self.config.kafka.delivery,
                 "breaker": self.forwarder.breaker.snapshot(),
@@ -372,6 +377,7 @@ class Gateway:
                 "recovered_rows": fwd.recovered_rows,
             },
             "intake": {"unrouted": self.intake.unrouted},
+            "gc": gc_status(self._gc_frozen),
             "tenants": None
             if self.tenants is None
             else {
