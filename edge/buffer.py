@@ -1,4 +1,5 @@
-"""The store-and-forward buffer: one SQLite file in WAL mode, one writer connection.
+"""The store-and-forward buffer: one SQLite file in WAL mode, one writer connection (and a
+reader for leases, which must not queue behind every commit's fsync).
 
 Durability model
 - Every write goes through one aiosqlite connection opened with ``synchronous=FULL``: a
@@ -31,8 +32,10 @@ import contextlib
 import functools
 import logging
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -115,6 +118,7 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
             await db.close()
             raise
         self._db = db
+        self._reader = await _open_reader(self._path)
         self._closing = False
         unclean = self._unclean
         for device_id in unclean:
@@ -230,6 +234,9 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         self._pending.clear()
         self._barriers.clear()
         db, self._db = self._db, None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
         await db.close()
 
     # -------------------------------------------------------------------- ingest
@@ -363,7 +370,15 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         priority = {c: cfg.priority for c, cfg in self._classes.items()}
         plan = plan_lease(self.stats.class_rows, priority, limit, self._config.lease_min_share)
         floors = dict(after or {})
-        rows = await self.in_thread(functools.partial(_lease_rows, plan, floors))
+        # The reader's snapshot may hold rows that drop-oldest or a purge would delete
+        # meanwhile (both skip rows up to the in-flight mark): while it reads, the whole
+        # class counts as in flight. Drop-oldest then drops the new message instead.
+        before = {c: self._in_flight_max.get(c, 0) for c in plan}
+        self._in_flight_max.update(dict.fromkeys(plan, _LEASING))
+        try:
+            rows = await self.read_in_thread(functools.partial(_lease_rows, plan, floors))
+        finally:
+            self._in_flight_max.update(before)
         out: list[StoredMessage] = []
         for class_name, class_rows in rows.items():
             messages = [StoredMessage(*r) for r in class_rows]
@@ -412,6 +427,21 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
 
     async def mark_all_disconnected(self) -> None:
         """At start no device is connected, whatever the last run recorded (done in open)."""
+
+
+_LEASING = sys.maxsize
+"""In-flight mark of a class while a lease reads it (see Buffer.lease)."""
+
+
+async def _open_reader(path: Path) -> aiosqlite.Connection:
+    reader = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await reader.execute("PRAGMA query_only=ON")
+        await reader.execute("PRAGMA busy_timeout=5000")
+    except BaseException:
+        await reader.close()
+        raise
+    return reader
 
 
 def _lease_rows(

@@ -47,6 +47,9 @@ class BufferCore:
         self._config = config or BufferConfig()
         self._classes = dict(classes or {})
         self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        """Leases read here, in their own thread, without the lock: a WAL reader sees only
+        committed rows and never waits for the writer (whose every commit waits an fsync)."""
         self._pending: list[PendingWrite] = []
         self._registry = RegistryChanges()
         self._barriers: list[asyncio.Future[None]] = []
@@ -113,6 +116,20 @@ class BufferCore:
             db = self.db
             execute: Callable[..., Awaitable[_T]] = db._execute  # untyped in aiosqlite
             return await execute(work, db._conn)
+
+    def in_flight_mark(self, class_name: str) -> int:
+        """The highest row id of the class leased to Kafka: drop-oldest and purges spare
+        the rows up to it (while a lease reads, every row of the class)."""
+        return self._in_flight_max.get(class_name, 0)
+
+    async def read_in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run the read-only ``work(connection)`` in the reader connection's thread. Not
+        under the buffer lock: it runs while commits and deletes go on."""
+        reader = self._reader
+        if reader is None:
+            raise BufferStoreError("buffer is not open")
+        execute: Callable[..., Awaitable[_T]] = reader._execute  # as in in_thread
+        return await execute(work, reader._conn)
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -17,6 +17,7 @@ from edge.lease_plan import plan_lease
 from edge.schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION
 from gateway.config import BufferConfig, ClassConfig
 from gateway.errors import BufferCorruptError, BufferFullError
+from tests.harness import eventually
 
 CLASSES = {
     "event": ClassConfig(kafka_topic="e", priority=8),
@@ -484,3 +485,50 @@ async def test_in_thread_runs_on_aiosqlite_worker_under_the_lock_and_release_is_
         assert buffer.stats.oldest_ingest_ms is None
         level = await buffer.in_thread(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
         assert level == 2  # FULL again for the next ingest commit
+
+
+async def test_a_lease_reads_beside_the_writer_and_drop_oldest_spares_what_it_reads(
+    tmp_path: Path,
+) -> None:
+    """Leases read on their own connection, so a lease does not queue behind commits; while
+    one reads, drop-oldest takes none of that class's rows (the reader's snapshot may hold
+    them): the new message is dropped instead, and every leased row is still stored."""
+    async with _buffer(tmp_path / "b.sqlite3", max_rows=100) as buffer:
+        await asyncio.gather(*_enqueue(buffer, "s", 100, "lossy_old", payload=b"s"))
+        reading, go_on = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def hold_reader(_: sqlite3.Connection) -> None:
+            loop.call_soon_threadsafe(reading.set)
+            asyncio.run_coroutine_threadsafe(go_on.wait(), loop).result(timeout=10)
+
+        held = asyncio.ensure_future(buffer.read_in_thread(hold_reader))
+        async with asyncio.timeout(5):
+            await reading.wait()
+        lease = asyncio.ensure_future(buffer.lease(5))  # queued behind the held reader
+        await eventually(
+            lambda: buffer.in_flight_mark("lossy_old") >= 2**62, "the lease to mark its class", 5
+        )
+        # The writer is not held up by the reader: this commit completes meanwhile.
+        (newer,) = _enqueue(buffer, "s", 1, "lossy_old", payload=b"x")
+        async with asyncio.timeout(5):
+            await newer
+        assert not lease.done()
+        go_on.set()
+        async with asyncio.timeout(5):
+            await held
+            rows = await lease
+        assert len(rows) == 5
+        assert buffer.in_flight_mark("lossy_old") == rows[-1].row_id
+        assert buffer.stats.dropped == {"buffer full: drop_oldest": 1}
+        assert buffer.stats.rows == 100  # nothing of the class was evicted under the lease
+        # With the lease done, drop-oldest evicts again: the oldest row not in flight.
+        (later,) = _enqueue(buffer, "s", 1, "lossy_old", payload=b"y")
+        async with asyncio.timeout(5):
+            await later
+        assert buffer.stats.dropped == {"buffer full: drop_oldest": 2}
+        stored = await buffer.lease(200)
+        assert stored[:5] == rows
+        assert stored[5].row_id > rows[-1].row_id + 1  # the sixth row was evicted
+        assert [r.payload for r in stored][-1] == b"y"
+        assert b"x" not in [r.payload for r in stored]
