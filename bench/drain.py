@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--lease-batch", type=int, default=2000, help="buffer.lease_batch")
     parser.add_argument("--kafka-state", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--code", type=Path, default=REPO, help="a checkout to run the gateway from (A/B)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tidegate-drain-"))
@@ -95,7 +98,9 @@ def main() -> None:
             live_devices=args.live_devices,
             live_rate=args.live_rate,
             lease_batch=args.lease_batch,
+            code=args.code.resolve(),
         )
+        result["code"] = _describe(args.code)
         result["command"] = " ".join(sys.argv)
         print(json.dumps(result, indent=2))
         if args.out:
@@ -103,6 +108,17 @@ def main() -> None:
     finally:
         if args.kafka_state is None:
             stop_kafka(kafka.state_file)
+
+
+def _describe(code: Path) -> str:
+    """The commit a checkout is at (its path if it is not a git checkout)."""
+    head = subprocess.run(
+        ["git", "-C", str(code), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return head or str(code)
 
 
 def run_drain(
