@@ -16,7 +16,6 @@ import pytest
 
 from bench.drain import fill_backlog
 from gateway.dev.kafka import KafkaState
-from gateway.gc_tuning import GEN0_THRESHOLD
 from tests.harness import (
     REPO,
     read_topics,
@@ -94,9 +93,7 @@ def test_status_command_and_device_registry(tmp_path: Path, kafka: KafkaState) -
         status = json.loads(raw.stdout)
         assert set(status) >= {"listeners", "buffer", "kafka"}
         assert "oldest_age_s" in status["buffer"]
-        # The running gateway collects young objects rarely and has frozen its start-up
-        # state (gateway/gc_tuning.py: ~30 % of a drain's CPU otherwise).
-        assert status["gc"]["gen0_threshold"] == GEN0_THRESHOLD
+        # The running gateway froze its start-up state (gateway/gc_tuning.py).
         assert status["gc"]["frozen_objects"] > 10_000
         devices = wait_for(
             lambda: [d for d in _get(gateway.runtime, "/devices")["devices"] if not d["connected"]],
