@@ -220,7 +220,13 @@ async def test_campaign_pauses_itself_above_failure_threshold_and_survives_resta
         gateway.kill9()
         gateway.start()
         start_fleet()  # on the restarted gateway's port
-        status = gateway.wait_status(lambda s: s["firmware"] is not None, 10, "firmware")
+        # The firmware service charges its cache when its task has opened the store, which
+        # may be just after /status answers: wait for that, then check nothing was refetched.
+        status = gateway.wait_status(
+            lambda s: s["firmware"] is not None and s["firmware"]["cache_bytes"] > 0,
+            10,
+            "the firmware cache to be opened",
+        )
         assert status["firmware"]["releases_cached"] == 0
         assert status["firmware"]["cache_bytes"] == len(image)
         out = run_cli("fw", "status", "c-pause", "-c", str(setup.config))
