@@ -3,12 +3,10 @@ a real Kafka that is frozen (SIGSTOP) to play an outage without losing its data.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import sqlite3
 import struct
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from gateway.dev.kafka import KafkaState
 from tests.harness import (
     Publisher,
     device_credentials,
+    eventually,
     frozen_kafka,
     per_device_sequences,
     read_topics,
@@ -73,10 +72,15 @@ block_timeout_s = 600            # keep blocked devices connected for this test
             gateway.wait_status(lambda s: s["buffer"]["full"], 120, "the buffer to fill")
             acked_when_full = events.total_acked()
             peak = baseline
-            started = time.monotonic()
-            while time.monotonic() - started < 120:  # bounded: 120 samples
+
+            def overflowed() -> bool:
+                """RSS sampled on every poll until all lossy telemetry went through the
+                full buffer (acknowledged, its oldest rows dropped)."""
+                nonlocal peak
                 peak = max(peak, rss_bytes(pid))
-                await asyncio.sleep(1.0)  # a sampling period, not a wait
+                return telemetry.total_acked() == 5 * 4000
+
+            await eventually(overflowed, "the telemetry to overflow the full buffer", 120)
             status = gateway.status()
             # QoS1 events are blocked: no PUBACK while the buffer is full.
             assert events.total_acked() <= acked_when_full + 5 * 64
