@@ -117,8 +117,12 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         except BaseException:
             await db.close()
             raise
+        try:
+            self._reader = await _open_reader(self._path)
+        except BaseException:  # not half open: without its reader the buffer cannot lease
+            await db.close()
+            raise
         self._db = db
-        self._reader = await _open_reader(self._path)
         self._closing = False
         unclean = self._unclean
         for device_id in unclean:
