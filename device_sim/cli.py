@@ -194,6 +194,8 @@ def sim(
             "msgs_per_s": result.msgs_per_s,
             "elapsed_s": result.elapsed_s,
             "puback_latency_ms": result.latency.summary_ms(),
+            "puback_latency_steady_ms": result.steady_latency.summary_ms(),
+            "steady_acked": result.steady_latency.count,
             "peak_rss_mb": result.peak_rss_mb,
             "total_rss_mb": result.total_rss_mb,
             "processes": result.processes,

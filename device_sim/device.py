@@ -40,6 +40,9 @@ class FleetContext:
     driver: PahoLoopDriver
     counters: FleetCounters
     latency: LatencyHistogram
+    steady_latency: LatencyHistogram
+    """PUBACK latency of messages sent once every device of this process had connected:
+    the load at its offered rate, without the connect ramp (see ``steady_from_ns``)."""
     ledger: AckLedgerWriter | None
     connect_gate: asyncio.Semaphore
     connect_in_thread: Callable[..., asyncio.Future[Any]]
@@ -49,6 +52,8 @@ class FleetContext:
     """loop.time() at which every device stops publishing."""
     body: bytes
     """Filler for the envelope body (random once per run, sliced per message)."""
+    steady_from_ns: int | None = None
+    """perf_counter_ns() when the last device of this process first connected."""
 
 
 @dataclass(slots=True)
@@ -161,6 +166,8 @@ class SimDevice:
             if await self._connect_once():
                 if first:
                     self.ctx.counters.ever_connected += 1
+                    if self.ctx.counters.ever_connected == opts.devices:
+                        self.ctx.steady_from_ns = time.perf_counter_ns()
                     self.ctx.counters.connect_time_s = max(
                         self.ctx.counters.connect_time_s, loop.time() - self.ctx.started
                     )
@@ -439,7 +446,11 @@ class SimDevice:
             self.ctx.counters.errors += 1
             return
         self.ctx.counters.acked += 1
-        self.ctx.latency.record((time.perf_counter_ns() - entry.sent_ns) / 1000)
+        latency_us = (time.perf_counter_ns() - entry.sent_ns) / 1000
+        self.ctx.latency.record(latency_us)
+        steady_from = self.ctx.steady_from_ns
+        if steady_from is not None and entry.sent_ns >= steady_from:
+            self.ctx.steady_latency.record(latency_us)
         if self.ctx.ledger is not None:
             self.ctx.ledger.append(
                 AckEntry(

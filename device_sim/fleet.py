@@ -67,6 +67,8 @@ class FleetResult:
     elapsed_s: float
     ledger: Path | None
     peak_rss_mb: float
+    steady_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """PUBACK latency once each process's devices had all connected (no connect ramp)."""
     """Peak RSS of the (largest) simulator process."""
     processes: int = 1
     total_rss_mb: float = 0.0
@@ -121,7 +123,7 @@ async def run_fleet(options: FleetOptions, progress: ProgressCallback | None = N
     loop = asyncio.get_running_loop()
     run_id = options.run_id or new_run_id()
     counters = FleetCounters(devices=options.devices)
-    latency = LatencyHistogram()
+    latency, steady_latency = LatencyHistogram(), LatencyHistogram()
     ledger = None if options.ledger is None else AckLedgerWriter(options.ledger, run_id=run_id)
     executor = ThreadPoolExecutor(
         max_workers=options.connect_concurrency, thread_name_prefix="sim-connect"
@@ -139,6 +141,7 @@ async def run_fleet(options: FleetOptions, progress: ProgressCallback | None = N
         driver=driver,
         counters=counters,
         latency=latency,
+        steady_latency=steady_latency,
         ledger=ledger,
         connect_gate=asyncio.Semaphore(options.connect_concurrency),
         connect_in_thread=partial(loop.run_in_executor, executor),
@@ -193,6 +196,7 @@ async def run_fleet(options: FleetOptions, progress: ProgressCallback | None = N
         run_id=run_id,
         counters=counters,
         latency=latency,
+        steady_latency=steady_latency,
         elapsed_s=loop.time() - started,
         ledger=options.ledger,
         peak_rss_mb=_peak_rss_mb(),
@@ -307,10 +311,11 @@ def _run_sharded(
     if errors and not results:
         raise FleetError("; ".join(errors))
     counters = FleetCounters()
-    latency = LatencyHistogram()
+    latency, steady_latency = LatencyHistogram(), LatencyHistogram()
     for result in results.values():
         counters.merge(result.counters)
         latency.merge(result.latency)
+        steady_latency.merge(result.steady_latency)
     if options.ledger is not None:
         parts = [shard.ledger for shard in shards if shard.ledger is not None]
         concat_ledgers([p for p in parts if p.exists()], options.ledger)
@@ -318,6 +323,7 @@ def _run_sharded(
         run_id=options.run_id or "",
         counters=counters,
         latency=latency,
+        steady_latency=steady_latency,
         elapsed_s=time.monotonic() - started,
         ledger=options.ledger,
         peak_rss_mb=max((r.peak_rss_mb for r in results.values()), default=0.0),

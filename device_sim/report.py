@@ -73,6 +73,13 @@ def print_fleet_result(console: Console, result: FleetResult, qos: int) -> None:
                 "  ".join(f"{k} {lat[k]} ms" for k in ("p50", "p90", "p99", "max")),
             )
         )
+        steady = result.steady_latency.summary_ms()
+        rows.append(
+            (
+                "  once all connected",
+                "  ".join(f"{k} {steady[k]} ms" for k in ("p50", "p90", "p99", "max")),
+            )
+        )
     if c.commands_executed or c.commands_failed or c.commands_repeated:
         rows.append(
             (

@@ -58,6 +58,7 @@ from edge.buffer_types import (
 from edge.lease_plan import plan_lease
 from edge.registry import DeviceRecord, read_devices
 from edge.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, create_statements
+from edge.wal_checkpoint import WRITER_AUTOCHECKPOINT_PAGES, WalCheckpointer
 from gateway.errors import BufferCorruptError, BufferStoreError
 
 log = logging.getLogger("edge.buffer")
@@ -119,7 +120,16 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
             raise
         try:
             self._reader = await _open_reader(self._path)
+            if self._config.checkpoint_interval_ms:
+                checkpointer = WalCheckpointer(
+                    self._path, self._config.checkpoint_interval_ms / 1000
+                )
+                await checkpointer.start()
+                self._checkpointer = checkpointer
         except BaseException:  # not half open: without its reader the buffer cannot lease
+            if self._reader is not None:
+                await self._reader.close()
+                self._reader = None
             await db.close()
             raise
         self._db = db
@@ -136,6 +146,9 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
             await self._check_and_migrate(db)
         journal = await scalar(db, "PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
+        if self._config.checkpoint_interval_ms:
+            # The background checkpointer keeps the log short; this is its safety net.
+            await db.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
         if self._config.max_file_bytes is not None:
             page = int(await scalar(db, "PRAGMA page_size"))
             await db.execute(f"PRAGMA max_page_count={self._config.max_file_bytes // page}")
@@ -238,6 +251,9 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         self._pending.clear()
         self._barriers.clear()
         db, self._db = self._db, None
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await checkpointer.close()
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.close()

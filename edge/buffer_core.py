@@ -22,6 +22,7 @@ from edge.buffer_types import (
 )
 from edge.registry import RegistryChanges
 from edge.tenant_share import TenantShares
+from edge.wal_checkpoint import WalCheckpointer
 from gateway.config import BufferConfig, ClassConfig
 from gateway.errors import BufferStoreError
 
@@ -47,6 +48,9 @@ class BufferCore:
         self._config = config or BufferConfig()
         self._classes = dict(classes or {})
         self._db: aiosqlite.Connection | None = None
+        self._checkpointer: WalCheckpointer | None = None
+        """Background WAL checkpoints (``buffer.checkpoint_interval_ms``; None: SQLite's
+        own, in the commit that fills the log)."""
         self._reader: aiosqlite.Connection | None = None
         """Leases read here, in their own thread, without the lock: a WAL reader sees only
         committed rows and never waits for the writer (whose every commit waits an fsync)."""
@@ -102,6 +106,7 @@ class BufferCore:
                     await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+            self._note_write()
 
     async def in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work(connection)`` in aiosqlite's worker thread, under the buffer lock.
@@ -115,7 +120,20 @@ class BufferCore:
         async with self._txn_lock:
             db = self.db
             execute: Callable[..., Awaitable[_T]] = db._execute  # untyped in aiosqlite
-            return await execute(work, db._conn)
+            result = await execute(work, db._conn)
+        self._note_write()
+        return result
+
+    def _note_write(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.note_write()
+
+    def wal_status(self) -> dict[str, float | int | bool]:
+        """The background checkpointer's work (``/status`` → ``buffer.wal``)."""
+        checkpointer = self._checkpointer
+        if checkpointer is None:
+            return {"background_checkpoints": False}
+        return {"background_checkpoints": True, **checkpointer.stats.as_dict()}
 
     def in_flight_mark(self, class_name: str) -> int:
         """The highest row id of the class leased to Kafka: drop-oldest and purges spare

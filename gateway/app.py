@@ -353,6 +353,7 @@ class Gateway:
                 if stats.oldest_ingest_ms is None
                 else round((now_ms - stats.oldest_ingest_ms) / 1000, 3),
                 "full": self.buffer.is_full,
+                "wal": self.buffer.wal_status(),
             },
             "kafka": {
                 "connected": fwd.kafka_connected,

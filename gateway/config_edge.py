@@ -191,6 +191,11 @@ class BufferConfig(ConfigModel):
     group anyway (each takes what arrived during the previous one). At a steady trickle
     (1,000 msg/s from 100 devices) 1 ms makes commits ~2x larger and cuts gateway CPU per
     message ~20 %, and adds up to 1 ms to PUBACKs (docs/benchmarks.md, "The floor")."""
+    checkpoint_interval_ms: Annotated[float, Field(ge=0, le=10_000)] = 100.0
+    """WAL checkpoints run on their own connection and thread, at most this often while
+    anything is written, instead of inside the commit that fills the log (which made that
+    commit's PUBACKs wait for two more fsyncs; edge/wal_checkpoint.py). 0: SQLite's own
+    automatic checkpoint in the commit path."""
     lease_batch: Annotated[int, Field(ge=1, le=100_000)] = 2000
     """Most rows handed to the bridge at once."""
     lease_min_share: Annotated[float, Field(ge=0, le=0.5)] = 0.1

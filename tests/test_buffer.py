@@ -532,3 +532,30 @@ async def test_a_lease_reads_beside_the_writer_and_drop_oldest_spares_what_it_re
         assert stored[5].row_id > rows[-1].row_id + 1  # the sixth row was evicted
         assert [r.payload for r in stored][-1] == b"y"
         assert b"x" not in [r.payload for r in stored]
+
+
+async def test_the_wal_is_checkpointed_beside_the_commits(tmp_path: Path) -> None:
+    """With ``checkpoint_interval_ms`` the log is copied into the database file by the
+    background checkpointer long before the writer's own checkpoint (2,000 pages) would run
+    inside a commit; with 0, SQLite's own checkpoint (1,000 pages) is left as it was."""
+    path = tmp_path / "b.sqlite3"
+    async with _buffer(path, checkpoint_interval_ms=10) as buffer:
+        pages = await buffer.in_thread(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone())
+        assert pages == (2000,)
+        size_before = path.stat().st_size
+        for i in range(20):  # 20 small commits: a few dozen log frames, far below 2,000
+            await asyncio.gather(*_enqueue(buffer, f"d{i}", 3, payload=bytes(2000)))
+        await eventually(
+            lambda: path.stat().st_size > size_before, "the rows copied into the file", 5
+        )
+        wal = buffer.wal_status()
+        assert wal["background_checkpoints"] is True
+        assert wal["checkpoints"] >= 1
+        assert wal["failures"] == 0
+        assert 0 < wal["max_log_frames"] < 2000
+        assert buffer.stats.rows == 60
+    async with _buffer(path, checkpoint_interval_ms=0) as buffer:
+        pages = await buffer.in_thread(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone())
+        assert pages == (1000,)
+        assert buffer.wal_status() == {"background_checkpoints": False}
+        assert len(await buffer.lease(100)) == 60

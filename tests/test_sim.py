@@ -129,6 +129,9 @@ async def test_thousand_devices_two_messages_each(broker_port: int, tmp_path: Pa
     assert set(seqs) == {f"dev-{i:05d}" for i in range(1000)}
     assert all(sorted(s) == [1, 2] for s in seqs.values())
     assert result.latency.count == 2000
+    # Messages sent once all 1,000 had connected (at least the last device's two): the
+    # histogram the benchmarks quote as the latency at the offered rate, without the ramp.
+    assert 2 <= result.steady_latency.count < 2000
     print(
         f"\n1000 devices x2: connect {c.connect_time_s:.2f}s, total {elapsed:.2f}s, "
         f"{result.msgs_per_s:.0f} msgs/s, peak RSS {result.peak_rss_mb:.0f} MB (with broker), "
