@@ -73,8 +73,9 @@ LEDGER_ROW_BYTES = 128
 """Per drop-ledger entry (the ledger is trimmed to ``buffer.drop_ledger_max_rows``); 124
 measured."""
 WAL_BYTES = 8 << 20
-"""The write-ahead log file: SQLite checkpoints it at ~1,000 pages but does not shrink it;
-4.6-5.4 MB measured while filling."""
+"""The write-ahead log file: checkpointed in the background every 100 ms while written, and by
+the writer itself at 2,000 pages if that falls behind (edge/wal_checkpoint.py); never shrunk.
+4.6-5.4 MB measured while filling with SQLite's own checkpoint at 1,000 pages."""
 RSS_BASE_BYTES = 90 << 20
 """Gateway RSS with no device connected (Python, amqtt, aiokafka, SQLite cache); 81-83 MiB
 measured (a password check adds scrypt's memory while devices connect, docs/sizing.md)."""
