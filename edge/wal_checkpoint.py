@@ -119,7 +119,9 @@ class WalCheckpointer:
         try:
             cursor = await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             row = await cursor.fetchone()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:
+            # ValueError: aiosqlite's connection closed under it. Either way the writer's own
+            # checkpoint stands in; the buffer must not stop for this.
             self.stats.failures += 1
             log.warning("background WAL checkpoint failed: %r", exc)
             return

@@ -559,3 +559,21 @@ async def test_the_wal_is_checkpointed_beside_the_commits(tmp_path: Path) -> Non
         assert pages == (1000,)
         assert buffer.wal_status() == {"background_checkpoints": False}
         assert len(await buffer.lease(100)) == 60
+
+
+async def test_a_failing_background_checkpoint_is_counted_not_raised(tmp_path: Path) -> None:
+    """The checkpointer never takes the buffer down: the writer's own checkpoint stands in."""
+    from edge.wal_checkpoint import WalCheckpointer
+
+    path = tmp_path / "b.sqlite3"
+    async with _buffer(path):  # creates the file in WAL mode
+        pass
+    checkpointer = WalCheckpointer(path, interval_s=0.01)
+    await checkpointer.start()
+    await checkpointer.checkpoint()
+    assert (checkpointer.stats.checkpoints, checkpointer.stats.failures) == (1, 0)
+    assert checkpointer._conn is not None
+    await checkpointer._conn.close()  # the connection gone under it
+    await checkpointer.checkpoint()
+    assert (checkpointer.stats.checkpoints, checkpointer.stats.failures) == (1, 1)
+    await checkpointer.close()
