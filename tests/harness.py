@@ -102,9 +102,10 @@ def wait_for(
         value = predicate()
         if value:
             return value
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+        time.sleep(min(interval, left))  # poll period inside the deadline, never past it
 
 
 async def eventually(
