@@ -67,9 +67,9 @@ class FleetResult:
     elapsed_s: float
     ledger: Path | None
     peak_rss_mb: float
+    """Peak RSS of the (largest) simulator process."""
     steady_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     """PUBACK latency once each process's devices had all connected (no connect ramp)."""
-    """Peak RSS of the (largest) simulator process."""
     processes: int = 1
     total_rss_mb: float = 0.0
     """Sum of every process's peak RSS."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import time
@@ -133,7 +134,7 @@ class BufferCore:
         checkpointer = self._checkpointer
         if checkpointer is None:
             return {"background_checkpoints": False}
-        return {"background_checkpoints": True, **checkpointer.stats.as_dict()}
+        return {"background_checkpoints": True, **dataclasses.asdict(checkpointer.stats)}
 
     def in_flight_mark(self, class_name: str) -> int:
         """The highest row id of the class leased to Kafka: drop-oldest and purges spare

@@ -3,8 +3,9 @@
 SQLite's own checkpoint runs in the commit that pushes the write-ahead log past
 ``wal_autocheckpoint`` pages: that commit copies the log's pages into the database file and
 fsyncs it twice before it returns, and every PUBACK waiting for it waits too. At 1,000
-devices x 1 msg/s the log grows ~5,000 pages a second (each small commit touches ~8 pages:
-the row, its index, the sequence, retransmission fingerprints, the registry), so a
+devices x 1 msg/s the log grows ~5,000 pages a second (a commit of 1-2 rows touches ~8
+pages: the row, its index, the AUTOINCREMENT sequence, retransmission fingerprints, freed
+pages), so a
 checkpoint ran five times a second inside a commit and set the PUBACK p99 (docs/benchmarks.md,
 "PUBACK p99 at 1,000 devices").
 
@@ -24,6 +25,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
@@ -38,29 +40,18 @@ WRITER_AUTOCHECKPOINT_PAGES = 2000
 stays within the 8 MB gateway/sizing.py budgets for it."""
 
 
+@dataclass(slots=True)
 class WalCheckpointStats:
     """What the checkpointer did (``/status`` → ``buffer.wal``)."""
 
-    __slots__ = ("checkpoints", "failures", "last_log_frames", "max_log_frames", "seconds")
-
-    def __init__(self) -> None:
-        self.checkpoints = 0
-        self.failures = 0
-        self.last_log_frames = 0
-        """Frames in the log when the last checkpoint started (it restarts from 0 once a
-        checkpoint finished with no commit in between)."""
-        self.max_log_frames = 0
-        self.seconds = 0.0
-        """Time spent checkpointing, in the checkpointer's thread."""
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "checkpoints": self.checkpoints,
-            "failures": self.failures,
-            "last_log_frames": self.last_log_frames,
-            "max_log_frames": self.max_log_frames,
-            "seconds": round(self.seconds, 3),
-        }
+    checkpoints: int = 0
+    failures: int = 0
+    last_log_frames: int = 0
+    """Frames in the log when the last checkpoint started (it restarts from 0 once a
+    checkpoint finished with no commit in between)."""
+    max_log_frames: int = 0
+    seconds: float = 0.0
+    """Time spent checkpointing, in the checkpointer's thread."""
 
 
 class WalCheckpointer:
