@@ -50,6 +50,9 @@ class Params:
     inflight: int
     latency_s: float
     payload_size: int = 64
+    sim_processes: int = 1
+    """Simulator processes the devices are sharded over (one Python process saturates its
+    core near 7,000 paced msg/s: bench/latency_curve.py)."""
 
     @property
     def offered_rate(self) -> float:
@@ -141,7 +144,7 @@ def _sim_args(p: Params, prefix: str, *, rate: float, duration_s: float) -> list
     return [
         "--devices", str(p.devices), "--rate", str(rate), "--duration", str(duration_s),
         "--inflight", str(p.inflight), "--payload-size", str(p.payload_size),
-        "--prefix", prefix,
+        "--prefix", prefix, "--processes", str(p.sim_processes),
     ]  # fmt: skip
 
 
@@ -172,6 +175,9 @@ def _sim_figures(summary: dict[str, Any], cpu: dict[str, Any], sim_cpu_s: float)
         "cpu_us_per_msg_by_process": {r: _per_msg_us(s, acked) for r, s in cpu["cpu_s"].items()},
         "generator_cpu_us_per_msg": _per_msg_us(sim_cpu_s, acked),
         "other_cpu_pct": _foreign_pct(cpu, sim_cpu_s),
+        # The whole machine (every core), in % of one core: a queue that grows once this
+        # nears 100 x cores is a queue behind the CPU.
+        "machine_busy_pct": round(cpu["machine_busy_s"] / max(1e-3, cpu["elapsed_s"]) * 100, 1),
         "phase_s": round(cpu["elapsed_s"], 1),
     }
 

@@ -16,6 +16,7 @@ import pytest
 
 from bench.drain import fill_backlog
 from gateway.dev.kafka import KafkaState
+from gateway.gc_tuning import FULL_EVERY
 from tests.harness import (
     REPO,
     read_topics,
@@ -93,8 +94,10 @@ def test_status_command_and_device_registry(tmp_path: Path, kafka: KafkaState) -
         status = json.loads(raw.stdout)
         assert set(status) >= {"listeners", "buffer", "kafka"}
         assert "oldest_age_s" in status["buffer"]
-        # The running gateway froze its start-up state (gateway/gc_tuning.py).
+        # The running gateway froze its start-up state and spaced full collections out
+        # (gateway/gc_tuning.py).
         assert status["gc"]["frozen_objects"] > 10_000
+        assert status["gc"]["full_collection_every"] == FULL_EVERY
         devices = wait_for(
             lambda: [d for d in _get(gateway.runtime, "/devices")["devices"] if not d["connected"]],
             10,
