@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -155,3 +156,28 @@ def test_the_floor_benchmark_measures_both_ackers(tmp_path: Path) -> None:
         assert run["cpu_us_per_msg"] > 0
         assert run["puback_ms"]["p99"] > 0
     assert all(r["rows_per_commit"] >= 1 for r in runs[1:])
+
+
+@pytest.mark.kafka
+def test_latency_curve_measures_every_share_with_its_machine_load(
+    kafka: KafkaState, tmp_path: Path
+) -> None:
+    """bench/latency_curve.py at a tiny load: a point per share of the maximum, each with
+    its latency, the CPU per message of gateway and simulator, and the machine's busy share."""
+    out = tmp_path / "curve.json"
+    argv = [
+        sys.executable, "-m", "bench.latency_curve", "--kafka-state", str(kafka.state_file),
+        "--devices", "5", "--latency-s", "1.5", "--max-rate", "200", "--fractions", "0.25,0.5",
+        "--reps", "1", "--code", "worktree", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [row["fraction"] for row in result["median"]] == [0.25, 0.5]
+    for row in result["median"]:
+        assert row["kafka_p99_ms"] >= row["kafka_p50_ms"] >= 0
+        assert row["cpu_us_per_msg"] > 0
+        assert row["generator_cpu_us_per_msg"] > 0
+        assert 0 < row["machine_busy_pct"] <= 100 * (os.cpu_count() or 1) + 5
+    assert result["reps"][0]["rss"]["rss_mb"] > 0
+    assert "| 50% |" in proc.stdout  # the table
