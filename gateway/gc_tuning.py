@@ -5,12 +5,13 @@ until it stops: :func:`tune_gc` freezes it, so no later full collection walks it
 
 Full collections run 10x less often than CPython's default (``FULL_EVERY``: after 100
 middle-generation collections instead of 10). With a thousand devices each one walks every
-session and takes 25-50 ms; at ~6,700 paced msg/s (half the saturated rate) there were 10-13
-a minute, and each stall near saturation takes hundreds of ms to work off. Measured at that
-rate, 7 interleaved runs each (docs/benchmarks.md, "Full collections"): publish -> Kafka p99
-median 240 -> 134 ms, full-collection time per run 245-372 -> 23-30 ms. Cyclic garbage that
-reaches the oldest generation waits longer to be freed; the outage and 10,000-device
-memory figures are measured with this setting.
+session and takes 25-50 ms. At ~6,700 paced msg/s (half the saturated rate) there were 10-13
+in a 40-second run, and near saturation each stall takes hundreds of ms to work off. At that
+rate, 7 interleaved runs each (docs/benchmarks.md, "Publish → Kafka p99 at half the
+maximum"): publish -> Kafka p99 median 240 -> 134 ms, full-collection time per run 245-372
+-> 23-30 ms. The price is memory: cyclic garbage that reaches the oldest generation waits
+longer to be freed. With 10,000 devices connecting, peak RSS was 243.0 MB against 231.7 MB
+before (one run each; the target is 250).
 
 The young-generation threshold stays at CPython's default (700 allocations). Raising it
 to 10,000 or 50,000 made a backlog drain without live traffic 5 to 8 % cheaper per row, but

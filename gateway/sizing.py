@@ -79,11 +79,12 @@ the writer itself at 2,000 pages if that falls behind (edge/wal_checkpoint.py); 
 RSS_BASE_BYTES = 90 << 20
 """Gateway RSS with no device connected (Python, amqtt, aiokafka, SQLite cache); 81-83 MiB
 measured (a password check adds scrypt's memory while devices connect, docs/sizing.md)."""
-RSS_PER_DEVICE_BYTES = 16_000
+RSS_PER_DEVICE_BYTES = 16_500
 """Added RSS per connected device (session, handler, two tasks, socket buffers): 13.6-15.4
 KB measured between 1,000 and 10,000 devices (bench/sizing.py, bench/fleet_scale.py: 97.7 MB
-at 1,000, 219.7 MB at 10,000, peak 231.7), with a margin for the peak while waves connect
-(docs/sizing.md "Memory"). Before the per-connection work it was 34-48 KB."""
+at 1,000, 225.1 MB at 10,000), with a margin for the peak while waves connect: 243.0 MB with
+full collections 10x rarer (gateway/gc_tuning.py), 231.7 before (docs/sizing.md "Memory").
+Before the per-connection work it was 34-48 KB."""
 _LEAF_USABLE = PAGE_BYTES - 8
 """A table leaf page minus its header; each cell's 2-byte pointer is in ``ROW_META_BYTES``."""
 _MAX_LOCAL = PAGE_BYTES - 35
