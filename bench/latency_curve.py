@@ -47,14 +47,18 @@ def _point(figures: dict[str, Any], fraction: float) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tidegate-latency-curve-") as tmp:
+        return _run(args, Path(tmp))
+
+
+def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     kafka = read_state(args.kafka_state)
-    root = Path(tempfile.mkdtemp(prefix="tidegate-latency-curve-"))
     code, code_info = prepare_code(args.code, root / "code")
     p = Params(
         devices=args.devices, rate_per_device=1, fixed_s=0, saturate_s=args.saturate_s,
         inflight=20, latency_s=args.latency_s, sim_processes=args.sim_processes,
     )  # fmt: skip
-    fractions = [float(f) for f in args.fractions.split(",")]
+    fractions: list[float] = args.fractions
     reps: list[dict[str, Any]] = []
     started = time.monotonic()
     for rep in range(args.reps):
@@ -144,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", default="HEAD", help="git ref, or 'worktree'")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    try:
+        args.fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
+    except ValueError:
+        parser.error(f"--fractions: comma-separated numbers, got {args.fractions!r}")
+    if not args.fractions or not all(0 < f <= 1 for f in args.fractions):
+        parser.error("--fractions: shares of the maximum rate, each in (0, 1]")
+    if not 1 <= args.reps <= 20 or not 1 <= args.devices <= 2000 or args.latency_s <= 0:
+        parser.error("--reps 1..20, --devices 1..2000, --latency-s > 0")
+    if args.max_rate is not None and args.max_rate <= 0:
+        parser.error("--max-rate: msg/s > 0")
+    if not args.kafka_state.is_file():
+        parser.error(f"--kafka-state: no such file {args.kafka_state} (tidegate dev kafka up)")
     result = run(args)
     text = json.dumps(result, indent=2)
     if args.out:
