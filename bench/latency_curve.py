@@ -72,8 +72,8 @@ def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 saturated = saturate_phase(system, code, workdir, p, rep)
                 e2e = float(saturated["e2e_msgs_per_s"])
             points = []
-            # Highest rate first: the gateway is warm for every point, and a point never
-            # inherits a backlog from a lower one.
+            # Highest rate first, so every point runs on a warm gateway (each phase waits
+            # until the gateway is idle, so no point inherits another's backlog).
             for i, fraction in enumerate(sorted(fractions, reverse=True)):
                 figures = latency_phase(
                     system, code, workdir, p, rep * 100 + i, rate=e2e * fraction
