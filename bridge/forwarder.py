@@ -14,6 +14,11 @@ Each step decides in pure code (:mod:`bridge.outcomes`) which rows go, which can
 Kafka for good) and which wait; then does the I/O. A circuit breaker (:mod:`bridge.breaker`)
 guards every Kafka call: while it is open nothing is sent and the buffer just fills.
 
+With a backlog in at-least-once mode the records are built and sent by a child process
+(:mod:`bridge.send_worker`): its own GIL and core, while this process only leases and deletes.
+The child sends one batch at a time like this loop, declines what needs a verdict, and after
+any send error this loop sends in-process until a batch goes out whole.
+
 Exactly-once mode sends each batch in one Kafka transaction together with a progress record
 (:mod:`bridge.progress`); after every new producer the last committed progress record is read
 back and the rows it names are released instead of resent. Dead letters go to the
@@ -42,10 +47,11 @@ from bridge.outcomes import (
 from bridge.producer import KafkaProducerHandle, SendOutcome
 from bridge.progress import Progress, to_ranges
 from bridge.records import KafkaRecord, RecordBuilder
+from bridge.send_worker import SendWorker
 from bridge.transactional import read_last_progress
 from edge.buffer import Buffer, StoredMessage
 from gateway.config import KafkaConfig
-from gateway.errors import KafkaError
+from gateway.errors import KafkaError, KafkaUnavailableError
 
 __all__ = ["Forwarder", "ForwarderStatus", "releasable"]
 
@@ -55,6 +61,8 @@ _DEAD_LETTER_BATCH = 200
 _HOLD_WAIT_S = 0.5
 """Pause when a whole batch waits for missing topics (nothing to send, nothing to wait on)."""
 _DLQ_IDLE_CHECK_S = 1.0
+_WORKER_PAUSE_S = 5.0
+"""After the send worker's batch failed, send in-process at least this long."""
 
 CRASH_AFTER_COMMIT_ENV = "TIDEGATE_TEST_CRASH_AFTER_COMMIT"
 """Test fault injection: SIGKILL this process right after the N-th successful batch commit
@@ -142,6 +150,15 @@ class Forwarder:
         """The last lease came back full: more rows are waiting, forward without pause."""
         self._releasing: asyncio.Task[None] | None = None
         """At-least-once with a backlog: deleting the last batch's rows (see the module)."""
+        self.send_worker = (
+            SendWorker(kafka, builder, clock=clock)
+            if kafka.send_worker and not self.exactly_once
+            else None
+        )
+        self._worker_trusted = True
+        """False after the child's send failed: in-process (per-record verdicts) until a
+        batch goes out whole, and for at least ``_WORKER_PAUSE_S``."""
+        self._worker_paused_until = float("-inf")
 
     # ------------------------------------------------------------------ the loop
 
@@ -255,15 +272,79 @@ class Forwarder:
         self, floors: dict[str, int]
     ) -> tuple[list[StoredMessage], list[KafkaRecord]]:
         """Lease the rows after the batch in flight and build their records, while that
-        batch waits for Kafka (building is a third of a drain's work on the event loop)."""
+        batch waits for Kafka (building is a third of a drain's work on the event loop).
+        Not built when the send worker will build them."""
         rows = await self._buffer.lease(self._lease_batch, after=floors)
+        if self._worker_due(rows):
+            return rows, []
         return rows, [self._builder.build(m) for m in rows]
+
+    def _worker_due(self, leased: Sequence[StoredMessage]) -> bool:
+        """Whether ``leased`` goes to the send worker: a backlog (the buffer holds more than
+        a lease), no suspect rows, no send error since the last whole in-process batch.
+
+        Not "a full lease": with a backlog in one class and live traffic in another, the
+        lease after a batch in flight is often short of full (the live class has few rows
+        past the floor), and every other batch went in-process."""
+        worker = self.send_worker
+        if worker is None or not leased or self._buffer.stats.rows < self._lease_batch:
+            return False
+        worker.want()
+        return (
+            worker.ready
+            and self._worker_trusted
+            and not self._suspects
+            and self._clock() >= self._worker_paused_until
+        )
+
+    def _distrust_worker(self) -> None:
+        self._worker_trusted = False
+        self._worker_paused_until = self._clock() + _WORKER_PAUSE_S
+
+    async def _forward_by_worker(self, leased: list[StoredMessage]) -> bool | None:
+        """Send a backlog batch from the child process; None when it declined or is gone
+        (nothing of the batch was acked: the caller sends it in-process)."""
+        worker = self.send_worker
+        assert worker is not None
+        if self._ahead is None:  # the next rows are read while the child sends these
+            self._lease_ahead(leased)
+        started = time.monotonic()
+        try:
+            sent = await worker.send(leased)
+        except KafkaError:
+            self._distrust_worker()
+            raise
+        finally:
+            self.status.send_s += time.monotonic() - started
+        if sent is None:
+            return None
+        done = [leased[i] for i in sent.released]
+        whole = sent.error is None and len(done) == len(leased)
+        await self._released()
+        if self._ahead is not None and whole:
+            self._releasing = asyncio.create_task(self._release(done), name="forwarder-release")
+            self.status.releases_overlapped += 1
+        else:
+            await self._release(done)
+        self.status.batches += 1
+        if sent.error is not None:
+            self.status.failed_batches += 1
+            self._distrust_worker()
+            self._failed(KafkaUnavailableError(sent.error), stuck=sent.stuck)
+        else:
+            self.breaker.record_success()
+        self._ahead_usable = whole
+        return True
 
     async def _forward(
         self, leased: list[StoredMessage], built: list[KafkaRecord] | None = None
     ) -> bool:
         """Send one batch; False when nothing could be sent (all held back). ``built``: the
         records of ``leased``, when built ahead."""
+        if self._worker_due(leased):
+            by_worker = await self._forward_by_worker(leased)
+            if by_worker is not None:
+                return by_worker
         batch = narrow_to_suspects(leased, self._suspects) if self._suspects else leased
         # Narrowing keeps a prefix of the batch, so a prefix of its records still matches.
         records = built[: len(batch)] if built else [self._builder.build(m) for m in batch]
@@ -329,7 +410,10 @@ class Forwarder:
         else:
             self.breaker.record_success()
         # The rows leased ahead follow this batch: usable only if all of it is gone.
-        self._ahead_usable = whole and outcome.error is None and len(done) == len(to_send)
+        went_whole = whole and outcome.error is None and len(done) == len(to_send)
+        self._ahead_usable = went_whole
+        if went_whole:
+            self._worker_trusted = True
         return True
 
     async def _release(self, done: list[StoredMessage]) -> None:
@@ -508,9 +592,13 @@ class Forwarder:
     def update_routes(self, class_topics: Mapping[str, str]) -> None:
         """New Kafka topics for these classes (a reload): applies to the next batch built."""
         self._builder.update_topics(class_topics)
+        if self.send_worker is not None:
+            self.send_worker.builder_changed()
 
     async def close(self, deadline: float) -> None:
         """Stop the producer within ``deadline`` (aiokafka's stop can hang while Kafka is down)."""
+        if self.send_worker is not None:
+            await self.send_worker.close()
         await self._producer.close(deadline)
         self.status.kafka_connected = False
 

@@ -376,6 +376,9 @@ class Gateway:
                 "dead_letters_forwarded": fwd.dead_letters_forwarded,
                 "recoveries": fwd.recoveries,
                 "recovered_rows": fwd.recovered_rows,
+                "send_worker": None
+                if self.forwarder.send_worker is None
+                else dataclasses.asdict(self.forwarder.send_worker.stats),
             },
             "intake": {"unrouted": self.intake.unrouted},
             "gc": gc_status(self._gc_frozen),
