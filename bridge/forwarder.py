@@ -47,7 +47,7 @@ from bridge.outcomes import (
 from bridge.producer import KafkaProducerHandle, SendOutcome
 from bridge.progress import Progress, to_ranges
 from bridge.records import KafkaRecord, RecordBuilder
-from bridge.send_worker import SendWorker
+from bridge.send_worker import SendWorker, Staged
 from bridge.transactional import read_last_progress
 from edge.buffer import Buffer, StoredMessage
 from gateway.config import KafkaConfig
@@ -73,6 +73,17 @@ _SELECT_BY_IDS = (
     " FROM uplink WHERE id IN ({marks})"
 )
 _UNFORWARDED_DEAD = "SELECT id FROM dead_letters WHERE forwarded_ms IS NULL AND id IN ({marks})"
+
+
+@dataclass(slots=True)
+class _Leased:
+    """A leased batch, with what was done for it ahead of its turn."""
+
+    rows: list[StoredMessage]
+    records: list[KafkaRecord] | None = None
+    """Its records, built while the batch before it was in flight (in-process sends)."""
+    staged: Staged | None = None
+    """Handed to the send worker ahead (it builds and encodes them meanwhile)."""
 
 
 @dataclass(slots=True)
@@ -142,7 +153,7 @@ class Forwarder:
         self._next_dlq_check = 0.0
         self._crash_after = int(os.environ.get(CRASH_AFTER_COMMIT_ENV, "0") or 0)
         self.status = ForwarderStatus()
-        self._ahead: asyncio.Task[tuple[list[StoredMessage], list[KafkaRecord]]] | None = None
+        self._ahead: asyncio.Task[_Leased] | None = None
         self._ahead_usable = False
         """True only after the batch in flight when the lease-ahead started went out whole."""
         self._last_lease = float("-inf")
@@ -192,7 +203,8 @@ class Forwarder:
         """One round: lease, decide, send, settle; or wait. Tests may drive it directly."""
         await self._pace()
         started = time.monotonic()
-        batch, built = await self._take_batch()
+        taken = await self._take_batch()
+        batch = taken.rows
         self.status.lease_s += time.monotonic() - started
         self._backlog = len(batch) >= self._lease_batch
         dlq_due = self._dead_letters_due()
@@ -222,7 +234,7 @@ class Forwarder:
             self.status.kafka_connected = True
             sent = False
             if batch:
-                sent = await self._forward(batch, built)
+                sent = await self._forward(taken)
             if dlq_due:
                 sent = await self._forward_dead_letters() or sent
         except KafkaError as exc:
@@ -246,21 +258,23 @@ class Forwarder:
 
     # ------------------------------------------------------------------- uplink
 
-    async def _take_batch(self) -> tuple[list[StoredMessage], list[KafkaRecord] | None]:
-        """The rows leased ahead (and their records) if the previous batch went out whole,
+    async def _take_batch(self) -> _Leased:
+        """The rows leased ahead (built or staged) if the previous batch went out whole,
         else a fresh lease."""
         ahead, self._ahead = self._ahead, None
         usable, self._ahead_usable = self._ahead_usable, False
         if ahead is not None:
             try:
-                rows, records = await ahead
+                leased = await ahead
             except Exception:  # a read failed: lease normally (and see that error there)
                 log.debug("lease-ahead failed", exc_info=True)
             else:
                 if usable:
-                    return rows, records
+                    return leased
+                # (A batch staged in the send worker is dropped by the child when the next
+                # one is staged.)
         await self._released()
-        return await self._buffer.lease(self._lease_batch), None
+        return _Leased(await self._buffer.lease(self._lease_batch))
 
     def _lease_ahead(self, batch: Sequence[StoredMessage]) -> None:
         floors: dict[str, int] = {}
@@ -268,16 +282,16 @@ class Forwarder:
             floors[message.class_name] = max(floors.get(message.class_name, 0), message.row_id)
         self._ahead = asyncio.create_task(self._prepare(floors), name="forwarder-lease-ahead")
 
-    async def _prepare(
-        self, floors: dict[str, int]
-    ) -> tuple[list[StoredMessage], list[KafkaRecord]]:
+    async def _prepare(self, floors: dict[str, int]) -> _Leased:
         """Lease the rows after the batch in flight and build their records, while that
         batch waits for Kafka (building is a third of a drain's work on the event loop).
-        Not built when the send worker will build them."""
+        With the send worker, stage them there instead: the child builds and encodes them
+        while it waits for the acks of the batch before."""
         rows = await self._buffer.lease(self._lease_batch, after=floors)
         if self._worker_due(rows):
-            return rows, []
-        return rows, [self._builder.build(m) for m in rows]
+            assert self.send_worker is not None
+            return _Leased(rows, staged=self.send_worker.stage(rows))
+        return _Leased(rows, [self._builder.build(m) for m in rows])
 
     def _worker_due(self, leased: Sequence[StoredMessage]) -> bool:
         """Whether ``leased`` goes to the send worker: a backlog (the buffer holds more than
@@ -301,7 +315,9 @@ class Forwarder:
         self._worker_trusted = False
         self._worker_paused_until = self._clock() + _WORKER_PAUSE_S
 
-    async def _forward_by_worker(self, leased: list[StoredMessage]) -> bool | None:
+    async def _forward_by_worker(
+        self, leased: list[StoredMessage], staged: Staged | None
+    ) -> bool | None:
         """Send a backlog batch from the child process; None when it declined or is gone
         (nothing of the batch was acked: the caller sends it in-process)."""
         worker = self.send_worker
@@ -310,7 +326,7 @@ class Forwarder:
             self._lease_ahead(leased)
         started = time.monotonic()
         try:
-            sent = await worker.send(leased)
+            sent = await worker.send(leased, staged)
         except KafkaError:
             self._distrust_worker()
             raise
@@ -336,13 +352,11 @@ class Forwarder:
         self._ahead_usable = whole
         return True
 
-    async def _forward(
-        self, leased: list[StoredMessage], built: list[KafkaRecord] | None = None
-    ) -> bool:
-        """Send one batch; False when nothing could be sent (all held back). ``built``: the
-        records of ``leased``, when built ahead."""
+    async def _forward(self, taken: _Leased) -> bool:
+        """Send one batch; False when nothing could be sent (all held back)."""
+        leased, built = taken.rows, taken.records
         if self._worker_due(leased):
-            by_worker = await self._forward_by_worker(leased)
+            by_worker = await self._forward_by_worker(leased, taken.staged)
             if by_worker is not None:
                 return by_worker
         batch = narrow_to_suspects(leased, self._suspects) if self._suspects else leased

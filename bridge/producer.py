@@ -30,7 +30,13 @@ from bridge.records import KafkaRecord
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaAuthError, KafkaError, KafkaUnavailableError
 
-__all__ = ["KafkaProducerHandle", "SendOutcome", "acked_prefix", "diagnose_connection"]
+__all__ = [
+    "KafkaProducerHandle",
+    "PreparedSend",
+    "SendOutcome",
+    "acked_prefix",
+    "diagnose_connection",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,22 @@ class SendOutcome:
     """True when the batch missed its deadline: the producer must be rebuilt."""
     errors: list[BaseException | None] = field(default_factory=list)
     """Per record: the aiokafka error it failed with (None: acked, or not attempted)."""
+
+
+@dataclass(slots=True)
+class PreparedSend:
+    """A batch encoded into Kafka record batches, ready for :meth:`KafkaProducerHandle.send`.
+
+    Encoding is most of a send's CPU; preparing the next batch while the previous one waits
+    for its acks overlaps the two (the send worker does)."""
+
+    records: Sequence[KafkaRecord]
+    batches: list[tuple[PartitionRun, BatchBuilder, list[int]]]
+    """Per record batch: its partition run, the closed builder, the record indices in it."""
+    early: dict[int, BaseException]
+    """Records that failed before sending (too large for an empty record batch)."""
+    generation: int
+    """The producer it was encoded for (a rebuilt producer encodes again)."""
 
 
 def acked_prefix(outcome: SendOutcome | None) -> int:
@@ -147,33 +169,55 @@ class KafkaProducerHandle:
             return "unauthorized"
         return "missing"
 
-    async def send(self, records: Sequence[KafkaRecord]) -> SendOutcome:
-        """Send a batch and wait for every ack, within ``send_deadline_s``."""
+    async def prepare(self, records: Sequence[KafkaRecord]) -> PreparedSend:
+        """Choose partitions and encode ``records`` into closed record batches, within
+        ``send_deadline_s`` (the metadata of a topic may have to be fetched)."""
         await self.ensure_started()
         producer = self._producer
         assert producer is not None
-        deadline = self._config.send_deadline_s
         if self._transactional_id is not None:
             raise RuntimeError("a transactional producer sends with send_transaction()")
-        futures: list[asyncio.Future[object] | None] = [None] * len(records)
         early: dict[int, BaseException] = {}
+        batches: list[tuple[PartitionRun, BatchBuilder, list[int]]] = []
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(self._config.send_deadline_s):
                 partitions_of: dict[str, Collection[int]] = {}
                 for topic in {record.topic for record in records}:
                     partitions_of[topic] = await producer.partitions_for(topic)
-                for run in plan_partition_runs(records, partitions_of, self._chooser):
-                    if not await self._send_run(producer, run, records, futures, early):
-                        break
+        except TimeoutError:
+            self.discard("fetching metadata for a batch missed its deadline")
+            raise KafkaUnavailableError("Kafka metadata not available in time") from None
+        for run in plan_partition_runs(records, partitions_of, self._chooser):
+            batches.extend(_encode_run(producer, run, records, early))
+        return PreparedSend(records, batches, early, self.generation)
+
+    async def send(self, records: Sequence[KafkaRecord]) -> SendOutcome:
+        """Send a batch and wait for every ack, within ``send_deadline_s``."""
+        return await self.send_prepared(await self.prepare(records))
+
+    async def send_prepared(self, prepared: PreparedSend) -> SendOutcome:
+        """:meth:`send` for a batch encoded by :meth:`prepare` (encoded again if the
+        producer it was encoded for is gone)."""
+        if prepared.generation != self.generation or self._producer is None:
+            prepared = await self.prepare(prepared.records)
+        producer = self._producer
+        assert producer is not None
+        deadline = self._config.send_deadline_s
+        total = len(prepared.records)
+        futures: list[asyncio.Future[object] | None] = [None] * total
+        early = dict(prepared.early)
+        try:
+            async with asyncio.timeout(deadline):
+                await self._send_batches(producer, prepared, futures, early)
         except TimeoutError:
             self.discard("enqueueing a batch missed its deadline")
-            return self._outcome(futures, len(records), stuck=True, early=early)
+            return self._outcome(futures, total, stuck=True, early=early)
         live = [f for f in futures if f is not None]
         if live:
             _, pending = await asyncio.wait(live, timeout=deadline)
             if pending:
-                self.discard(f"{len(pending)} of {len(records)} records not acked in {deadline}s")
-                return self._outcome(futures, len(records), stuck=True, early=early)
+                self.discard(f"{len(pending)} of {total} records not acked in {deadline}s")
+                return self._outcome(futures, total, stuck=True, early=early)
             failed = next((f.exception() for f in live if f.exception() is not None), None)
             if failed is not None:
                 # A batch the broker refused leaves the idempotent producer's sequence numbers
@@ -181,42 +225,19 @@ class KafkaProducerHandle:
                 # OutOfOrderSequenceNumber until a restart (aiokafka #1017). A fresh producer
                 # (new producer id) starts clean; rows are resent only if not acked.
                 self.discard(f"a batch failed at the broker ({failed!r})")
-        return self._outcome(futures, len(records), stuck=False, early=early)
+        return self._outcome(futures, total, stuck=False, early=early)
 
-    async def _send_run(
-        self,
+    @staticmethod
+    async def _send_batches(
         producer: AIOKafkaProducer,
-        run: PartitionRun,
-        records: Sequence[KafkaRecord],
+        prepared: PreparedSend,
         futures: list[asyncio.Future[object] | None],
         early: dict[int, BaseException],
-    ) -> bool:
-        """Enqueue one partition's records as record batches (``send_batch``); a record's
-        future is its batch's. False when the whole send must stop here (in order): an
-        enqueue failure that is neither a poison record nor a size problem."""
-        batches: list[tuple[BatchBuilder, list[int]]] = []
-        builder: BatchBuilder = producer.create_batch()
-        members: list[int] = []
-        for index in run.indices:
-            record = records[index]
-            fields = {"key": record.key, "value": record.value, "headers": record.headers}
-            if builder.append(timestamp=None, **fields) is None:  # full: start the next
-                if members:
-                    batches.append((builder, members))
-                    builder, members = producer.create_batch(), []
-                if builder.append(timestamp=None, **fields) is None:
-                    early[index] = MessageSizeTooLargeError(
-                        f"a record of {len(record.value)} bytes does not fit an empty batch"
-                    )
-                    continue
-            members.append(index)
-        if members:
-            batches.append((builder, members))
-        for builder, members in batches:
-            # Closed, the batch goes out at once: aiokafka lingers only on open builders
-            # (MessageBatch.remaining_linger), and every batch here is complete. An open
-            # one waited kafka.linger_ms per send (5 ms of every forward round).
-            builder.close()
+    ) -> None:
+        """Hand the record batches to aiokafka (``send_batch``); a record's future is its
+        batch's. Stops (in order) at an enqueue failure that is neither a poison record nor
+        a size problem: every later batch of that partition run and after waits."""
+        for run, builder, members in prepared.batches:
             try:
                 future = await producer.send_batch(builder, run.topic, partition=run.partition)
             except AioKafkaError as exc:
@@ -224,11 +245,10 @@ class KafkaProducerHandle:
                     early[index] = exc
                 verdict = classify_error(exc)
                 if verdict.dead_reason is None and not verdict.size_suspect:
-                    return False
+                    return
                 continue
             for index in members:
                 futures[index] = future
-        return True
 
     async def send_transaction(
         self, records: Sequence[KafkaRecord], marker: KafkaRecord
@@ -378,6 +398,40 @@ class KafkaProducerHandle:
             _, pending = await asyncio.wait(tasks, timeout=deadline)
             for task in pending:
                 task.cancel()
+
+
+def _encode_run(
+    producer: AIOKafkaProducer,
+    run: PartitionRun,
+    records: Sequence[KafkaRecord],
+    early: dict[int, BaseException],
+) -> list[tuple[PartitionRun, BatchBuilder, list[int]]]:
+    """One partition's records as closed record batches (a record that does not fit an
+    empty batch goes to ``early``)."""
+    batches: list[tuple[PartitionRun, BatchBuilder, list[int]]] = []
+    builder: BatchBuilder = producer.create_batch()
+    members: list[int] = []
+    for index in run.indices:
+        record = records[index]
+        fields = {"key": record.key, "value": record.value, "headers": record.headers}
+        if builder.append(timestamp=None, **fields) is None:  # full: start the next
+            if members:
+                batches.append((run, builder, members))
+                builder, members = producer.create_batch(), []
+            if builder.append(timestamp=None, **fields) is None:
+                early[index] = MessageSizeTooLargeError(
+                    f"a record of {len(record.value)} bytes does not fit an empty batch"
+                )
+                continue
+        members.append(index)
+    if members:
+        batches.append((run, builder, members))
+    for _, closing, _ in batches:
+        # Closed, the batch goes out at once: aiokafka lingers only on open builders
+        # (MessageBatch.remaining_linger), and every batch here is complete. An open one
+        # waited kafka.linger_ms per send (5 ms of every forward round).
+        closing.close()
+    return batches
 
 
 async def diagnose_connection(config: KafkaConfig, context: ssl.SSLContext | None) -> str | None:

@@ -48,6 +48,7 @@ __all__ = [
     "IDLE_EXIT_S",
     "SendWorker",
     "SendWorkerStats",
+    "Staged",
     "WorkerSent",
     "read_frame",
     "write_frame",
@@ -103,6 +104,15 @@ class WorkerSent:
     """The batch missed its deadline; the child rebuilt its producer."""
 
 
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A batch handed to the child ahead of its send (see :meth:`SendWorker.stage`)."""
+
+    child: int
+    """Which child has it (``stats.starts`` when it was staged)."""
+    key: int
+
+
 @dataclass(slots=True)
 class SendWorkerStats:
     """``/status`` → ``kafka.send_worker``."""
@@ -139,6 +149,7 @@ class SendWorker:
         self._ready = False
         self._builder_stale = False
         self._next_start = 0.0
+        self._next_key = 0
         self.stats = SendWorkerStats()
 
     @property
@@ -189,19 +200,42 @@ class SendWorker:
         finally:
             self._starting = None
 
-    async def send(self, batch: Sequence[StoredMessage]) -> WorkerSent | None:
-        """Have the child send ``batch``; None when it declined or is gone (send it
-        in-process then: nothing of it was sent by the child, or nothing was acked)."""
+    def stage(self, batch: Sequence[StoredMessage]) -> Staged | None:
+        """Hand ``batch`` to the child now, so it builds and encodes it while the batch before
+        it waits for Kafka; :meth:`send` it or :meth:`drop` it later. None: no child."""
         process = self._process
         if not self.ready or process is None:
             return None
         assert process.stdin is not None
+        if self._builder_stale:
+            write_frame(process.stdin, ("builder", self._builder))
+            self._builder_stale = False
+        self._next_key += 1
+        write_frame(process.stdin, ("stage", self._next_key, [row_tuple(m) for m in batch]))
+        return Staged(self.stats.starts, self._next_key)
+
+    def drop(self, staged: Staged) -> None:
+        """A staged batch that will not be sent (the batch before it did not go out whole)."""
+        process = self._process
+        if self.ready and process is not None and staged.child == self.stats.starts:
+            assert process.stdin is not None
+            write_frame(process.stdin, ("drop", staged.key))
+
+    async def send(
+        self, batch: Sequence[StoredMessage], staged: Staged | None = None
+    ) -> WorkerSent | None:
+        """Have the child send ``batch`` (staged earlier, or now); None when it declined or
+        is gone (send it in-process then: the child sent nothing of it, or nothing of it
+        was acked)."""
+        if staged is None or staged.child != self.stats.starts:
+            staged = self.stage(batch)
+        process = self._process
+        if staged is None or not self.ready or process is None:
+            return None
+        assert process.stdin is not None
         assert process.stdout is not None
         try:
-            if self._builder_stale:
-                write_frame(process.stdin, ("builder", self._builder))
-                self._builder_stale = False
-            write_frame(process.stdin, ("send", [row_tuple(m) for m in batch]))
+            write_frame(process.stdin, ("send", staged.key))
             await process.stdin.drain()
             # The child bounds its own wait (kafka.send_deadline_s); this covers a hung child.
             async with asyncio.timeout(self._kafka.send_deadline_s + 30):

@@ -1,10 +1,12 @@
 """The send worker's child process: ``python -m bridge.send_worker_child``.
 
-Started by :class:`bridge.send_worker.SendWorker`. It reads frames on stdin (``init``, then
-``send`` and ``builder``), builds each batch's Kafka records, sends them with its own
-:class:`bridge.producer.KafkaProducerHandle`, and answers on stdout with the rows that may
-be deleted. It never touches the buffer. It exits when stdin closes (the gateway stopped or
-died), after :data:`bridge.send_worker.IDLE_EXIT_S` without work, or with its parent
+Started by :class:`bridge.send_worker.SendWorker`. It reads frames on stdin: ``init``; then
+``stage`` (a batch's rows: build its records and encode them into record batches at once),
+``send`` (send a staged batch, wait for its acks, answer on stdout with the rows that may be
+deleted), ``drop`` (a staged batch the gateway will not use) and ``builder`` (new routes).
+It sends with its own :class:`bridge.producer.KafkaProducerHandle`, one batch at a time.
+It never touches the buffer. It exits when stdin closes (the gateway stopped or died),
+after :data:`bridge.send_worker.IDLE_EXIT_S` without work, or with its parent
 (``PR_SET_PDEATHSIG`` on Linux).
 """
 
@@ -17,10 +19,11 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-from bridge.outcomes import plan_batch, releasable
-from bridge.producer import KafkaProducerHandle
+from bridge.outcomes import releasable
+from bridge.producer import KafkaProducerHandle, PreparedSend
 from bridge.records import RecordBuilder
 from bridge.send_worker import IDLE_EXIT_S, read_frame, write_frame
 from edge.buffer import StoredMessage
@@ -32,11 +35,19 @@ log = logging.getLogger("bridge.send_worker_child")
 _PR_SET_PDEATHSIG = 1
 
 
+@dataclass(slots=True)
+class _Staged:
+    batch: list[StoredMessage]
+    prepared: PreparedSend
+
+
 class _Child:
     def __init__(self, kafka: KafkaConfig, builder: RecordBuilder) -> None:
         self._kafka = kafka
         self._builder = builder
         self._producer = KafkaProducerHandle(kafka)
+        self._staged: dict[int, asyncio.Task[_Staged | tuple[Any, ...]]] = {}
+        self.busy = False
 
     async def start(self) -> None:
         """Connect early (the TLS handshake overlaps the gateway's in-process sends); a
@@ -47,7 +58,25 @@ class _Child:
     def use(self, builder: RecordBuilder) -> None:
         self._builder = builder
 
-    async def send(self, rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    def stage(self, key: int, rows: list[tuple[Any, ...]]) -> None:
+        """Build and encode a batch now (while the batch before it waits for its acks).
+
+        The gateway stages one batch ahead at most: one still staged when the next comes
+        was given up (it may not say so), so it is dropped and nothing piles up here."""
+        for old in list(self._staged):
+            self.drop(old)
+        self._staged[key] = asyncio.create_task(self._prepare(rows))
+
+    def take(self, key: int) -> asyncio.Task[_Staged | tuple[Any, ...]] | None:
+        """The staged batch to send (taken at once, so a later stage cannot drop it)."""
+        return self._staged.pop(key, None)
+
+    def drop(self, key: int) -> None:
+        task = self._staged.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def _prepare(self, rows: list[tuple[Any, ...]]) -> _Staged | tuple[Any, ...]:
         batch = [StoredMessage(*r) for r in rows]
         records = [self._builder.build(m) for m in batch]
         try:
@@ -55,27 +84,37 @@ class _Child:
                 state = await self._producer.topic_state(topic)
                 if state != "ok":
                     return ("declined", f"topic {topic!r} is {state}")
+            prepared = await self._producer.prepare(records)
         except KafkaError as exc:
             return ("failed", str(exc))
-        plan = plan_batch(
-            records,
-            max_record_bytes=self._kafka.max_request_bytes,
-            missing_for={},
-            missing_deadline_s=self._kafka.missing_topic_dead_letter_s,
-        )
-        if plan.dead or plan.held:
-            return ("declined", "a record needs a verdict (too large)")
+        if prepared.early:  # a record too large: the gateway dead-letters it in-process
+            return ("declined", "a record does not fit a record batch")
+        return _Staged(batch, prepared)
+
+    async def send(self, task: asyncio.Task[_Staged | tuple[Any, ...]] | None) -> tuple[Any, ...]:
+        """Send a staged batch, wait for its acks, say which rows may be deleted."""
+        if task is None:
+            return ("declined", "batch not staged (dropped or from an earlier child)")
+        staged = await task
+        if isinstance(staged, tuple):
+            return staged
+        batch = staged.batch
         try:
-            outcome = await self._producer.send(records)
+            outcome = await self._producer.send_prepared(staged.prepared)
         except KafkaError as exc:
             return ("failed", str(exc))
-        done = releasable(batch, outcome.acked, [r.topic for r in records])
-        index_of = {m.row_id: i for i, m in enumerate(batch)}
-        released = [index_of[m.row_id] for m in done]
+        if outcome.error is None and all(outcome.acked):
+            released = list(range(len(batch)))
+        else:
+            topics = [r.topic for r in staged.prepared.records]
+            index_of = {m.row_id: i for i, m in enumerate(batch)}
+            released = [index_of[m.row_id] for m in releasable(batch, outcome.acked, topics)]
         error = None if outcome.error is None else str(outcome.error)
         return ("sent", released, error, outcome.stuck, self._producer.rebuilds)
 
     async def close(self) -> None:
+        for key in list(self._staged):
+            self.drop(key)
         await self._producer.close(5.0)
 
 
@@ -90,23 +129,48 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> None:
     child = _Child(kafka, builder)
     await child.start()
     write_frame(out, ("ready",))
+    # Frames are read while a batch is out: the next one is staged (built, encoded) then.
+    # Sends run one at a time, in the order of their "send" frames.
+    sends: asyncio.Queue[asyncio.Task[_Staged | tuple[Any, ...]] | None] = asyncio.Queue()
+
+    async def sender() -> None:
+        while True:
+            task = await sends.get()
+            child.busy = True
+            try:
+                write_frame(out, await child.send(task))
+            finally:
+                child.busy = sends.qsize() > 0
+
+    sending = asyncio.create_task(sender())
     try:
         while True:
             try:
                 async with asyncio.timeout(IDLE_EXIT_S):
                     frame = await read_frame(reader)
             except TimeoutError:
+                if child.busy:
+                    continue
                 log.info("idle for %.0f s: exiting", IDLE_EXIT_S)
                 return
             except asyncio.IncompleteReadError:
                 return  # stdin closed: the gateway is done with us
-            if frame[0] == "builder":
+            kind = frame[0]
+            if kind == "stage":
+                child.stage(frame[1], frame[2])
+            elif kind == "send":
+                child.busy = True
+                sends.put_nowait(child.take(frame[1]))
+            elif kind == "drop":
+                child.drop(frame[1])
+            elif kind == "builder":
                 child.use(frame[1])
-            elif frame[0] == "send":
-                write_frame(out, await child.send(frame[1]))
             else:
-                raise SystemExit(f"send worker: unknown frame {frame[0]!r}")
+                raise SystemExit(f"send worker: unknown frame {kind!r}")
     finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
         await child.close()
 
 
