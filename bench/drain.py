@@ -107,12 +107,24 @@ def main() -> None:
     parser.add_argument("--live-devices", type=int, default=100)
     parser.add_argument("--live-rate", type=float, default=10.0)
     parser.add_argument("--lease-batch", type=int, default=2000, help="buffer.lease_batch")
+    parser.add_argument(
+        "--live-s",
+        type=float,
+        help="seconds of live traffic (default: about as long as the drain should take)",
+    )
+    parser.add_argument(
+        "--no-send-worker",
+        action="store_true",
+        help="kafka.send_worker = false: the whole drain in the gateway's process (A/B)",
+    )
     parser.add_argument("--kafka-state", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--code", type=Path, default=REPO, help="a checkout to run the gateway from (A/B)"
     )
     args = parser.parse_args()
+    if args.rows < 1 or args.lease_batch < 1 or (args.live_s is not None and args.live_s <= 0):
+        parser.error("--rows, --lease-batch and --live-s must be positive")
 
     work = Path(tempfile.mkdtemp(prefix="tidegate-drain-"))
     kafka = read_state(args.kafka_state) if args.kafka_state else None
@@ -127,6 +139,8 @@ def main() -> None:
             live_devices=args.live_devices,
             live_rate=args.live_rate,
             lease_batch=args.lease_batch,
+            live_s=args.live_s,
+            send_worker=not args.no_send_worker,
             code=args.code.resolve(),
         )
         result["code"] = _describe(args.code)
@@ -160,6 +174,7 @@ def run_drain(
     live_rate: float = 10.0,
     live_s: float | None = None,
     lease_batch: int = 2000,
+    send_worker: bool = True,
     code: Path = REPO,
 ) -> dict[str, Any]:
     """Fill a buffer with ``rows`` messages, start the gateway on it with live traffic,
@@ -203,6 +218,7 @@ kafka_topic = "{topics["telemetry"]}"
 priority = 5
 [kafka]
 bootstrap_servers = ["{kafka.bootstrap}"]
+send_worker = {"true" if send_worker else "false"}
 [kafka.tls]
 cafile = "{kafka.ca_file}"
 certfile = "{kafka.cert_file}"
@@ -228,7 +244,7 @@ port = 0
         except subprocess.TimeoutExpired:
             gateway.kill()
             gateway.wait(timeout=10)
-    result.update(rows=args.rows, fill_s=round(fill_s, 1))
+    result.update(rows=args.rows, fill_s=round(fill_s, 1), send_worker=send_worker)
     return result
 
 

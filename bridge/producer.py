@@ -189,6 +189,9 @@ class KafkaProducerHandle:
             raise KafkaUnavailableError("Kafka metadata not available in time") from None
         for run in plan_partition_runs(records, partitions_of, self._chooser):
             batches.extend(_encode_run(producer, run, records, early))
+            # One partition's records at a time: a batch in flight before this one (the
+            # send worker stages the next while it waits) gets its acks handled in between.
+            await asyncio.sleep(0)
         return PreparedSend(records, batches, early, self.generation)
 
     async def send(self, records: Sequence[KafkaRecord]) -> SendOutcome:

@@ -24,7 +24,7 @@ from typing import Any
 
 from bridge.outcomes import releasable
 from bridge.producer import KafkaProducerHandle, PreparedSend
-from bridge.records import RecordBuilder
+from bridge.records import KafkaRecord, RecordBuilder
 from bridge.send_worker import IDLE_EXIT_S, read_frame, write_frame
 from edge.buffer import StoredMessage
 from gateway.config import KafkaConfig
@@ -32,7 +32,10 @@ from gateway.errors import KafkaError
 
 log = logging.getLogger("bridge.send_worker_child")
 
+
 _PR_SET_PDEATHSIG = 1
+_CHUNK = 250
+"""Rows built between two turns of the event loop while a batch is staged."""
 
 
 @dataclass(slots=True)
@@ -78,7 +81,13 @@ class _Child:
 
     async def _prepare(self, rows: list[tuple[Any, ...]]) -> _Staged | tuple[Any, ...]:
         batch = [StoredMessage(*r) for r in rows]
-        records = [self._builder.build(m) for m in batch]
+        records: list[KafkaRecord] = []
+        build = self._builder.build
+        for start in range(0, len(batch), _CHUNK):
+            records.extend([build(m) for m in batch[start : start + _CHUNK]])
+            # Building a batch takes ~10 ms; the batch before it is in aiokafka's hands
+            # meanwhile, and its request and acks wait for this loop (they did, whole).
+            await asyncio.sleep(0)
         try:
             for topic in {r.topic for r in records}:
                 state = await self._producer.topic_state(topic)
