@@ -113,9 +113,10 @@ def main() -> None:
         help="seconds of live traffic (default: about as long as the drain should take)",
     )
     parser.add_argument(
-        "--no-send-worker",
-        action="store_true",
-        help="kafka.send_worker = false: the whole drain in the gateway's process (A/B)",
+        "--send-workers",
+        type=int,
+        default=2,
+        help="kafka.send_workers (0: the whole drain in the gateway's process)",
     )
     parser.add_argument("--kafka-state", type=Path)
     parser.add_argument("--out", type=Path)
@@ -125,6 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rows < 1 or args.lease_batch < 1 or (args.live_s is not None and args.live_s <= 0):
         parser.error("--rows, --lease-batch and --live-s must be positive")
+    if not 0 <= args.send_workers <= 8:
+        parser.error("--send-workers must be 0..8")
 
     work = Path(tempfile.mkdtemp(prefix="tidegate-drain-"))
     kafka = read_state(args.kafka_state) if args.kafka_state else None
@@ -140,7 +143,7 @@ def main() -> None:
             live_rate=args.live_rate,
             lease_batch=args.lease_batch,
             live_s=args.live_s,
-            send_worker=not args.no_send_worker,
+            send_workers=args.send_workers,
             code=args.code.resolve(),
         )
         result["code"] = _describe(args.code)
@@ -174,7 +177,7 @@ def run_drain(
     live_rate: float = 10.0,
     live_s: float | None = None,
     lease_batch: int = 2000,
-    send_worker: bool = True,
+    send_workers: int = 2,
     code: Path = REPO,
 ) -> dict[str, Any]:
     """Fill a buffer with ``rows`` messages, start the gateway on it with live traffic,
@@ -218,7 +221,7 @@ kafka_topic = "{topics["telemetry"]}"
 priority = 5
 [kafka]
 bootstrap_servers = ["{kafka.bootstrap}"]
-send_worker = {"true" if send_worker else "false"}
+send_workers = {send_workers}
 [kafka.tls]
 cafile = "{kafka.ca_file}"
 certfile = "{kafka.cert_file}"
@@ -244,7 +247,7 @@ port = 0
         except subprocess.TimeoutExpired:
             gateway.kill()
             gateway.wait(timeout=10)
-    result.update(rows=args.rows, fill_s=round(fill_s, 1), send_worker=send_worker)
+    result.update(rows=args.rows, fill_s=round(fill_s, 1), send_workers=send_workers)
     return result
 
 

@@ -163,7 +163,7 @@ class Forwarder:
         """At-least-once with a backlog: deleting the last batch's rows (see the module)."""
         self.send_worker = (
             SendWorker(kafka, builder, clock=clock)
-            if kafka.send_worker and not self.exactly_once
+            if kafka.send_workers and not self.exactly_once
             else None
         )
         self._worker_trusted = True
@@ -335,7 +335,9 @@ class Forwarder:
         if sent is None:
             return None
         done = [leased[i] for i in sent.released]
-        whole = sent.error is None and len(done) == len(leased)
+        whole = sent.error is None and not sent.declined and len(done) == len(leased)
+        if sent.declined:  # the declined rows go in-process next (they need a verdict)
+            self._distrust_worker()
         await self._released()
         if self._ahead is not None and whole:
             self._releasing = asyncio.create_task(self._release(done), name="forwarder-release")

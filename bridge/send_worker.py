@@ -5,23 +5,27 @@ event loop spent ~9.5 µs of GIL per row and ~260 µs per live message, so one p
 out near 78k rows/s however fast Kafka is, with the second core mostly idle
 (docs/benchmarks.md, "Drain with live traffic: the GIL budget"). Most of a row's cost is
 building its Kafka record, choosing its partition and encoding the produce request. This
-module moves that work into a child process (``python -m bridge.send_worker_child``) with
-its own interpreter, its own producer and its own core. The gateway keeps everything that
-touches the buffer: it leases the rows, hands them to the child, and deletes those the
-child reports acked.
+module moves that work into child processes (``python -m bridge.send_worker_child``,
+``kafka.send_workers`` of them), each with its own interpreter and producer. The gateway
+keeps everything that touches the buffer: it leases the rows, splits each batch between the
+children by device (a device's rows of a batch all go to one child, in order), and deletes
+the rows the children report acked.
 
 What stays the same:
-- One batch is in flight at a time, whether the child or the gateway sends it, so
-  per-device order is kept exactly as before (see :mod:`bridge.forwarder`).
+- One batch is in flight at a time, whether the children or the gateway send it (the next
+  batch waits for every child's answer), so per-device order is kept exactly as before
+  (see :mod:`bridge.forwarder`). Children are staged the next batch while they wait for
+  acks: they build and encode it then, and send it only when told.
 - Only rows the child reports acked (and :func:`bridge.outcomes.releasable`) are deleted.
   A child that dies mid-batch loses nothing: the rows are still in the buffer and go again.
-- Anything unusual goes back to the gateway's own path, which knows how to handle it: the
-  child *declines* a batch with a record too large, a missing or forbidden topic; after any
-  send error the gateway sends in-process (per-record verdicts, poison records, the
-  breaker) until a batch goes out whole.
+- Anything unusual goes back to the gateway's own path, which knows how to handle it: a
+  child *declines* a part with a record too large, a missing or forbidden topic; after any
+  decline or send error the gateway sends in-process (per-record verdicts, poison records,
+  the breaker) until a batch goes out whole.
 
-The child is used only in at-least-once mode and only with a backlog (a full lease); it
-starts on the first backlog and exits by itself after :data:`IDLE_EXIT_S` without work.
+Children are used only in at-least-once mode and only with a backlog (the buffer holds more
+than a lease); they start on the first backlog and exit by themselves after
+:data:`IDLE_EXIT_S` without work.
 Frames on its stdin/stdout are a 4-byte length and a pickle (our own child, our own pipe).
 """
 
@@ -35,13 +39,12 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.records import RecordBuilder
 from edge.buffer import StoredMessage
 from gateway.config import KafkaConfig
-from gateway.errors import KafkaUnavailableError
 
 __all__ = [
     "CHILD_MODULE",
@@ -94,45 +97,84 @@ def row_tuple(message: StoredMessage) -> tuple[Any, ...]:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSent:
-    """The child's answer for a batch it sent."""
+    """The children's answer for a batch they sent (some of it, at least)."""
 
     released: list[int]
     """Indices into the batch of the rows that may be deleted (acked, and in order)."""
     error: str | None
     """The first send failure, if any (the gateway then sends in-process for a while)."""
     stuck: bool
-    """The batch missed its deadline; the child rebuilt its producer."""
+    """A part missed its deadline; that child rebuilt its producer."""
+    declined: bool = False
+    """A part came back unsent (its rows stay leased-then-free: sent in-process next)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """A batch handed to the child ahead of its send (see :meth:`SendWorker.stage`)."""
+    """A batch handed to the children ahead of its send (see :meth:`SendWorker.stage`)."""
 
-    child: int
-    """Which child has it (``stats.starts`` when it was staged)."""
-    key: int
+    generation: int
+    """The pool it was staged in (a child restarted since: stage again)."""
+    keys: list[int]
+    """Per child, the key of its part (0: no rows for that child)."""
 
 
 @dataclass(slots=True)
 class SendWorkerStats:
     """``/status`` → ``kafka.send_worker``."""
 
-    running: bool = False
-    pid: int | None = None
+    children: int = 0
+    """Configured (``kafka.send_workers``)."""
+    running: int = 0
+    pids: list[int] = field(default_factory=list)
     starts: int = 0
     batches: int = 0
     rows: int = 0
-    """Rows the child sent and the gateway released."""
+    """Rows the children sent and the gateway released."""
     declined: int = 0
-    """Batches the child handed back unsent (a record too large, a missing topic)."""
+    """Parts of batches handed back unsent (a record too large, a missing topic)."""
     failed_batches: int = 0
     exits: int = 0
-    """Times the child was found gone (idle exit included)."""
+    """Children found gone (idle exits included)."""
     producer_rebuilds: int = 0
 
 
+_Reply = tuple[Any, ...]
+
+
+class _Child:
+    """One child process and its pipe."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self.stdin: asyncio.StreamWriter = process.stdin
+        self.stdout: asyncio.StreamReader = process.stdout
+        self.next_key = 0
+        self.rebuilds = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    def write(self, message: object) -> None:
+        write_frame(self.stdin, message)
+
+    async def stop(self) -> None:
+        """Ask it to go (stdin closed), kill it if it lingers, reap it."""
+        self.stdin.close()
+        try:
+            async with asyncio.timeout(5):
+                await self.process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
 class SendWorker:
-    """The gateway's side of the child process."""
+    """The gateway's side of the child processes (a pool of ``kafka.send_workers``)."""
 
     def __init__(
         self,
@@ -144,157 +186,226 @@ class SendWorker:
         self._kafka = kafka
         self._builder = builder
         self._clock = clock
-        self._process: asyncio.subprocess.Process | None = None
+        self._size = max(1, kafka.send_workers)
+        self._children: list[_Child] = []
         self._starting: asyncio.Task[None] | None = None
-        self._ready = False
+        self._generation = 0
         self._builder_stale = False
         self._next_start = 0.0
-        self._next_key = 0
-        self.stats = SendWorkerStats()
+        self._lost = False
+        """A child failed mid-batch: none is spoken to again until all are restarted."""
+        self.stats = SendWorkerStats(children=self._size)
 
     @property
     def ready(self) -> bool:
-        """True when a batch can go to the child now."""
-        process = self._process
-        return self._ready and process is not None and process.returncode is None
+        """True when a batch can go to the children now."""
+        return (
+            not self._lost
+            and len(self._children) == self._size
+            and all(c.alive for c in self._children)
+        )
 
     def want(self) -> None:
-        """A backlog is draining: start the child in the background unless it runs (or
+        """A backlog is draining: start the children in the background unless they run (or
         failed moments ago)."""
         if self.ready or self._starting is not None or self._clock() < self._next_start:
             return
         self._starting = asyncio.create_task(self._start(), name="send-worker-start")
 
     def builder_changed(self) -> None:
-        """Routes changed (a reload): the child gets the new builder before its next batch."""
+        """Routes changed (a reload): the children get the new builder before their next
+        batch."""
         self._builder_stale = True
 
     async def _start(self) -> None:
         try:
-            await self._gone()  # the previous child, if any, is reaped first
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                CHILD_MODULE,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+            await self._gone()  # children left from before (one died, or idled out) go first
+            spawned = await asyncio.gather(
+                *(self._spawn() for _ in range(self._size)), return_exceptions=True
             )
-            self._process = process
-            assert process.stdin is not None
-            assert process.stdout is not None
-            write_frame(process.stdin, ("init", self._kafka, self._builder, _log_level()))
+            self._children = [c for c in spawned if isinstance(c, _Child)]
+            _raise_first_failure(spawned)
+            self._lost = False
             self._builder_stale = False
-            async with asyncio.timeout(_START_DEADLINE_S):
-                await process.stdin.drain()
-                reply = await read_frame(process.stdout)
-            _expect_ready(reply)
-            self._ready = True
-            self.stats.starts += 1
-            self.stats.running = True
-            self.stats.pid = process.pid
-            log.info("send worker started (pid %d): backlog batches go out from it", process.pid)
+            self._generation += 1
+            self.stats.starts += len(self._children)
+            self.stats.running = len(self._children)
+            self.stats.pids = [c.process.pid for c in self._children]
+            log.info(
+                "send workers started (pids %s): backlog batches go out from them",
+                self.stats.pids,
+            )
         except Exception as exc:  # whatever it was, the in-process path stands in
-            log.warning("send worker did not start (sending in-process): %r", exc)
+            log.warning("send workers did not start (sending in-process): %r", exc)
             self._next_start = self._clock() + _RESTART_AFTER_S
             await self._gone()
         finally:
             self._starting = None
 
-    def stage(self, batch: Sequence[StoredMessage]) -> Staged | None:
-        """Hand ``batch`` to the child now, so it builds and encodes it while the batch before
-        it waits for Kafka; :meth:`send` it or :meth:`drop` it later. None: no child."""
-        process = self._process
-        if not self.ready or process is None:
-            return None
-        assert process.stdin is not None
-        if self._builder_stale:
-            write_frame(process.stdin, ("builder", self._builder))
-            self._builder_stale = False
-        self._next_key += 1
-        write_frame(process.stdin, ("stage", self._next_key, [row_tuple(m) for m in batch]))
-        return Staged(self.stats.starts, self._next_key)
+    async def _spawn(self) -> _Child:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            CHILD_MODULE,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        child = _Child(process)
+        try:
+            child.write(("init", self._kafka, self._builder, _log_level()))
+            async with asyncio.timeout(_START_DEADLINE_S):
+                await child.stdin.drain()
+                reply = await read_frame(child.stdout)
+            _expect_ready(reply)
+        except BaseException:
+            await child.stop()
+            raise
+        return child
 
-    def drop(self, staged: Staged) -> None:
-        """A staged batch that will not be sent (the batch before it did not go out whole)."""
-        process = self._process
-        if self.ready and process is not None and staged.child == self.stats.starts:
-            assert process.stdin is not None
-            write_frame(process.stdin, ("drop", staged.key))
+    def _split(self, batch: Sequence[StoredMessage]) -> list[list[int]]:
+        """Per child, the indices of its rows (in batch order): by device, so each device's
+        rows of a batch go to one child and keep their order."""
+        parts: list[list[int]] = [[] for _ in range(self._size)]
+        if self._size == 1:
+            parts[0] = list(range(len(batch)))
+            return parts
+        size = self._size
+        for index, message in enumerate(batch):
+            parts[hash(message.device_id) % size].append(index)
+        return parts
+
+    def stage(self, batch: Sequence[StoredMessage]) -> Staged | None:
+        """Hand ``batch`` to the children now, so they build and encode it while the batch
+        before it waits for Kafka; :meth:`send` it later (a child drops a staged part when
+        the next is staged). None: no children."""
+        if not self.ready:
+            return None
+        if self._builder_stale:
+            for child in self._children:
+                child.write(("builder", self._builder))
+            self._builder_stale = False
+        keys: list[int] = []
+        for child, indices in zip(self._children, self._split(batch), strict=True):
+            if not indices:
+                keys.append(0)
+                continue
+            child.next_key += 1
+            child.write(("stage", child.next_key, [row_tuple(batch[i]) for i in indices]))
+            keys.append(child.next_key)
+        return Staged(self._generation, keys)
 
     async def send(
         self, batch: Sequence[StoredMessage], staged: Staged | None = None
     ) -> WorkerSent | None:
-        """Have the child send ``batch`` (staged earlier, or now); None when it declined or
-        is gone (send it in-process then: the child sent nothing of it, or nothing of it
-        was acked)."""
-        if staged is None or staged.child != self.stats.starts:
+        """Have the children send ``batch`` (staged earlier, or now); None when they declined
+        all of it or are gone (send it in-process then: nothing of it was sent by them, or
+        nothing of it was acked)."""
+        if staged is None or staged.generation != self._generation:
             staged = self.stage(batch)
-        process = self._process
-        if staged is None or not self.ready or process is None:
+        if staged is None or not self.ready:
             return None
-        assert process.stdin is not None
-        assert process.stdout is not None
+        parts = self._split(batch)
+        active = [
+            (child, key, indices)
+            for child, key, indices in zip(self._children, staged.keys, parts, strict=True)
+            if key
+        ]
         try:
-            write_frame(process.stdin, ("send", staged.key))
-            await process.stdin.drain()
-            # The child bounds its own wait (kafka.send_deadline_s); this covers a hung child.
+            for child, key, _ in active:
+                child.write(("send", key))
+            await asyncio.gather(*(child.stdin.drain() for child, _, _ in active))
+            # Each child bounds its own wait (kafka.send_deadline_s); this covers a hung one.
             async with asyncio.timeout(self._kafka.send_deadline_s + 30):
-                reply = await read_frame(process.stdout)
+                replies = await asyncio.gather(
+                    *(read_frame(child.stdout) for child, _, _ in active), return_exceptions=True
+                )
         except asyncio.CancelledError:
-            # The stream may stop mid-frame: this child is not spoken to again (the next
-            # start reaps it; its stdin closing makes it exit).
-            self._ready = False
+            # A stream may stop mid-frame: these children are not spoken to again (the next
+            # start stops them; their stdin closing makes them exit).
+            self._generation += 1
+            self._children_lost()
             raise
-        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            # Gone (idle exit or a crash) or hung: whatever it sent unacked is sent again.
-            log.warning("send worker unavailable (sending in-process): %r", exc)
-            self._next_start = self._clock() + _RESTART_AFTER_S
-            await self._gone()
-            return None
-        kind = reply[0]
-        if kind == "declined":
-            self.stats.declined += 1
-            log.debug("send worker declined a batch: %s", reply[1])
-            return None
-        if kind == "failed":  # Kafka refused before anything was sent (no producer)
-            self.stats.failed_batches += 1
-            raise KafkaUnavailableError(reply[1])
-        _, released, error, stuck, rebuilds = reply
+        except (OSError, TimeoutError) as exc:
+            replies = [exc] * len(active)
+        return self._combine(replies, [indices for _, _, indices in active], active)
+
+    def _combine(
+        self,
+        replies: Sequence[_Reply | BaseException],
+        parts: Sequence[list[int]],
+        active: Sequence[tuple[_Child, int, list[int]]],
+    ) -> WorkerSent | None:
+        released: list[int] = []
+        error: str | None = None
+        stuck = declined = sent = False
+        for reply, indices, (child, _, _) in zip(replies, parts, active, strict=True):
+            if isinstance(reply, BaseException):
+                # Gone (idle exit or a crash) or hung: what it sent unacked is sent again.
+                log.warning("send worker unavailable (sending in-process): %r", reply)
+                self._children_lost()
+                error = error or f"send worker unavailable: {reply!r}"
+                continue
+            kind = reply[0]
+            if kind == "declined":
+                self.stats.declined += 1
+                log.debug("send worker declined part of a batch: %s", reply[1])
+                declined = True
+            elif kind == "failed":  # Kafka refused before anything was sent (no producer)
+                error = error or reply[1]
+            else:
+                _, child_released, child_error, child_stuck, child.rebuilds = reply
+                sent = True
+                released.extend(indices[i] for i in child_released)
+                error = error or child_error
+                stuck = stuck or child_stuck
+        self.stats.producer_rebuilds = sum(c.rebuilds for c in self._children)
+        if not sent and error is None:
+            return None  # all declined (or nothing to send): the caller sends in-process
+        released.sort()
         self.stats.batches += 1
         self.stats.rows += len(released)
-        self.stats.producer_rebuilds = rebuilds
         if error is not None:
             self.stats.failed_batches += 1
-        return WorkerSent(released=released, error=error, stuck=stuck)
+        return WorkerSent(released=released, error=error, stuck=stuck, declined=declined)
+
+    def _children_lost(self) -> None:
+        """Start them afresh after a pause (the old ones are stopped by the next start)."""
+        if self._lost:
+            return
+        self._next_start = self._clock() + _RESTART_AFTER_S
+        self._generation += 1
+        self._lost = True
+        self.stats.exits += len(self._children)
+        self.stats.running = 0
+        self.stats.pids = []
+        for child in self._children:
+            if child.alive:
+                child.stdin.close()
 
     async def _gone(self) -> None:
-        """Forget the child: ask it to go (stdin closed), kill it if it lingers, reap it."""
-        process, self._process = self._process, None
-        self._ready = False
-        if self.stats.running:
-            self.stats.exits += 1
-        self.stats.running = False
-        self.stats.pid = None
-        if process is None:
-            return
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            async with asyncio.timeout(5):
-                await process.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        """Stop and reap every child."""
+        children, self._children = self._children, []
+        if not self._lost:  # (counted when they were lost)
+            self.stats.exits += len(children)
+        self.stats.running = 0
+        self.stats.pids = []
+        await asyncio.gather(*(child.stop() for child in children))
 
     async def close(self) -> None:
-        """Stop the child (it finishes nothing: rows it had are still in the buffer)."""
+        """Stop the children (they finish nothing: the rows they had are still in the
+        buffer)."""
         starting, self._starting = self._starting, None
         if starting is not None:
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
         await self._gone()
+
+
+def _raise_first_failure(results: Sequence[object]) -> None:
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
 
 
 def _expect_ready(reply: object) -> None:

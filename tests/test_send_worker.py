@@ -46,9 +46,7 @@ def _first_occurrences_in_order(records: list[Any]) -> bool:
     return True
 
 
-def _held_backlog(
-    tmp_path: Path, kafka: KafkaState, topic: str, rows: int, devices: int
-) -> Path:
+def _held_backlog(tmp_path: Path, kafka: KafkaState, topic: str, rows: int, devices: int) -> Path:
     config = write_gateway_config(
         tmp_path,
         bootstrap=kafka.bootstrap,
@@ -70,8 +68,8 @@ def _wait_worker_declining(gateway: GatewayProcess) -> dict[str, Any]:
     )
     assert status["kafka"]["forwarded"] == 0
     worker: dict[str, Any] = status["kafka"]["send_worker"]
-    assert worker["running"]
-    assert worker["pid"]
+    assert worker["running"] == worker["children"] == 2  # the default pool
+    assert len(worker["pids"]) == 2
     return worker
 
 
@@ -94,7 +92,7 @@ async def test_a_backlog_goes_out_from_the_send_worker_each_row_once_in_order(
     # metadata of the new topic reached the child).
     assert worker["rows"] >= rows - 2 * 500, kafka_status
     assert worker["failed_batches"] == 0
-    assert worker["starts"] == 1
+    assert worker["starts"] == 2
     assert kafka_status["releases_overlapped"] >= worker["batches"] // 2, kafka_status
     records = await read_topics(kafka.bootstrap, _tls(kafka), [topic])
     ids = _row_ids(records)
@@ -113,7 +111,7 @@ async def test_a_send_worker_killed_mid_drain_loses_nothing_and_is_restarted(
     rows, devices = 200_000, 50
     config = await asyncio.to_thread(_held_backlog, tmp_path, kafka, topic, rows, devices)
     with running_gateway(config) as gateway:
-        pid = _wait_worker_declining(gateway)["pid"]
+        pid = _wait_worker_declining(gateway)["pids"][0]
         await asyncio.to_thread(create_topics, kafka, [topic], partitions=3)
         sending = gateway.wait_status(
             lambda s: s["kafka"]["send_worker"]["rows"] > 0, 60, "the child sending"
@@ -160,4 +158,4 @@ async def test_a_child_that_cannot_start_leaves_sending_in_process(
         assert worker._starting is not None
     finally:
         await worker.close()
-    assert worker._process is None
+    assert worker._children == []
