@@ -115,8 +115,8 @@ def main() -> None:
     parser.add_argument(
         "--send-workers",
         type=int,
-        default=2,
-        help="kafka.send_workers (0: the whole drain in the gateway's process)",
+        help="kafka.send_workers (0: the whole drain in the gateway's process; default:"
+        " the gateway's default)",
     )
     parser.add_argument("--kafka-state", type=Path)
     parser.add_argument("--out", type=Path)
@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rows < 1 or args.lease_batch < 1 or (args.live_s is not None and args.live_s <= 0):
         parser.error("--rows, --lease-batch and --live-s must be positive")
-    if not 0 <= args.send_workers <= 8:
+    if args.send_workers is not None and not 0 <= args.send_workers <= 8:
         parser.error("--send-workers must be 0..8")
 
     work = Path(tempfile.mkdtemp(prefix="tidegate-drain-"))
@@ -177,7 +177,7 @@ def run_drain(
     live_rate: float = 10.0,
     live_s: float | None = None,
     lease_batch: int = 2000,
-    send_workers: int = 2,
+    send_workers: int | None = None,
     code: Path = REPO,
 ) -> dict[str, Any]:
     """Fill a buffer with ``rows`` messages, start the gateway on it with live traffic,
@@ -221,7 +221,7 @@ kafka_topic = "{topics["telemetry"]}"
 priority = 5
 [kafka]
 bootstrap_servers = ["{kafka.bootstrap}"]
-send_workers = {send_workers}
+{"" if send_workers is None else f"send_workers = {send_workers}"}
 [kafka.tls]
 cafile = "{kafka.ca_file}"
 certfile = "{kafka.cert_file}"
@@ -247,7 +247,9 @@ port = 0
         except subprocess.TimeoutExpired:
             gateway.kill()
             gateway.wait(timeout=10)
-    result.update(rows=args.rows, fill_s=round(fill_s, 1), send_workers=send_workers)
+    # What the gateway ran with (its default when not told; 0 before send workers existed).
+    workers = (result["forwarder"].get("send_worker") or {}).get("children", 0)
+    result.update(rows=args.rows, fill_s=round(fill_s, 1), send_workers=workers)
     return result
 
 

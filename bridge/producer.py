@@ -169,9 +169,16 @@ class KafkaProducerHandle:
             return "unauthorized"
         return "missing"
 
-    async def prepare(self, records: Sequence[KafkaRecord]) -> PreparedSend:
+    async def prepare(
+        self, records: Sequence[KafkaRecord], *, yielding: bool = False
+    ) -> PreparedSend:
         """Choose partitions and encode ``records`` into closed record batches, within
-        ``send_deadline_s`` (the metadata of a topic may have to be fetched)."""
+        ``send_deadline_s`` (the metadata of a topic may have to be fetched).
+
+        ``yielding``: let the event loop run between partitions (the send worker stages the
+        next batch while the one before waits for its acks). Not in the gateway: there every
+        turn of the loop also runs ingest, and a batch in five or six pieces went out later
+        (one batch in flight: the drain was ~15 % slower)."""
         await self.ensure_started()
         producer = self._producer
         assert producer is not None
@@ -189,9 +196,8 @@ class KafkaProducerHandle:
             raise KafkaUnavailableError("Kafka metadata not available in time") from None
         for run in plan_partition_runs(records, partitions_of, self._chooser):
             batches.extend(_encode_run(producer, run, records, early))
-            # One partition's records at a time: a batch in flight before this one (the
-            # send worker stages the next while it waits) gets its acks handled in between.
-            await asyncio.sleep(0)
+            if yielding:
+                await asyncio.sleep(0)
         return PreparedSend(records, batches, early, self.generation)
 
     async def send(self, records: Sequence[KafkaRecord]) -> SendOutcome:

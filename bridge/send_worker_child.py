@@ -93,7 +93,7 @@ class _Child:
                 state = await self._producer.topic_state(topic)
                 if state != "ok":
                     return ("declined", f"topic {topic!r} is {state}")
-            prepared = await self._producer.prepare(records)
+            prepared = await self._producer.prepare(records, yielding=True)
         except KafkaError as exc:
             return ("failed", str(exc))
         if prepared.early:  # a record too large: the gateway dead-letters it in-process

@@ -85,12 +85,13 @@ class KafkaConfig(ConfigModel):
     leasing them, so a trickle shares one Kafka batch instead of one per group commit
     (1,000 msg/s: 23 rows per batch instead of 7, gateway CPU per message -15 %, PUBACK
     p99 lower). Adds up to this much to publish → Kafka latency; never waits under load."""
-    send_workers: Annotated[int, Field(ge=0, le=8)] = 2
+    send_workers: Annotated[int, Field(ge=0, le=8)] = 1
     """At-least-once: while a backlog drains (the buffer holds more than a lease), this
-    many child processes build and send the records, so the drain gets interpreters and
-    cores of its own while this one ingests live traffic and deletes what Kafka acked. They
+    many child processes build and send the records, so the drain gets an interpreter and
+    a core of its own while this one ingests live traffic and deletes what Kafka acked. They
     start on the first backlog and exit after 30 s idle (~60 MB each while they run).
-    0: everything in one process. docs/buffer.md."""
+    0: everything in one process. More than 1 did not drain faster on 2 cores
+    (docs/benchmarks.md). docs/buffer.md."""
     max_batch_bytes: Annotated[int, Field(ge=16_384, le=16 << 20)] = 1 << 20
     request_timeout_s: Annotated[float, Field(gt=0, le=300)] = 15.0
     send_deadline_s: Annotated[float, Field(gt=0, le=600)] = 30.0

@@ -17,7 +17,9 @@ The model (docs/sizing.md explains each term):
 * disk = buffer bytes + the WAL (``WAL_BYTES`` or two group commits, whichever is larger)
   + ``buffer.min_free_disk_bytes`` (the gateway stops acknowledging below it);
 * memory = ``RSS_BASE_BYTES`` + devices x ``RSS_PER_DEVICE_BYTES``: the buffer is on disk,
-  so memory does not grow with the outage.
+  so memory does not grow with the outage;
+* while the backlog drains after it, ``kafka.send_workers`` child processes of
+  ``SEND_WORKER_RSS_BYTES`` each come on top (they exit 30 s after the drain).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "ROW_META_BYTES",
     "RSS_BASE_BYTES",
     "RSS_PER_DEVICE_BYTES",
+    "SEND_WORKER_RSS_BYTES",
     "WAL_BYTES",
     "Sizing",
     "estimate",
@@ -80,6 +83,10 @@ RSS_BASE_BYTES = 90 << 20
 """Gateway RSS with no device connected (Python, amqtt, aiokafka, SQLite cache); 81-83 MiB
 measured (a password check adds scrypt's memory while devices connect, docs/sizing.md)."""
 RSS_PER_DEVICE_BYTES = 16_500
+SEND_WORKER_RSS_BYTES = 72 << 20
+"""One send worker child (bridge/send_worker.py) while a backlog drains: Python, aiokafka,
+its producer and two batches (the one in flight and the one staged); measured by
+bench/drain.py (docs/bench-results/drain-send-workers.json)."""
 """Added RSS per connected device (session, handler, two tasks, socket buffers): 13.6-15.4
 KB measured between 1,000 and 10,000 devices (bench/sizing.py, bench/fleet_scale.py: 97.7 MB
 at 1,000, 225.1 MB at 10,000), with a margin for the peak while waves connect: 243.0 MB with
@@ -110,6 +117,8 @@ class Sizing:
     disk_bytes: int
     """Buffer + WAL + ``min_free_disk_bytes``: free space the data directory needs."""
     memory_bytes: int
+    drain_memory_bytes: int
+    """``memory_bytes`` plus the send workers, while the backlog drains after the outage."""
 
 
 def parse_duration(text: str) -> float:
@@ -142,6 +151,7 @@ def estimate(
     commit_max_batch: int = 2048,
     min_free_disk_bytes: int = 256 << 20,
     ledger_rows: int = 0,
+    send_workers: int = 1,
 ) -> Sizing:
     """Bytes for ``outage_s`` of ``rate_per_s`` messages of ``payload_bytes`` from
     ``devices`` devices; ``ledger_rows`` drop-ledger entries (0 for lossless classes)."""
@@ -151,6 +161,7 @@ def estimate(
         ("payload", payload_bytes),
         ("devices", devices),
         ("ledger rows", ledger_rows),
+        ("send workers", send_workers),
     ):
         if value < 0 or math.isnan(value):
             raise SizingError(f"{name} must be >= 0, got {value}")
@@ -163,13 +174,15 @@ def estimate(
         + ledger_rows * LEDGER_ROW_BYTES
     )
     wal_bytes = max(WAL_BYTES, math.ceil(2 * commit_max_batch * per_row))
+    memory_bytes = RSS_BASE_BYTES + devices * RSS_PER_DEVICE_BYTES
     return Sizing(
         rows=rows,
         payload_bytes=rows * payload_bytes,
         buffer_bytes=buffer_bytes,
         wal_bytes=wal_bytes,
         disk_bytes=buffer_bytes + wal_bytes + min_free_disk_bytes,
-        memory_bytes=RSS_BASE_BYTES + devices * RSS_PER_DEVICE_BYTES,
+        memory_bytes=memory_bytes,
+        drain_memory_bytes=memory_bytes + send_workers * SEND_WORKER_RSS_BYTES,
     )
 
 
@@ -193,15 +206,18 @@ def sizing_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Disk and memory for riding out a Kafka outage (constants: docs/sizing.md)."""
-    commit_max_batch, min_free, bounds = 2048, 256 << 20, None
+    commit_max_batch, min_free, bounds, send_workers = 2048, 256 << 20, None, 1
     if config is not None:
         try:
-            buffer = load_config(config, check_files=False).buffer
+            loaded = load_config(config, check_files=False)
         except ConfigError as exc:
             typer.echo(f"tidegate: {exc}", err=True)
             raise typer.Exit(2) from None
+        buffer = loaded.buffer
         commit_max_batch, min_free = buffer.commit_max_batch, buffer.min_free_disk_bytes
         bounds = buffer
+        exactly_once = loaded.kafka.delivery == "exactly_once"
+        send_workers = 0 if exactly_once else loaded.kafka.send_workers
     try:
         result = estimate(
             rate_per_s=rate,
@@ -210,6 +226,7 @@ def sizing_command(
             devices=devices,
             commit_max_batch=commit_max_batch,
             min_free_disk_bytes=min_free,
+            send_workers=send_workers,
         )
     except SizingError as exc:
         typer.echo(f"tidegate: {exc}", err=True)
@@ -228,6 +245,10 @@ def sizing_command(
         typer.echo(f"WAL                   {_human(result.wal_bytes)}")
         typer.echo(f"disk free needed      {_human(result.disk_bytes)} (incl. min_free_disk)")
         typer.echo(f"memory (RSS)          {_human(result.memory_bytes)}")
+        typer.echo(
+            f"  while draining       {_human(result.drain_memory_bytes)}"
+            f" (with {send_workers} send workers)"
+        )
         if bounds is not None:
             verdict = "fits" if fits else "DOES NOT FIT"
             typer.echo(

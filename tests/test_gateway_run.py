@@ -192,12 +192,16 @@ async def test_a_trickle_shares_kafka_batches_and_every_message_arrives(
     assert len({r.value for r in records}) == len(records) == acked
 
 
+@pytest.mark.parametrize("send_workers", [1, 0], ids=["send-worker", "in-process"])
 async def test_a_backlog_drains_with_deletes_behind_the_sends_each_row_once_in_order(
-    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Any
+    tmp_path: Path, kafka: KafkaState, kafka_topic_factory: Any, send_workers: int
 ) -> None:
-    """With a backlog the delete of a batch runs while the next batch (leased and built
-    ahead) goes to Kafka. Nothing is leased twice: without faults every row arrives exactly
-    once, and each device's rows arrive in row order."""
+    """With a backlog the delete of a batch runs while the next batch (leased and built or
+    staged ahead) goes to Kafka. Nothing is leased twice: without faults every row arrives
+    exactly once, and each device's rows arrive in row order. The same in one process
+    (``kafka.send_workers = 0``) and with the default send worker (which may start only
+    after part of this small backlog went in-process; tests/test_send_worker.py holds a
+    backlog until it runs)."""
     telemetry = kafka_topic_factory("telemetry")
     config = write_gateway_config(
         tmp_path,
@@ -206,6 +210,9 @@ async def test_a_backlog_drains_with_deletes_behind_the_sends_each_row_once_in_o
         topics={"telemetry": telemetry},
         extra="[buffer]\nlease_batch = 100\n",
     )
+    config.write_text(
+        config.read_text().replace("[kafka]\n", f"[kafka]\nsend_workers = {send_workers}\n", 1)
+    )
     rows, devices = 3000, 20
     (tmp_path / "data").mkdir()
     await asyncio.to_thread(fill_backlog, tmp_path / "data" / "buffer.sqlite3", rows, devices)
@@ -213,6 +220,8 @@ async def test_a_backlog_drains_with_deletes_behind_the_sends_each_row_once_in_o
         status = gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 60, "the backlog drained")
     assert status["kafka"]["forwarded"] == rows
     assert status["kafka"]["releases_overlapped"] >= rows // 100 // 2, status["kafka"]
+    worker = status["kafka"]["send_worker"]
+    assert (worker or {}).get("children", 0) == send_workers
     records = await read_topics(kafka.bootstrap, _tls(kafka), [telemetry])
     ids = [int(r.headers["tg-message-id"].split(b":")[1]) for r in records]
     first = min(ids)  # row ids start from a clock-seeded counter

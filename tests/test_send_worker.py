@@ -54,6 +54,8 @@ def _held_backlog(tmp_path: Path, kafka: KafkaState, topic: str, rows: int, devi
         topics={"telemetry": topic},
         extra="[buffer]\nlease_batch = 500\n",
     )
+    # Two children (the default is one): the split of a batch between them is exercised too.
+    config.write_text(config.read_text().replace("[kafka]\n", "[kafka]\nsend_workers = 2\n", 1))
     (tmp_path / "data").mkdir()
     fill_backlog(tmp_path / "data" / "buffer.sqlite3", rows, devices)
     return config
@@ -68,7 +70,7 @@ def _wait_worker_declining(gateway: GatewayProcess) -> dict[str, Any]:
     )
     assert status["kafka"]["forwarded"] == 0
     worker: dict[str, Any] = status["kafka"]["send_worker"]
-    assert worker["running"] == worker["children"] == 2  # the default pool
+    assert worker["running"] == worker["children"] == 2  # the pool of _held_backlog
     assert len(worker["pids"]) == 2
     return worker
 

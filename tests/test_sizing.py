@@ -20,6 +20,7 @@ from tests.harness import REPO
 
 MEASURED = REPO / "docs" / "bench-results" / "sizing.json"
 FLEET_SCALE = REPO / "docs" / "bench-results" / "fleet-scale-10k.json"
+DRAIN_RUNS = REPO / "docs" / "bench-results" / "drain-send-workers.json"
 
 
 def test_parse_duration() -> None:
@@ -54,8 +55,16 @@ def test_estimate_arithmetic() -> None:
     # Rows never share less than a page each; big rows spill into overflow pages.
     assert sizing.row_bytes(3900) >= 4096
     assert sizing.row_bytes(10_000) >= 10_000 + sizing.ROW_META_BYTES
+    # While the backlog drains, the send worker comes on top (default 1).
+    assert result.drain_memory_bytes == result.memory_bytes + sizing.SEND_WORKER_RSS_BYTES
+    alone = sizing.estimate(
+        rate_per_s=1000, outage_s=3600, payload_bytes=256, devices=100, send_workers=0
+    )
+    assert alone.drain_memory_bytes == alone.memory_bytes
     with pytest.raises(sizing.SizingError):
         sizing.estimate(rate_per_s=-1, outage_s=1, payload_bytes=1, devices=1)
+    with pytest.raises(sizing.SizingError):
+        sizing.estimate(rate_per_s=1, outage_s=1, payload_bytes=1, devices=1, send_workers=-1)
 
 
 def test_constants_cover_the_measurements() -> None:
@@ -90,6 +99,19 @@ def test_constants_cover_the_measurements() -> None:
         ).memory_bytes
         assert rss <= model_rss, (devices, rss_mb)
         assert model_rss <= 1.25 * rss, (devices, rss_mb)
+
+
+def test_send_worker_memory_covers_the_drain_measurements() -> None:
+    """Every committed drain run with send workers (bench/drain.py: the children's RSS summed,
+    sampled every 0.25 s) is within ``SEND_WORKER_RSS_BYTES`` per child, not far below."""
+    runs = json.loads(DRAIN_RUNS.read_text())["runs"]
+    with_workers = [r for r in runs if r["send_workers"]]
+    assert with_workers
+    for run in with_workers:
+        model = run["send_workers"] * sizing.SEND_WORKER_RSS_BYTES
+        rss = run["send_worker_peak_rss_mb"] * (1 << 20)
+        assert rss <= model, run["send_worker_peak_rss_mb"]
+        assert model <= 1.5 * rss, run["send_worker_peak_rss_mb"]
 
 
 async def test_model_matches_a_real_buffer(tmp_path: Path) -> None:
