@@ -32,7 +32,7 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +47,7 @@ from bridge.outcomes import (
 from bridge.producer import KafkaProducerHandle, SendOutcome
 from bridge.progress import Progress, to_ranges
 from bridge.records import KafkaRecord, RecordBuilder
-from bridge.send_worker import SendWorker, Staged
+from bridge.send_worker import SendWorker, Staged, WorkerSent
 from bridge.transactional import read_last_progress
 from edge.buffer import Buffer, StoredMessage
 from gateway.config import KafkaConfig
@@ -62,6 +62,9 @@ _HOLD_WAIT_S = 0.5
 """Pause when a whole batch waits for missing topics (nothing to send, nothing to wait on)."""
 _DLQ_IDLE_CHECK_S = 1.0
 _WORKER_PAUSE_S = 5.0
+_WORKER_DEPTH = 2
+"""Batches with the send workers at once: the next is queued in the child while one is
+sent, so it goes the moment the one before is acked."""
 """After the send worker's batch failed, send in-process at least this long."""
 
 CRASH_AFTER_COMMIT_ENV = "TIDEGATE_TEST_CRASH_AFTER_COMMIT"
@@ -170,6 +173,14 @@ class Forwarder:
         """False after the child's send failed: in-process (per-record verdicts) until a
         batch goes out whole, and for at least ``_WORKER_PAUSE_S``."""
         self._worker_paused_until = float("-inf")
+        self._worker_flight: deque[tuple[list[StoredMessage], asyncio.Task[WorkerSent | None]]]
+        self._worker_flight = deque()
+        """Batches with the send workers, oldest first (at most ``_WORKER_DEPTH``)."""
+        self._epoch = 0
+        """Fresh leases so far (the send workers' epochs: see SendWorker.submit)."""
+        self._in_process_once = False
+        """The send workers declined rows (a record too large, a missing topic): the next
+        batch goes in-process, which gives the verdict (dead letter, hold)."""
 
     # ------------------------------------------------------------------ the loop
 
@@ -182,6 +193,9 @@ class Forwarder:
             if ahead is not None:
                 ahead.cancel()
                 await asyncio.gather(ahead, return_exceptions=True)
+            for _, task in self._worker_flight:  # unreleased: they go again after a restart
+                task.cancel()
+            self._worker_flight.clear()
             releasing, self._releasing = self._releasing, None
             if releasing is not None:  # a delete in flight finishes (its rows are in Kafka)
                 await asyncio.gather(releasing, return_exceptions=True)
@@ -211,6 +225,7 @@ class Forwarder:
         # Exactly-once: recover as soon as the gateway starts, not only once rows arrive.
         recovery_due = self.exactly_once and self._recovered_generation == 0
         if not batch and not dlq_due and not recovery_due:
+            await self._settle_worker_batches()
             await self._buffer.wait_for_rows(max_wait=_DLQ_IDLE_CHECK_S)
             if self._buffer.stats.rows and self._kafka.forward_linger_ms:
                 # Idle until now: give the next commits forward_linger_ms to join this
@@ -220,6 +235,7 @@ class Forwarder:
             return
         if not self.breaker.allow():
             # Open (or backing off): no Kafka call at all. Rows keep buffering.
+            await self._settle_worker_batches()
             await asyncio.sleep(max(0.01, min(self.breaker.delay(), 1.0)))
             return
         try:
@@ -260,7 +276,8 @@ class Forwarder:
 
     async def _take_batch(self) -> _Leased:
         """The rows leased ahead (built or staged) if the previous batch went out whole,
-        else a fresh lease."""
+        else a fresh lease (once nothing is with the send workers any more: a fresh lease
+        starts from the oldest row, and theirs are not released yet)."""
         ahead, self._ahead = self._ahead, None
         usable, self._ahead_usable = self._ahead_usable, False
         if ahead is not None:
@@ -273,6 +290,8 @@ class Forwarder:
                     return leased
                 # (A batch staged in the send worker is dropped by the child when the next
                 # one is staged.)
+        await self._settle_worker_batches()
+        self._epoch += 1
         await self._released()
         return _Leased(await self._buffer.lease(self._lease_batch))
 
@@ -308,6 +327,7 @@ class Forwarder:
             worker.ready
             and self._worker_trusted
             and not self._suspects
+            and not self._in_process_once
             and self._clock() >= self._worker_paused_until
         )
 
@@ -318,41 +338,65 @@ class Forwarder:
     async def _forward_by_worker(
         self, leased: list[StoredMessage], staged: Staged | None
     ) -> bool | None:
-        """Send a backlog batch from the child process; None when it declined or is gone
-        (nothing of the batch was acked: the caller sends it in-process)."""
+        """Hand a backlog batch to the send workers; None when they are gone (the caller
+        sends it in-process). Up to ``_WORKER_DEPTH`` batches are with them at once: the
+        children send them one after another, so the next one is ready the moment the one
+        before is acked, and a child that failed or declined a part declines the later
+        parts of the same epoch unsent (see :meth:`SendWorker.submit`)."""
         worker = self.send_worker
         assert worker is not None
-        if self._ahead is None:  # the next rows are read while the child sends these
+        task = worker.submit(leased, staged, self._epoch)
+        if task is None:
+            return None
+        self._worker_flight.append((leased, task))
+        if self._ahead is None:  # the next rows are read while the children send these
             self._lease_ahead(leased)
+        self._ahead_usable = True  # unless a batch still out turns out not whole
+        while len(self._worker_flight) >= _WORKER_DEPTH:
+            await self._settle_oldest()
+        return True
+
+    async def _settle_oldest(self) -> bool:
+        """Wait for the oldest batch with the send workers; release what they sent. True
+        when it went out whole."""
+        leased, task = self._worker_flight.popleft()
         started = time.monotonic()
         try:
-            sent = await worker.send(leased, staged)
-        except KafkaError:
-            self._distrust_worker()
-            raise
+            sent = await task
         finally:
             self.status.send_s += time.monotonic() - started
-        if sent is None:
-            return None
+        if sent is None:  # all declined (a verdict is needed): in-process from the oldest row
+            self._in_process_once = True
+            self._ahead_usable = False
+            return False
         done = [leased[i] for i in sent.released]
         whole = sent.error is None and not sent.declined and len(done) == len(leased)
-        if sent.declined:  # the declined rows go in-process next (they need a verdict)
-            self._distrust_worker()
         await self._released()
-        if self._ahead is not None and whole:
+        if whole and (self._ahead is not None or self._worker_flight):
             self._releasing = asyncio.create_task(self._release(done), name="forwarder-release")
             self.status.releases_overlapped += 1
         else:
             await self._release(done)
         self.status.batches += 1
+        if sent.declined:  # the declined rows go in-process next (they need a verdict)
+            self._in_process_once = True
         if sent.error is not None:
             self.status.failed_batches += 1
             self._distrust_worker()
             self._failed(KafkaUnavailableError(sent.error), stuck=sent.stuck)
         else:
             self.breaker.record_success()
-        self._ahead_usable = whole
-        return True
+        if not whole:  # what was leased after it must not overtake its rows
+            self._ahead_usable = False
+        return whole
+
+    async def _settle_worker_batches(self) -> bool:
+        """Wait for every batch still with the send workers. True when all went out whole
+        (else the rows leased after them must be leased again, in order)."""
+        whole = True
+        while self._worker_flight:
+            whole = await self._settle_oldest() and whole
+        return whole
 
     async def _forward(self, taken: _Leased) -> bool:
         """Send one batch; False when nothing could be sent (all held back)."""
@@ -361,6 +405,11 @@ class Forwarder:
             by_worker = await self._forward_by_worker(leased, taken.staged)
             if by_worker is not None:
                 return by_worker
+        if not await self._settle_worker_batches():
+            # An earlier batch did not go out whole: these rows were leased after it and
+            # must not overtake it. The next round leases afresh from the oldest row.
+            return True
+        self._in_process_once = False
         batch = narrow_to_suspects(leased, self._suspects) if self._suspects else leased
         # Narrowing keeps a prefix of the batch, so a prefix of its records still matches.
         records = built[: len(batch)] if built else [self._builder.build(m) for m in batch]

@@ -38,6 +38,7 @@ import pickle
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,16 +154,56 @@ class _Child:
         self.stdout: asyncio.StreamReader = process.stdout
         self.next_key = 0
         self.rebuilds = 0
+        self._pending: deque[asyncio.Future[_Reply]] = deque()
+        """Answers owed, in the order the sends were asked (the child answers in order)."""
+        self._reader: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
-        return self.process.returncode is None
+        return self.process.returncode is None and (self._reader is None or not self._reader.done())
 
     def write(self, message: object) -> None:
         write_frame(self.stdin, message)
 
+    def start_reading(self) -> None:
+        self._reader = asyncio.create_task(self._read_answers(), name="send-worker-answers")
+
+    def request(self, key: int, epoch: int) -> asyncio.Future[_Reply]:
+        """Ask the child to send staged part ``key``; the future gets its answer."""
+        answer: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+        if not self.alive:
+            answer.set_exception(EOFError("the send worker is gone"))
+            return answer
+        self._pending.append(answer)
+        self.write(("send", key, epoch))
+        return answer
+
+    async def _read_answers(self) -> None:
+        try:
+            while True:
+                answer = await read_frame(self.stdout)
+                if self._pending:
+                    waiting = self._pending.popleft()
+                    if not waiting.done():  # (a cancelled wait: the answer is dropped)
+                        waiting.set_result(answer)
+        except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
+            self._fail_pending(exc)
+        except asyncio.CancelledError:
+            self._fail_pending(EOFError("the send worker was stopped"))
+            raise
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        while self._pending:
+            waiting = self._pending.popleft()
+            if not waiting.done():
+                waiting.set_exception(EOFError(f"the send worker is gone: {exc!r}"))
+
     async def stop(self) -> None:
         """Ask it to go (stdin closed), kill it if it lingers, reap it."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
         self.stdin.close()
         try:
             async with asyncio.timeout(5):
@@ -260,6 +301,7 @@ class SendWorker:
         except BaseException:
             await child.stop()
             raise
+        child.start_reading()
         return child
 
     def _split(self, batch: Sequence[StoredMessage]) -> list[list[int]]:
@@ -294,12 +336,16 @@ class SendWorker:
             keys.append(child.next_key)
         return Staged(self._generation, keys)
 
-    async def send(
-        self, batch: Sequence[StoredMessage], staged: Staged | None = None
-    ) -> WorkerSent | None:
-        """Have the children send ``batch`` (staged earlier, or now); None when they declined
-        all of it or are gone (send it in-process then: nothing of it was sent by them, or
-        nothing of it was acked)."""
+    def submit(
+        self, batch: Sequence[StoredMessage], staged: Staged | None, epoch: int
+    ) -> asyncio.Task[WorkerSent | None] | None:
+        """Have the children send ``batch`` (staged earlier, or now) after what they were
+        asked before; the task gets their answer (None: they declined all of it, send it
+        in-process). None: no children.
+
+        ``epoch``: the forwarder's count of fresh leases. A child that failed or declined a
+        part declines every later part of the same epoch unsent, so a batch asked for before
+        the forwarder learnt of the failure cannot overtake the rows that failed."""
         if staged is None or staged.generation != self._generation:
             staged = self.stage(batch)
         if staged is None or not self.ready:
@@ -310,21 +356,20 @@ class SendWorker:
             for child, key, indices in zip(self._children, staged.keys, parts, strict=True)
             if key
         ]
+        answers = [child.request(key, epoch) for child, key, _ in active]
+        return asyncio.create_task(self._collect(answers, active), name="send-worker-batch")
+
+    async def _collect(
+        self,
+        answers: list[asyncio.Future[_Reply]],
+        active: list[tuple[_Child, int, list[int]]],
+    ) -> WorkerSent | None:
+        replies: Sequence[_Reply | BaseException]
         try:
-            for child, key, _ in active:
-                child.write(("send", key))
             await asyncio.gather(*(child.stdin.drain() for child, _, _ in active))
             # Each child bounds its own wait (kafka.send_deadline_s); this covers a hung one.
             async with asyncio.timeout(self._kafka.send_deadline_s + 30):
-                replies = await asyncio.gather(
-                    *(read_frame(child.stdout) for child, _, _ in active), return_exceptions=True
-                )
-        except asyncio.CancelledError:
-            # A stream may stop mid-frame: these children are not spoken to again (the next
-            # start stops them; their stdin closing makes them exit).
-            self._generation += 1
-            self._children_lost()
-            raise
+                replies = await asyncio.gather(*answers, return_exceptions=True)
         except (OSError, TimeoutError) as exc:
             replies = [exc] * len(active)
         return self._combine(replies, [indices for _, _, indices in active], active)

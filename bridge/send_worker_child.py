@@ -51,6 +51,9 @@ class _Child:
         self._producer = KafkaProducerHandle(kafka)
         self._staged: dict[int, asyncio.Task[_Staged | tuple[Any, ...]]] = {}
         self.busy = False
+        self._failed_epoch: int | None = None
+        """The epoch in which a part failed or was declined: later parts of it are declined
+        unsent (the gateway asked for them before it knew; they must not overtake)."""
 
     async def start(self) -> None:
         """Connect early (the TLS handshake overlaps the gateway's in-process sends); a
@@ -100,10 +103,23 @@ class _Child:
             return ("declined", "a record does not fit a record batch")
         return _Staged(batch, prepared)
 
-    async def send(self, task: asyncio.Task[_Staged | tuple[Any, ...]] | None) -> tuple[Any, ...]:
-        """Send a staged batch, wait for its acks, say which rows may be deleted."""
+    async def send(
+        self, task: asyncio.Task[_Staged | tuple[Any, ...]] | None, epoch: int
+    ) -> tuple[Any, ...]:
+        """Send a staged part, wait for its acks, say which rows may be deleted."""
+        reply = await self._send(task, epoch)
+        if reply[0] != "sent" or reply[2] is not None or len(reply[1]) < reply[5]:
+            self._failed_epoch = epoch
+        return reply[:5]
+
+    async def _send(
+        self, task: asyncio.Task[_Staged | tuple[Any, ...]] | None, epoch: int
+    ) -> tuple[Any, ...]:
         if task is None:
-            return ("declined", "batch not staged (dropped or from an earlier child)")
+            return ("declined", "part not staged (dropped or from an earlier child)")
+        if epoch == self._failed_epoch:
+            task.cancel()
+            return ("declined", "an earlier part of this epoch failed")
         staged = await task
         if isinstance(staged, tuple):
             return staged
@@ -119,7 +135,7 @@ class _Child:
             index_of = {m.row_id: i for i, m in enumerate(batch)}
             released = [index_of[m.row_id] for m in releasable(batch, outcome.acked, topics)]
         error = None if outcome.error is None else str(outcome.error)
-        return ("sent", released, error, outcome.stuck, self._producer.rebuilds)
+        return ("sent", released, error, outcome.stuck, self._producer.rebuilds, len(batch))
 
     async def close(self) -> None:
         for key in list(self._staged):
@@ -140,14 +156,15 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> None:
     write_frame(out, ("ready",))
     # Frames are read while a batch is out: the next one is staged (built, encoded) then.
     # Sends run one at a time, in the order of their "send" frames.
-    sends: asyncio.Queue[asyncio.Task[_Staged | tuple[Any, ...]] | None] = asyncio.Queue()
+    sends: asyncio.Queue[tuple[asyncio.Task[_Staged | tuple[Any, ...]] | None, int]]
+    sends = asyncio.Queue()
 
     async def sender() -> None:
         while True:
-            task = await sends.get()
+            task, epoch = await sends.get()
             child.busy = True
             try:
-                write_frame(out, await child.send(task))
+                write_frame(out, await child.send(task, epoch))
             finally:
                 child.busy = sends.qsize() > 0
 
@@ -169,7 +186,7 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> None:
                 child.stage(frame[1], frame[2])
             elif kind == "send":
                 child.busy = True
-                sends.put_nowait(child.take(frame[1]))
+                sends.put_nowait((child.take(frame[1]), frame[2]))
             elif kind == "drop":
                 child.drop(frame[1])
             elif kind == "builder":

@@ -152,7 +152,7 @@ async def test_a_child_that_cannot_start_leaves_sending_in_process(
         await asyncio.wait_for(starting, 30)
         assert not worker.ready
         assert worker.stats.starts == 0
-        assert await worker.send([]) is None
+        assert worker.submit([], None, 1) is None
         worker.want()  # within the restart pause: no new attempt
         assert worker._starting is None
         now[0] += 60
