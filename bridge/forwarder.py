@@ -306,21 +306,25 @@ class Forwarder:
         batch waits for Kafka (building is a third of a drain's work on the event loop).
         With the send worker, stage them there instead: the child builds and encodes them
         while it waits for the acks of the batch before."""
-        rows = await self._buffer.lease(self._lease_batch, after=floors)
-        if self._worker_due(rows):
+        size = self._lease_batch
+        if self._worker_wanted():  # kafka.send_worker_batch: their batches are larger
+            size = max(size, self._kafka.send_worker_batch)
+        rows = await self._buffer.lease(size, after=floors)
+        if rows and self._worker_wanted():
             assert self.send_worker is not None
             return _Leased(rows, staged=self.send_worker.stage(rows))
         return _Leased(rows, [self._builder.build(m) for m in rows])
 
-    def _worker_due(self, leased: Sequence[StoredMessage]) -> bool:
-        """Whether ``leased`` goes to the send worker: a backlog (the buffer holds more than
-        a lease), no suspect rows, no send error since the last whole in-process batch.
+    def _worker_wanted(self) -> bool:
+        """Whether the next batch goes to the send workers (starting them if need be): a
+        backlog (the buffer holds more than a lease), no suspect rows, no decline to settle
+        in-process, no send error since the last whole in-process batch.
 
         Not "a full lease": with a backlog in one class and live traffic in another, the
         lease after a batch in flight is often short of full (the live class has few rows
         past the floor), and every other batch went in-process."""
         worker = self.send_worker
-        if worker is None or not leased or self._buffer.stats.rows < self._lease_batch:
+        if worker is None or self._buffer.stats.rows < self._lease_batch:
             return False
         worker.want()
         return (
@@ -401,7 +405,7 @@ class Forwarder:
     async def _forward(self, taken: _Leased) -> bool:
         """Send one batch; False when nothing could be sent (all held back)."""
         leased, built = taken.rows, taken.records
-        if self._worker_due(leased):
+        if leased and self._worker_wanted():
             by_worker = await self._forward_by_worker(leased, taken.staged)
             if by_worker is not None:
                 return by_worker
