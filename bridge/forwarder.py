@@ -1,7 +1,7 @@
 """Forward the buffer to Kafka: lease a batch, send it, release only what Kafka acked.
 
-One batch is in flight at a time. That keeps per-device order simple to prove: a batch is
-resent only before anything after it was sent. To keep the buffer busy while Kafka works,
+One batch is in flight to Kafka at a time. That keeps per-device order simple to prove: a
+batch is resent only before anything after it was sent. To keep the buffer busy while Kafka works,
 at-least-once mode *leases ahead*: while a batch waits for its acks, the rows after it are
 read and waiting. They are used only if the batch in flight was released whole; after any
 failure, dead letter or hold they are thrown away and the next batch is leased from the
@@ -14,10 +14,13 @@ Each step decides in pure code (:mod:`bridge.outcomes`) which rows go, which can
 Kafka for good) and which wait; then does the I/O. A circuit breaker (:mod:`bridge.breaker`)
 guards every Kafka call: while it is open nothing is sent and the buffer just fills.
 
-With a backlog in at-least-once mode the records are built and sent by a child process
-(:mod:`bridge.send_worker`): its own GIL and core, while this process only leases and deletes.
-The child sends one batch at a time like this loop, declines what needs a verdict, and after
-any send error this loop sends in-process until a batch goes out whole.
+With a backlog in at-least-once mode the records are built and sent by child processes
+(:mod:`bridge.send_worker`): their own GIL and core, while this process only leases and
+deletes. Two batches are with them at once, but a child still *sends* one at a time, the
+second only once the first is acked, and after a part fails or is declined it declines the
+later parts of the same epoch (fresh lease) unsent. So the rule above holds: nothing after a
+failed row is sent before it. Declined rows (they need a verdict) go in-process next, and
+after a send error this loop sends in-process until a batch goes out whole.
 
 Exactly-once mode sends each batch in one Kafka transaction together with a progress record
 (:mod:`bridge.progress`); after every new producer the last committed progress record is read

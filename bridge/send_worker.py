@@ -12,10 +12,13 @@ children by device (a device's rows of a batch all go to one child, in order), a
 the rows the children report acked.
 
 What stays the same:
-- One batch is in flight at a time, whether the children or the gateway send it (the next
-  batch waits for every child's answer), so per-device order is kept exactly as before
-  (see :mod:`bridge.forwarder`). Children are staged the next batch while they wait for
-  acks: they build and encode it then, and send it only when told.
+- A child sends one part at a time: the next only once every record of the one before is
+  acked. The forwarder may queue a second batch with the children (so it goes the moment
+  the first is acked), but a child that failed or declined a part declines the later parts
+  of the same epoch unsent, and the forwarder leases afresh from the oldest row once all
+  answers are in. So nothing after a failed row is sent before it, as in
+  :mod:`bridge.forwarder`. Children are staged the next batch while they wait for acks:
+  they build and encode it then.
 - Only rows the child reports acked (and :func:`bridge.outcomes.releasable`) are deleted.
   A child that dies mid-batch loses nothing: the rows are still in the buffer and go again.
 - Anything unusual goes back to the gateway's own path, which knows how to handle it: a

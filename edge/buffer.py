@@ -413,15 +413,28 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         once; the next FULL commit of an ingest carries it to disk). A delete lost to a power
         cut only sends those rows again, which at-least-once allows; meanwhile ingest
         commits no longer queue behind a release's fsync. Exactly-once keeps FULL.
+
+        A large release goes in transactions of :data:`_RELEASE_CHUNK` rows, so the ingest
+        commits waiting for the writer get their turn between them (a 4,000-row delete of
+        the send workers' batches held PUBACKs back for its whole length).
         """
-        done = list(messages)
-        if not done:
+        everything = list(messages)
+        if not everything:
             return
-        ids = [m.row_id for m in done]
         relaxed = self._relaxed_release
-        heads, used = await self.in_thread(
-            lambda conn: _delete_rows(conn, ids, relaxed, self._heads_and_size)
-        )
+        heads: list[int] = []
+        used = 0
+        for start in range(0, len(everything), _RELEASE_CHUNK):
+            done = everything[start : start + _RELEASE_CHUNK]
+            ids = [m.row_id for m in done]
+            delete = functools.partial(
+                _delete_rows, ids=ids, relaxed=relaxed, after=self._heads_and_size
+            )
+            heads, used = await self.in_thread(delete)
+            self._count_released(done)
+        self._note_removal(heads, used)
+
+    def _count_released(self, done: list[StoredMessage]) -> None:
         self.stats.released += len(done)
         # Counted per class, not per row: a drain releases tens of thousands a second.
         removed: dict[str, list[int]] = {}
@@ -438,7 +451,6 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         for class_name, (rows, nbytes) in removed.items():
             self._count_class(class_name, -rows, -nbytes)
             released[class_name] = released.get(class_name, 0) + rows
-        self._note_removal(heads, used)
 
     async def devices(self) -> list[DeviceRecord]:
         """The device registry, as committed."""
@@ -478,6 +490,8 @@ def _lease_rows(
 
 
 _DELETE_CHUNK = 500
+_RELEASE_CHUNK = 2000
+"""Rows per release transaction (see Buffer.release)."""
 """Row ids per DELETE statement (below SQLite's oldest default limit of 999 parameters)."""
 
 

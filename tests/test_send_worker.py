@@ -18,10 +18,12 @@ import pytest
 
 from bench.drain import fill_backlog
 from bridge import send_worker
+from bridge.producer import PreparedSend, SendOutcome
 from bridge.records import RecordBuilder
 from bridge.send_worker import SendWorker
 from gateway.config import KafkaConfig
 from gateway.dev.kafka import KafkaState, create_topics
+from gateway.errors import KafkaUnavailableError
 from tests.fixtures_kafka import topic_name_for
 from tests.harness import GatewayProcess, read_topics, running_gateway, write_gateway_config
 from tests.harness import kafka_tls as _tls
@@ -161,3 +163,95 @@ async def test_a_child_that_cannot_start_leaves_sending_in_process(
     finally:
         await worker.close()
     assert worker._children == []
+
+
+class _FakeProducer:
+    """Stands in for the child's Kafka producer (pure logic of the epoch rule only)."""
+
+    def __init__(self) -> None:
+        self.rebuilds = 0
+        self.missing: set[str] = set()
+        self.fail_next = False
+        self.sent: list[list[bytes]] = []
+
+    async def topic_state(self, topic: str) -> str:
+        return "missing" if topic in self.missing else "ok"
+
+    async def prepare(self, records: list[Any], *, yielding: bool = False) -> PreparedSend:
+        return PreparedSend(records, [], {}, 0)
+
+    async def send_prepared(self, prepared: PreparedSend) -> SendOutcome:
+        self.sent.append([r.value for r in prepared.records])
+        total = len(prepared.records)
+        if self.fail_next:
+            self.fail_next = False
+            acked = [i < total // 2 for i in range(total)]
+            return SendOutcome(acked, KafkaUnavailableError("refused"), False, [None] * total)
+        return SendOutcome([True] * total, None, False, [None] * total)
+
+
+def _rows(first: int, count: int) -> list[tuple[Any, ...]]:
+    return [
+        (
+            first + i,
+            f"dev-{i % 2}",
+            "telemetry",
+            "d/x/up/telemetry",
+            1,
+            b"%d" % (first + i),
+            0,
+            5,
+            0,
+        )
+        for i in range(count)
+    ]
+
+
+async def test_a_failed_part_makes_the_child_decline_the_rest_of_its_epoch() -> None:
+    """The gateway may ask for batch N+1 before it learns that N failed: the child must not
+    send N+1 (its rows would overtake N's unacked ones). A fresh lease (new epoch) goes."""
+    from bridge.send_worker_child import _Child
+
+    kafka = KafkaConfig.model_construct(max_request_bytes=1 << 20)
+    builder = RecordBuilder(
+        gateway_id="g", class_topics={"telemetry": "t"}, content_types={}, dead_letter_topic="dlq"
+    )
+    child = _Child(kafka, builder)
+    fake = _FakeProducer()
+    child._producer = fake  # type: ignore[assignment]
+
+    child.stage(1, _rows(1, 4))
+    first = child.take(1)
+    child.stage(2, _rows(5, 4))  # staged while the first is out, then asked for at once
+    second = child.take(2)
+    fake.fail_next = True
+    answer = await child.send(first, epoch=7)
+    assert answer[0] == "sent"
+    assert answer[1] == [0, 1]  # dev-0 and dev-1 each acked their first row only
+    assert answer[2] is not None
+    assert await child.send(second, epoch=7) == (
+        "declined",
+        "an earlier part of this epoch failed",
+    )
+    assert len(fake.sent) == 1  # the second part never reached Kafka
+
+    child.stage(3, _rows(3, 6))  # the gateway's fresh lease: from the oldest unreleased row
+    assert (await child.send(child.take(3), epoch=8))[:2] == ("sent", list(range(6)))
+
+    # A decline (a missing topic) also ends the epoch for what was queued behind it.
+    fake.missing.add("t")
+    child.stage(4, _rows(9, 2))
+    fourth = child.take(4)
+    assert fourth is not None
+    await fourth  # prepared while the topic is missing
+    fake.missing.clear()
+    child.stage(5, _rows(11, 2))
+    fifth = child.take(5)
+    assert (await child.send(fourth, epoch=8))[0] == "declined"
+    assert await child.send(fifth, epoch=8) == ("declined", "an earlier part of this epoch failed")
+    assert len(fake.sent) == 2
+    # Staging a part drops one never asked for (the gateway stages one ahead at most).
+    child.stage(6, _rows(13, 2))
+    child.stage(7, _rows(15, 2))
+    assert child.take(6) is None
+    assert (await child.send(child.take(7), epoch=9))[0] == "sent"
