@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.procs import system_cpu
 from edge.buffer import Buffer
 from gateway.config import BufferConfig
 from gateway.dev.kafka import KafkaState, create_topics, read_state, start_kafka, stop_kafka
@@ -271,6 +272,7 @@ def _measure(
     port = runtime["mqtt"][0]["port"]
     kafka_pids = kafka_pids or []
     started, cpu0 = time.monotonic(), _tree_cpu_s(gateway.pid)
+    machine0, _ = system_cpu()
     own_cpu0 = _cpu_s(gateway.pid)
     kafka_cpu0 = sum(_cpu_s(pid) for pid in kafka_pids)
     live_s = args.live_s
@@ -303,6 +305,7 @@ def _measure(
     finally:
         drained_s = time.monotonic() - started
         cpu = _tree_cpu_s(gateway.pid) - cpu0
+        machine_cpu = system_cpu()[0] - machine0
         own_cpu = _cpu_s(gateway.pid) - own_cpu0
         kafka_cpu = sum(_cpu_s(pid) for pid in kafka_pids) - kafka_cpu0
         try:
@@ -315,6 +318,9 @@ def _measure(
         "drain_s": round(drained_s, 1),
         "drain_msgs_per_s": round(args.rows / drained_s),
         "gateway_cpu_s": round(cpu, 1),
+        # Every process on the machine (simulator, Kafka, the OS, other tenants), as a share
+        # of all cores over the drain: how much room was left.
+        "machine_busy_pct": round(100 * machine_cpu / (drained_s * (os.cpu_count() or 1)), 1),
         # The gateway's own process; the rest of gateway_cpu_s is its send worker.
         "gateway_main_cpu_s": round(own_cpu, 1),
         # Both sides of the drain share this machine's cores: what one row costs each (live
