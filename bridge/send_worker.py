@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 CHILD_MODULE = "bridge.send_worker_child"
 IDLE_EXIT_S = 30.0
-"""The child exits after this long without a batch (its ~40 MB come back once a drain ends)."""
+"""The child exits after this long without a batch (its ~75 MB come back once a drain ends)."""
 _RESTART_AFTER_S = 5.0
 """After the child failed to start or died, the gateway sends in-process this long first."""
 _START_DEADLINE_S = 30.0

@@ -89,7 +89,7 @@ class KafkaConfig(ConfigModel):
     """At-least-once: while a backlog drains (the buffer holds more than a lease), this
     many child processes build and send the records, so the drain gets an interpreter and
     a core of its own while this one ingests live traffic and deletes what Kafka acked. They
-    start on the first backlog and exit after 30 s idle (~60 MB each while they run).
+    start on the first backlog and exit after 30 s idle (~75 MB each while they run).
     0: everything in one process. More than 1 did not drain faster on 2 cores
     (docs/benchmarks.md). docs/buffer.md."""
     send_worker_batch: Annotated[int, Field(ge=1, le=100_000)] = 4000

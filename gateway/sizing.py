@@ -83,7 +83,7 @@ RSS_BASE_BYTES = 90 << 20
 """Gateway RSS with no device connected (Python, amqtt, aiokafka, SQLite cache); 81-83 MiB
 measured (a password check adds scrypt's memory while devices connect, docs/sizing.md)."""
 RSS_PER_DEVICE_BYTES = 16_500
-SEND_WORKER_RSS_BYTES = 72 << 20
+SEND_WORKER_RSS_BYTES = 80 << 20
 """One send worker child (bridge/send_worker.py) while a backlog drains: Python, aiokafka,
 its producer and two batches (the one in flight and the one staged); measured by
 bench/drain.py (docs/bench-results/drain-send-workers.json)."""
