@@ -32,7 +32,6 @@ import contextlib
 import functools
 import logging
 import sqlite3
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -42,7 +41,7 @@ import aiosqlite
 
 from edge import buffer_sql as sql
 from edge.buffer_commit import GroupCommitter
-from edge.buffer_core import in_transaction
+from edge.buffer_core import LEASING, in_transaction
 from edge.buffer_crypto import OVERHEAD, load_keyring, prepare_file, reencrypt
 from edge.buffer_dead import DeadLetterStore
 from edge.buffer_ops import BufferOps
@@ -394,11 +393,16 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         # meanwhile (both skip rows up to the in-flight mark): while it reads, the whole
         # class counts as in flight. Drop-oldest then drops the new message instead.
         before = {c: self._in_flight_max.get(c, 0) for c in plan}
-        self._in_flight_max.update(dict.fromkeys(plan, _LEASING))
+        self._in_flight_max.update(dict.fromkeys(plan, LEASING))
+        self._leases_reading += 1
+        self._lease_idle.clear()
         try:
             rows = await self.read_in_thread(functools.partial(_lease_rows, plan, floors))
         finally:
             self._in_flight_max.update(before)
+            self._leases_reading -= 1
+            if not self._leases_reading:
+                self._lease_idle.set()
         out: list[StoredMessage] = []
         for class_name, class_rows in rows.items():
             messages = [StoredMessage(*r) for r in class_rows]
@@ -459,10 +463,6 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
 
     async def mark_all_disconnected(self) -> None:
         """At start no device is connected, whatever the last run recorded (done in open)."""
-
-
-_LEASING = sys.maxsize
-"""In-flight mark of a class while a lease reads it (see Buffer.lease)."""
 
 
 async def _open_reader(path: Path) -> aiosqlite.Connection:

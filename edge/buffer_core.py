@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -31,7 +32,10 @@ log = logging.getLogger("edge.buffer")
 
 _T = TypeVar("_T")
 
-__all__ = ["USED_BYTES", "BufferCore", "in_transaction", "used_bytes"]
+__all__ = ["LEASING", "USED_BYTES", "BufferCore", "in_transaction", "used_bytes"]
+
+LEASING = sys.maxsize
+"""In-flight mark of a class while a lease reads it (see Buffer.lease)."""
 
 
 class BufferCore:
@@ -67,6 +71,10 @@ class BufferCore:
         # admin calls take turns. (A lease must not see rows of an uncommitted transaction.)
         self._txn_lock = asyncio.Lock()
         self._in_flight_max: dict[str, int] = {}
+        self._leases_reading = 0
+        self._lease_idle = asyncio.Event()
+        """Set while no lease is reading (no class is marked :data:`LEASING`)."""
+        self._lease_idle.set()
         self._free_disk_checked = 0.0
         self._last_expiry_sweep = 0.0
         self._last_dedup_cleanup = 0.0

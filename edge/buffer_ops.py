@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import buffer_sql as sql
-from edge.buffer_core import BufferCore, in_transaction, used_bytes
+from edge.buffer_core import LEASING, BufferCore, in_transaction, used_bytes
 from edge.buffer_crypto import OVERHEAD, Keyring
 from edge.buffer_types import Evicted, StoredMessage, now_ms
 from gateway.config import BufferConfig
@@ -218,9 +218,15 @@ class BufferOps(BufferCore):
         skipped: set[int] = set()
         after = 0
         while True:
-            chunk, in_flight, after = await self.in_thread(
-                functools.partial(self._purge_in_transaction, which, after)
-            )
+            # A class being leased counts as in flight whole (Buffer.lease): wait for the
+            # read to end rather than skip every row of it (a purge next to a forwarder that
+            # leases again and again, Kafka down, skipped them all).
+            await self._lease_idle.wait()
+            chunk_of = functools.partial(self._purge_in_transaction, which, after)
+            found = await self.in_thread(chunk_of)
+            if found is None:  # a lease started meanwhile: wait for it, then this chunk again
+                continue
+            chunk, in_flight, after = found
             skipped.update(in_flight)
             for item in chunk:
                 self._count_rows(item.class_name, -1, item.size, item.device_id)
@@ -237,13 +243,14 @@ class BufferOps(BufferCore):
 
     def _purge_in_transaction(
         self, which: PurgeFilter, after: int, conn: sqlite3.Connection
-    ) -> tuple[list[Evicted], list[int], int]:
+    ) -> tuple[list[Evicted], list[int], int] | None:
         return in_transaction(conn, lambda c: self._purge_chunk(c, which, after))
 
     def _purge_chunk(
         self, conn: sqlite3.Connection, which: PurgeFilter, after: int
-    ) -> tuple[list[Evicted], list[int], int]:
-        """One chunk, in the worker thread inside a transaction: (purged, in flight, last id)."""
+    ) -> tuple[list[Evicted], list[int], int] | None:
+        """One chunk, in the worker thread inside a transaction: (purged, in flight, last id);
+        None (nothing done) when a class of it is being leased."""
         where, params = which.where(now_ms())
         rows = conn.execute(
             "SELECT id, device_id, topic, msg_id, payload, length(payload), class FROM uplink"
@@ -253,6 +260,9 @@ class BufferOps(BufferCore):
         if not rows:
             return [], [], after
         items = [Evicted.from_row(r, r[6]) for r in rows]
+        marks = self._in_flight_max
+        if any(marks.get(i.class_name, 0) == LEASING for i in items):
+            return None
         in_flight = [
             i.row_id for i in items if i.row_id <= self._in_flight_max.get(i.class_name, 0)
         ]

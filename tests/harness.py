@@ -148,6 +148,7 @@ def write_gateway_config(
     extra: str = "",
     devices: Iterable[str] = (),
     anonymous: bool | None = None,
+    kafka_extra: str = "",
 ) -> Path:
     """A gateway config on port 0 (MQTT and admin) for one test, with a password file for
     ``devices`` (more can be added later, see the module docstring). ``anonymous`` sets
@@ -190,7 +191,7 @@ bootstrap_servers = ["{bootstrap}"]
 send_deadline_s = {send_deadline_s}
 request_timeout_s = {request_timeout_s}
 retry_backoff_max_s = 1.0
-
+{kafka_extra}
 [kafka.tls]
 cafile = "{tls.cafile}"
 certfile = "{tls.certfile}"

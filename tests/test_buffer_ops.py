@@ -4,11 +4,14 @@ counters and drop ledger right) and bounds changed at runtime (a reload)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from edge.buffer import Buffer
+from edge.buffer_core import LEASING
 from edge.buffer_ops import PURGE_REASON, PurgeFilter
 from gateway.config import BufferConfig, ClassConfig
+from tests.harness import eventually
 
 CLASSES = {
     "event": ClassConfig(kafka_topic="e", priority=8),
@@ -54,6 +57,32 @@ async def test_purge_skips_rows_in_flight_and_keeps_counters_and_ledger_right(
         await buffer.release(leased)  # the in-flight rows are acked later: counted once
         assert buffer.stats.rows == 0
         assert (await buffer.purge(PurgeFilter(older_than_s=0))).purged == 0
+
+
+async def test_a_purge_waits_for_a_lease_being_read_instead_of_skipping_its_class(
+    tmp_path: Path,
+) -> None:
+    """While a lease reads, its classes count as in flight whole (Buffer.lease). A purge at
+    that moment waits for the read to end, then skips only what was leased. CI once saw a
+    purge next to a forwarder retrying with Kafka down skip every row."""
+    async with Buffer(tmp_path / "b.sqlite3", BufferConfig(), CLASSES) as buffer:
+        await _store(buffer, "a", 20, "event")
+        reader_free = threading.Event()
+        blocker = asyncio.ensure_future(buffer.read_in_thread(lambda _: reader_free.wait(10)))
+        leasing = asyncio.ensure_future(buffer.lease(5))  # queued behind the blocker
+        await eventually(lambda: buffer.in_flight_mark("event") == LEASING, "the lease reading", 5)
+        # Without the wait, this purge would skip all 20 rows (the class reads as in flight).
+        purging = asyncio.ensure_future(buffer.purge(PurgeFilter(device_id="a")))
+        await asyncio.sleep(0)  # the purge starts: it would take the writer now, before us
+        await buffer.in_thread(lambda _: None)  # the writer is free: the purge is waiting
+        assert not purging.done()
+        reader_free.set()
+        async with asyncio.timeout(10):
+            await blocker
+            leased = await leasing
+            result = await purging
+        assert len(leased) == 5
+        assert (result.purged, result.skipped_in_flight) == (15, 5)
 
 
 async def test_update_limits_applies_to_the_next_commits(tmp_path: Path) -> None:

@@ -171,9 +171,12 @@ async def test_a_trickle_shares_kafka_batches_and_every_message_arrives(
     in a few batches, not one per commit, and nothing is lost."""
     events = kafka_topic_factory("events")
     config = write_gateway_config(
-        tmp_path, bootstrap=kafka.bootstrap, tls=_tls(kafka), topics={"event": events}
+        tmp_path,
+        bootstrap=kafka.bootstrap,
+        tls=_tls(kafka),
+        topics={"event": events},
+        kafka_extra="forward_linger_ms = 250\n",
     )
-    config.write_text(config.read_text().replace("[kafka]\n", "[kafka]\nforward_linger_ms = 250\n"))
     summary = tmp_path / "sim.json"
     with running_gateway(config) as gateway:
         sim = run_cli(
@@ -209,9 +212,7 @@ async def test_a_backlog_drains_with_deletes_behind_the_sends_each_row_once_in_o
         tls=_tls(kafka),
         topics={"telemetry": telemetry},
         extra="[buffer]\nlease_batch = 100\n",
-    )
-    config.write_text(
-        config.read_text().replace("[kafka]\n", f"[kafka]\nsend_workers = {send_workers}\n", 1)
+        kafka_extra=f"send_workers = {send_workers}\n",
     )
     rows, devices = 3000, 20
     (tmp_path / "data").mkdir()

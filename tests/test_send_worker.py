@@ -55,9 +55,9 @@ def _held_backlog(tmp_path: Path, kafka: KafkaState, topic: str, rows: int, devi
         tls=_tls(kafka),
         topics={"telemetry": topic},
         extra="[buffer]\nlease_batch = 500\n",
+        # Two children (the default is one): the split of a batch between them is exercised.
+        kafka_extra="send_workers = 2\n",
     )
-    # Two children (the default is one): the split of a batch between them is exercised too.
-    config.write_text(config.read_text().replace("[kafka]\n", "[kafka]\nsend_workers = 2\n", 1))
     (tmp_path / "data").mkdir()
     fill_backlog(tmp_path / "data" / "buffer.sqlite3", rows, devices)
     return config
