@@ -22,14 +22,16 @@ What stays the same:
 - Only rows the child reports acked (and :func:`bridge.outcomes.releasable`) are deleted.
   A child that dies mid-batch loses nothing: the rows are still in the buffer and go again.
 - Anything unusual goes back to the gateway's own path, which knows how to handle it: a
-  child *declines* a part with a record too large, a missing or forbidden topic; after any
-  decline or send error the gateway sends in-process (per-record verdicts, poison records,
-  the breaker) until a batch goes out whole.
+  child *declines* a part with a record too large or a missing or forbidden topic, and the
+  next batch goes in-process (dead letter, hold). After a send error the gateway sends
+  in-process (per-record verdicts, poison records, the breaker) for at least 5 s and until
+  a batch goes out whole.
 
 Children are used only in at-least-once mode and only with a backlog (the buffer holds more
 than a lease); they start on the first backlog and exit by themselves after
-:data:`IDLE_EXIT_S` without work.
-Frames on its stdin/stdout are a 4-byte length and a pickle (our own child, our own pipe).
+:data:`IDLE_EXIT_S` without work. Frames on their stdin and stdout are a 4-byte length and a
+pickle (our own child, our own pipe). Measured: docs/benchmarks.md, "Drain from a send
+worker process".
 """
 
 from __future__ import annotations
