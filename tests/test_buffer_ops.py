@@ -73,10 +73,11 @@ async def test_a_purge_waits_for_a_lease_being_read_instead_of_skipping_its_clas
         await eventually(lambda: buffer.in_flight_mark("event") == LEASING, "the lease reading", 5)
         # Without the wait, this purge would skip all 20 rows (the class reads as in flight).
         purging = asyncio.ensure_future(buffer.purge(PurgeFilter(device_id="a")))
-        # A yield, not a wait: the purge runs to its first await (before the fix, it took
-        # the writer there, ahead of the next line).
-        await asyncio.sleep(0)
-        await buffer.in_thread(lambda _: None)  # the writer is free: the purge is waiting
+        # Tasks start in the order they were created: the purge reaches its first await
+        # (before the fix, a chunk on the writer) before this no-op asks for the writer.
+        writer_turn = asyncio.ensure_future(buffer.in_thread(lambda _: None))
+        async with asyncio.timeout(10):
+            await writer_turn  # the writer is free: the purge is waiting, not purging
         assert not purging.done()
         reader_free.set()
         async with asyncio.timeout(10):
