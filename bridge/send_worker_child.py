@@ -30,6 +30,7 @@ from bridge.records import KafkaRecord, RecordBuilder
 from bridge.send_worker import IDLE_EXIT_S, read_frame, write_frame
 from edge.buffer import StoredMessage
 from gateway.config import KafkaConfig
+from gateway.gc_tuning import BATCH_YOUNG, tune_gc
 from gateway.errors import KafkaError
 
 log = logging.getLogger("bridge.send_worker_child")
@@ -155,6 +156,7 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> None:
     )
     child = _Child(kafka, builder)
     await child.start()
+    tune_gc(young=BATCH_YOUNG)  # fewer collections: ~1 µs less per row (docs/benchmarks.md)
     write_frame(out, ("ready",))
     # Frames are read while a batch is out: the next one is staged (built, encoded) then.
     # Sends run one at a time, in the order of their "send" frames.
