@@ -30,8 +30,8 @@ from bridge.records import KafkaRecord, RecordBuilder
 from bridge.send_worker import IDLE_EXIT_S, read_frame, write_frame
 from edge.buffer import StoredMessage
 from gateway.config import KafkaConfig
-from gateway.gc_tuning import BATCH_YOUNG, tune_gc
 from gateway.errors import KafkaError
+from gateway.gc_tuning import BATCH_YOUNG, tune_gc
 
 log = logging.getLogger("bridge.send_worker_child")
 
