@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import system_cpu
+from bench.speed_probe import speed_probe
 from edge.buffer import Buffer
 from gateway.config import BufferConfig
 from gateway.dev.kafka import KafkaState, create_topics, read_state, start_kafka, stop_kafka
@@ -134,6 +135,7 @@ def main() -> None:
     kafka = read_state(args.kafka_state) if args.kafka_state else None
     if kafka is None:
         kafka = start_kafka(work / "kafka", work / "pki", topics=())
+    machine_speed = speed_probe()  # before the load: how fast this machine is today
     try:
         result = run_drain(
             kafka,
@@ -148,6 +150,7 @@ def main() -> None:
             code=args.code.resolve(),
         )
         result["code"] = _describe(args.code)
+        result["speed_probe"] = machine_speed
         result["command"] = " ".join(sys.argv)
         print(json.dumps(result, indent=2))
         if args.out:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import REPO, Child, cpu_sample, rss_mb, system_cpu
+from bench.speed_probe import speed_probe
 from bench.targets import AmqttTarget, GatewayTarget, MosquittoTarget, Target, mosquitto_path
 from gateway.dev.kafka import KAFKA_VERSION, KafkaState, start_kafka, stop_kafka
 
@@ -115,6 +116,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "kafka": KAFKA_VERSION,
         "loadavg": os.getloadavg(),
+        # This kind of machine varies by a third from one to the next (bench/speed_probe.py).
+        "speed_probe": speed_probe(),
     }
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "INSERT_DROP",
     "INSERT_UPLINK",
     "LEASE_CLASS",
+    "RANGE_HOLDS",
+    "RELEASE_RANGE",
     "REMEMBER_KEY",
     "REPLAY_DEAD",
     "SELECT_DEAD",
@@ -48,6 +50,9 @@ EVICT_OLDEST = (
     "DELETE FROM uplink WHERE id = (SELECT id FROM uplink WHERE class = ? AND id > ?"
     " ORDER BY id LIMIT 1) RETURNING id, device_id, topic, msg_id, payload, length(payload)"
 )
+
+RANGE_HOLDS = "SELECT count(*), sum(id) FROM uplink WHERE class = ? AND id BETWEEN ? AND ?"
+RELEASE_RANGE = "DELETE FROM uplink WHERE class = ? AND id BETWEEN ? AND ?"
 
 LEASE_CLASS = (
     "SELECT id, device_id, class, topic, qos, payload, ingest_ms, priority, msg_id"

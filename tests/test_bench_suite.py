@@ -77,6 +77,9 @@ def test_smoke_run_has_every_system_and_every_target(
     assert results["ratios"]["cpu_us_per_msg_fixed_rate_mosquitto_pub"]["tidegate/amqtt"] > 0
     assert (out / "results.md").read_text().count("| tidegate |") == 1
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # How fast this machine was: figures of two runs compare only next to it.
+    probe = results["machine"]["speed_probe"]
+    assert 0 < probe["fastest"] <= probe["us_per_row"] <= probe["slowest"]
 
 
 def _minimal() -> dict[str, Any]:

@@ -355,6 +355,37 @@ async def test_dead_letters_keep_their_id_and_can_be_replayed_or_purged(tmp_path
         assert await buffer.list_dead_letters() == []
 
 
+async def test_a_release_deletes_exactly_the_released_rows(tmp_path: Path) -> None:
+    """A release deletes a class's rows by id range when the range holds only them
+    (edge/buffer.py, _delete_class_rows); every other row in that range must survive: one
+    that was not released, a dead letter replayed into the range, another class's rows."""
+    async with _buffer(tmp_path / "b.sqlite3", lease_min_share=0.5) as buffer:
+        enqueued = []
+        for i in range(50):  # ids alternate between the two classes
+            enqueued += _enqueue(buffer, "a", 1, payload=b"a%d" % i)
+            enqueued += _enqueue(buffer, "b", 1, "telemetry", payload=b"b%d" % i)
+        await asyncio.gather(*enqueued)
+        leased = await buffer.lease(100)
+        events = [m for m in leased if m.class_name == "event"]
+        assert len(events) == 50
+        assert events[-1].row_id - events[0].row_id == 98  # telemetry rows in between
+        kept = events[10]
+        replayed = events[30]
+        await buffer.dead_letter([replayed], "test")
+        assert await buffer.replay_dead_letters([replayed.row_id]) == 1
+        await buffer.release([m for m in events if m not in (kept, replayed)])
+        rest = await buffer.lease(100)
+        assert sorted(m.row_id for m in rest if m.class_name == "event") == [
+            kept.row_id,
+            replayed.row_id,
+        ]
+        assert sum(m.class_name == "telemetry" for m in rest) == 50
+        await buffer.release(rest)  # whole ranges of both classes
+        assert buffer.stats.rows == 0
+    with sqlite3.connect(tmp_path / "b.sqlite3") as db:
+        assert db.execute("SELECT count(*) FROM uplink").fetchone() == (0,)
+
+
 # ------------------------------------------------------------------------ migration
 
 
