@@ -52,7 +52,7 @@ from bridge.progress import Progress, to_ranges
 from bridge.records import KafkaRecord, RecordBuilder
 from bridge.send_worker import SendWorker, Staged, WorkerSent
 from bridge.transactional import read_last_progress
-from edge.buffer import Buffer, StoredMessage
+from edge.buffer import Buffer, LeaseSpan, StoredMessage
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaError, KafkaUnavailableError
 
@@ -90,6 +90,12 @@ class _Leased:
     """Its records, built while the batch before it was in flight (in-process sends)."""
     staged: Staged | None = None
     """Handed to the send worker ahead (it builds and encodes them meanwhile)."""
+    spans: list[LeaseSpan] | None = None
+    """Leased as spans (``rows`` is empty): the send worker's child reads the rows."""
+
+    @property
+    def size(self) -> int:
+        return len(self.rows) if self.spans is None else sum(s.rows for s in self.spans)
 
 
 @dataclass(slots=True)
@@ -168,7 +174,7 @@ class Forwarder:
         self._releasing: asyncio.Task[None] | None = None
         """At-least-once with a backlog: deleting the last batch's rows (see the module)."""
         self.send_worker = (
-            SendWorker(kafka, builder, clock=clock)
+            SendWorker(kafka, builder, buffer_path=_spans_path(buffer), clock=clock)
             if kafka.send_workers and not self.exactly_once
             else None
         )
@@ -176,7 +182,7 @@ class Forwarder:
         """False after the child's send failed: in-process (per-record verdicts) until a
         batch goes out whole, and for at least ``_WORKER_PAUSE_S``."""
         self._worker_paused_until = float("-inf")
-        self._worker_flight: deque[tuple[list[StoredMessage], asyncio.Task[WorkerSent | None]]]
+        self._worker_flight: deque[tuple[_Leased, asyncio.Task[WorkerSent | None]]]
         self._worker_flight = deque()
         """Batches with the send workers, oldest first (at most ``_WORKER_DEPTH``)."""
         self._epoch = 0
@@ -221,9 +227,9 @@ class Forwarder:
         await self._pace()
         started = time.monotonic()
         taken = await self._take_batch()
-        batch = taken.rows
+        batch = taken.size
         self.status.lease_s += time.monotonic() - started
-        self._backlog = len(batch) >= self._lease_batch
+        self._backlog = batch >= self._lease_batch
         dlq_due = self._dead_letters_due()
         # Exactly-once: recover as soon as the gateway starts, not only once rows arrive.
         recovery_due = self.exactly_once and self._recovered_generation == 0
@@ -298,10 +304,13 @@ class Forwarder:
         await self._released()
         return _Leased(await self._buffer.lease(self._lease_batch))
 
-    def _lease_ahead(self, batch: Sequence[StoredMessage]) -> None:
+    def _lease_ahead(self, batch: Sequence[StoredMessage] | Sequence[LeaseSpan]) -> None:
         # Each class's last row is its highest: a lease is in id order inside a class
         # (Buffer.lease). A dict keeps the last value per key, ~20x cheaper than max() per row.
-        floors = {message.class_name: message.row_id for message in batch}
+        floors = {
+            leased.class_name: leased.last_id if isinstance(leased, LeaseSpan) else leased.row_id
+            for leased in batch
+        }
         self._ahead = asyncio.create_task(self._prepare(floors), name="forwarder-lease-ahead")
 
     async def _prepare(self, floors: dict[str, int]) -> _Leased:
@@ -312,10 +321,16 @@ class Forwarder:
         size = self._lease_batch
         if self._worker_wanted():  # kafka.send_worker_batch: their batches are larger
             size = max(size, self._kafka.send_worker_batch)
+        worker = self.send_worker
+        if worker is not None and self._worker_wanted():
+            if worker.takes_spans and self._buffer.spans_possible:
+                spans = await self._buffer.lease_spans(size, after=floors)
+                if spans:
+                    return _Leased([], staged=worker.stage_spans(spans), spans=spans)
+                return _Leased([])
+            rows = await self._buffer.lease(size, after=floors)
+            return _Leased(rows, staged=worker.stage(rows) if rows else None)
         rows = await self._buffer.lease(size, after=floors)
-        if rows and self._worker_wanted():
-            assert self.send_worker is not None
-            return _Leased(rows, staged=self.send_worker.stage(rows))
         return _Leased(rows, [self._builder.build(m) for m in rows])
 
     def _worker_wanted(self) -> bool:
@@ -342,9 +357,7 @@ class Forwarder:
         self._worker_trusted = False
         self._worker_paused_until = self._clock() + _WORKER_PAUSE_S
 
-    async def _forward_by_worker(
-        self, leased: list[StoredMessage], staged: Staged | None
-    ) -> bool | None:
+    async def _forward_by_worker(self, taken: _Leased) -> bool | None:
         """Hand a backlog batch to the send workers; None when they are gone (the caller
         sends it in-process). Up to ``_WORKER_DEPTH`` batches are with them at once: the
         children send them one after another, so the next one is ready the moment the one
@@ -352,12 +365,15 @@ class Forwarder:
         parts of the same epoch unsent (see :meth:`SendWorker.submit`)."""
         worker = self.send_worker
         assert worker is not None
-        task = worker.submit(leased, staged, self._epoch)
+        if taken.spans is not None:
+            task = worker.submit_spans(taken.spans, taken.staged, self._epoch)
+        else:
+            task = worker.submit(taken.rows, taken.staged, self._epoch)
         if task is None:
             return None
-        self._worker_flight.append((leased, task))
+        self._worker_flight.append((taken, task))
         if self._ahead is None:  # the next rows are read while the children send these
-            self._lease_ahead(leased)
+            self._lease_ahead(taken.spans if taken.spans is not None else taken.rows)
         self._ahead_usable = True  # unless a batch still out turns out not whole
         while len(self._worker_flight) >= _WORKER_DEPTH:
             await self._settle_oldest()
@@ -366,7 +382,7 @@ class Forwarder:
     async def _settle_oldest(self) -> bool:
         """Wait for the oldest batch with the send workers; release what they sent. True
         when it went out whole."""
-        leased, task = self._worker_flight.popleft()
+        taken, task = self._worker_flight.popleft()
         started = time.monotonic()
         try:
             sent = await task
@@ -376,14 +392,15 @@ class Forwarder:
             self._in_process_once = True
             self._ahead_usable = False
             return False
-        done = [leased[i] for i in sent.released]
-        whole = sent.error is None and not sent.declined and len(done) == len(leased)
+        whole = sent.error is None and not sent.declined and len(sent.released) == taken.size
         await self._released()
         if whole and (self._ahead is not None or self._worker_flight):
-            self._releasing = asyncio.create_task(self._release(done), name="forwarder-release")
+            self._releasing = asyncio.create_task(
+                self._release_worker_batch(taken, sent), name="forwarder-release"
+            )
             self.status.releases_overlapped += 1
         else:
-            await self._release(done)
+            await self._release_worker_batch(taken, sent)
         self.status.batches += 1
         if sent.declined:  # the declined rows go in-process next (they need a verdict)
             self._in_process_once = True
@@ -407,15 +424,17 @@ class Forwarder:
 
     async def _forward(self, taken: _Leased) -> bool:
         """Send one batch; False when nothing could be sent (all held back)."""
-        leased, built = taken.rows, taken.records
-        if leased and self._worker_wanted():
-            by_worker = await self._forward_by_worker(leased, taken.staged)
+        if taken.size and self._worker_wanted():
+            by_worker = await self._forward_by_worker(taken)
             if by_worker is not None:
                 return by_worker
         if not await self._settle_worker_batches():
             # An earlier batch did not go out whole: these rows were leased after it and
             # must not overtake it. The next round leases afresh from the oldest row.
             return True
+        leased, built = taken.rows, taken.records
+        if taken.spans is not None:  # the child is gone after all: read them here
+            leased, built = await self._buffer.read_spans(taken.spans), None
         self._in_process_once = False
         batch = narrow_to_suspects(leased, self._suspects) if self._suspects else leased
         # Narrowing keeps a prefix of the batch, so a prefix of its records still matches.
@@ -487,6 +506,15 @@ class Forwarder:
         if went_whole:
             self._worker_trusted = True
         return True
+
+    async def _release_worker_batch(self, taken: _Leased, sent: WorkerSent) -> None:
+        if sent.released_ids is None:
+            await self._release([taken.rows[i] for i in sent.released])
+            return
+        started = time.monotonic()
+        await self._buffer.release_ids(sent.released_ids)
+        self.status.release_s += time.monotonic() - started
+        self.status.forwarded += len(sent.released)
 
     async def _release(self, done: list[StoredMessage]) -> None:
         started = time.monotonic()
@@ -677,3 +705,8 @@ class Forwarder:
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _spans_path(buffer: Buffer) -> str | None:
+    """The buffer file the send worker's child may read leased spans from."""
+    return str(buffer.path) if buffer.spans_possible else None

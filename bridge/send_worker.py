@@ -43,13 +43,14 @@ import pickle
 import struct
 import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.records import RecordBuilder
-from edge.buffer import StoredMessage
+from edge.buffer import LeaseSpan, StoredMessage
 from gateway.config import KafkaConfig
 
 __all__ = [
@@ -113,6 +114,9 @@ class WorkerSent:
     """A part missed its deadline; that child rebuilt its producer."""
     declined: bool = False
     """A part came back unsent (its rows stay leased-then-free: sent in-process next)."""
+    released_ids: dict[str, tuple[list[int], int]] | None = None
+    """A batch of spans: per class, the row ids that may be deleted and their payload
+    bytes (the gateway never read those rows)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,8 @@ class SendWorkerStats:
     declined: int = 0
     """Parts of batches handed back unsent (a record too large, a missing topic)."""
     failed_batches: int = 0
+    span_batches: int = 0
+    """Batches handed over as spans: the child read their rows from the buffer file."""
     exits: int = 0
     """Children found gone (idle exits included)."""
     producer_rebuilds: int = 0
@@ -227,10 +233,12 @@ class SendWorker:
         kafka: KafkaConfig,
         builder: RecordBuilder,
         *,
+        buffer_path: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._kafka = kafka
         self._builder = builder
+        self._buffer_path = buffer_path
         self._clock = clock
         self._size = max(1, kafka.send_workers)
         self._children: list[_Child] = []
@@ -250,6 +258,13 @@ class SendWorker:
             and len(self._children) == self._size
             and all(c.alive for c in self._children)
         )
+
+    @property
+    def takes_spans(self) -> bool:
+        """Whether batches may be handed over as spans (the child reads the rows from the
+        buffer file): one child, which knows the file. Several children split a batch by
+        device, which needs the rows."""
+        return self._size == 1 and self._buffer_path is not None
 
     def want(self) -> None:
         """A backlog is draining: start the children in the background unless they run (or
@@ -298,7 +313,7 @@ class SendWorker:
         )
         child = _Child(process)
         try:
-            child.write(("init", self._kafka, self._builder, _log_level()))
+            child.write(("init", self._kafka, self._builder, _log_level(), self._buffer_path))
             async with asyncio.timeout(_START_DEADLINE_S):
                 await child.stdin.drain()
                 reply = await read_frame(child.stdout)
@@ -327,10 +342,7 @@ class SendWorker:
         the next is staged). None: no children."""
         if not self.ready:
             return None
-        if self._builder_stale:
-            for child in self._children:
-                child.write(("builder", self._builder))
-            self._builder_stale = False
+        self._send_builder_if_stale()
         keys: list[int] = []
         for child, indices in zip(self._children, self._split(batch), strict=True):
             if not indices:
@@ -340,6 +352,36 @@ class SendWorker:
             child.write(("stage", child.next_key, [row_tuple(batch[i]) for i in indices]))
             keys.append(child.next_key)
         return Staged(self._generation, keys)
+
+    def stage_spans(self, spans: list[LeaseSpan]) -> Staged | None:
+        """:meth:`stage` for spans of the buffer (:attr:`takes_spans`): the child reads the
+        rows itself."""
+        if not self.ready:
+            return None
+        self._send_builder_if_stale()
+        child = self._children[0]
+        child.next_key += 1
+        child.write(("stage_spans", child.next_key, spans))
+        return Staged(self._generation, [child.next_key])
+
+    def _send_builder_if_stale(self) -> None:
+        if self._builder_stale:
+            for child in self._children:
+                child.write(("builder", self._builder))
+            self._builder_stale = False
+
+    def submit_spans(
+        self, spans: list[LeaseSpan], staged: Staged | None, epoch: int
+    ) -> asyncio.Task[WorkerSent | None] | None:
+        """:meth:`submit` for spans; the answer carries the acked ids per class."""
+        if staged is None or staged.generation != self._generation:
+            staged = self.stage_spans(spans)
+        if staged is None or not self.ready:
+            return None
+        child, key = self._children[0], staged.keys[0]
+        active = [(child, key, range(sum(span.rows for span in spans)))]
+        answers = [child.request(key, epoch)]
+        return asyncio.create_task(self._collect(answers, active), name="send-worker-batch")
 
     def submit(
         self, batch: Sequence[StoredMessage], staged: Staged | None, epoch: int
@@ -367,7 +409,7 @@ class SendWorker:
     async def _collect(
         self,
         answers: list[asyncio.Future[_Reply]],
-        active: list[tuple[_Child, int, list[int]]],
+        active: Sequence[tuple[_Child, int, Sequence[int]]],
     ) -> WorkerSent | None:
         replies: Sequence[_Reply | BaseException]
         try:
@@ -382,10 +424,11 @@ class SendWorker:
     def _combine(
         self,
         replies: Sequence[_Reply | BaseException],
-        parts: Sequence[list[int]],
-        active: Sequence[tuple[_Child, int, list[int]]],
+        parts: Sequence[Sequence[int]],
+        active: Sequence[tuple[_Child, int, Sequence[int]]],
     ) -> WorkerSent | None:
         released: list[int] = []
+        released_ids: dict[str, tuple[list[int], int]] | None = None
         error: str | None = None
         stuck = declined = sent = False
         for reply, indices, (child, _, _) in zip(replies, parts, active, strict=True):
@@ -403,9 +446,14 @@ class SendWorker:
             elif kind == "failed":  # Kafka refused before anything was sent (no producer)
                 error = error or reply[1]
             else:
-                _, child_released, child_error, child_stuck, child.rebuilds = reply
+                _, child_released, child_error, child_stuck, child.rebuilds, by_class = reply
                 sent = True
                 released.extend(indices[i] for i in child_released)
+                if by_class is not None:  # spans: one child, so nothing to merge
+                    released_ids = {
+                        name: (array("q", packed).tolist(), nbytes)
+                        for name, (packed, nbytes) in by_class.items()
+                    }
                 error = error or child_error
                 stuck = stuck or child_stuck
         self.stats.producer_rebuilds = sum(c.rebuilds for c in self._children)
@@ -413,10 +461,17 @@ class SendWorker:
             return None  # all declined (or nothing to send): the caller sends in-process
         released.sort()
         self.stats.batches += 1
+        self.stats.span_batches += released_ids is not None
         self.stats.rows += len(released)
         if error is not None:
             self.stats.failed_batches += 1
-        return WorkerSent(released=released, error=error, stuck=stuck, declined=declined)
+        return WorkerSent(
+            released=released,
+            error=error,
+            stuck=stuck,
+            declined=declined,
+            released_ids=released_ids,
+        )
 
     def _children_lost(self) -> None:
         """Start them afresh after a pause (the old ones are stopped by the next start)."""

@@ -20,7 +20,10 @@ import ctypes
 import logging
 import os
 import signal
+import sqlite3
 import sys
+from array import array
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +31,7 @@ from bridge.outcomes import releasable
 from bridge.producer import KafkaProducerHandle, PreparedSend
 from bridge.records import KafkaRecord, RecordBuilder
 from bridge.send_worker import IDLE_EXIT_S, read_frame, write_frame
-from edge.buffer import StoredMessage
+from edge.buffer_types import LeaseSpan, StoredMessage
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaError
 from gateway.gc_tuning import BATCH_YOUNG, tune_gc
@@ -45,12 +48,24 @@ _CHUNK = 250
 class _Staged:
     batch: list[StoredMessage]
     prepared: PreparedSend
+    from_spans: bool = False
+    """Read from the buffer here: the answer says which ids were acked, per class."""
+
+
+_READ_SPAN = (
+    "SELECT id, device_id, class, topic, qos, payload, ingest_ms, priority, msg_id"
+    " FROM uplink WHERE class = ? AND id > ? AND id <= ? ORDER BY id"
+)
 
 
 class _Child:
-    def __init__(self, kafka: KafkaConfig, builder: RecordBuilder) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, builder: RecordBuilder, buffer_path: str | None = None
+    ) -> None:
         self._kafka = kafka
         self._builder = builder
+        self._buffer_path = buffer_path
+        self._buffer: sqlite3.Connection | None = None
         self._producer = KafkaProducerHandle(kafka)
         self._staged: dict[int, asyncio.Task[_Staged | tuple[Any, ...]]] = {}
         self.busy = False
@@ -72,9 +87,16 @@ class _Child:
 
         The gateway stages one batch ahead at most: one still staged when the next comes
         was given up (it may not say so), so it is dropped and nothing piles up here."""
+        self._stage(key, self._prepare(rows))
+
+    def stage_spans(self, key: int, spans: list[LeaseSpan]) -> None:
+        """:meth:`stage` for spans of the buffer: the rows are read here."""
+        self._stage(key, self._prepare_spans(spans))
+
+    def _stage(self, key: int, work: Coroutine[Any, Any, _Staged | tuple[Any, ...]]) -> None:
         for old in list(self._staged):
             self.drop(old)
-        self._staged[key] = asyncio.create_task(self._prepare(rows))
+        self._staged[key] = asyncio.create_task(work)
 
     def take(self, key: int) -> asyncio.Task[_Staged | tuple[Any, ...]] | None:
         """The staged batch to send (taken at once, so a later stage cannot drop it)."""
@@ -84,6 +106,33 @@ class _Child:
         task = self._staged.pop(key, None)
         if task is not None:
             task.cancel()
+
+    async def _prepare_spans(self, spans: list[LeaseSpan]) -> _Staged | tuple[Any, ...]:
+        """Read the leased rows from the buffer file (WAL: beside the gateway's writer), in
+        chunks between turns of the loop, then as :meth:`_prepare`. A span that no longer
+        holds the rows it was leased with (a dead letter replayed into it) is declined: the
+        gateway leases afresh and sends in-process."""
+        if self._buffer is None:
+            if self._buffer_path is None:
+                return ("declined", "no buffer path: spans cannot be read here")
+            self._buffer = open_buffer_reader(self._buffer_path)
+        rows: list[Any] = []
+        for span in spans:
+            cursor = self._buffer.execute(
+                _READ_SPAN, (span.class_name, span.after_id, span.last_id)
+            )
+            read = 0
+            while chunk := cursor.fetchmany(_CHUNK * 4):
+                rows.extend(chunk)
+                read += len(chunk)
+                await asyncio.sleep(0)  # the batch in flight gets its acks read meanwhile
+            if read != span.rows:
+                held = f"span of {span.class_name!r} holds {read} rows, not {span.rows}"
+                return ("declined", held)
+        staged = await self._prepare(rows)
+        if isinstance(staged, _Staged):
+            staged.from_spans = True
+        return staged
 
     async def _prepare(self, rows: list[tuple[Any, ...]]) -> _Staged | tuple[Any, ...]:
         batch = [StoredMessage(*r) for r in rows]
@@ -111,9 +160,9 @@ class _Child:
     ) -> tuple[Any, ...]:
         """Send a staged part, wait for its acks, say which rows may be deleted."""
         reply = await self._send(task, epoch)
-        if reply[0] != "sent" or reply[2] is not None or len(reply[1]) < reply[5]:
+        if reply[0] != "sent" or reply[2] is not None or len(reply[1]) < reply[-1]:
             self._failed_epoch = epoch
-        return reply[:5]
+        return reply[:-1] if reply[0] == "sent" else reply
 
     async def _send(
         self, task: asyncio.Task[_Staged | tuple[Any, ...]] | None, epoch: int
@@ -138,23 +187,50 @@ class _Child:
             index_of = {m.row_id: i for i, m in enumerate(batch)}
             released = [index_of[m.row_id] for m in releasable(batch, outcome.acked, topics)]
         error = None if outcome.error is None else str(outcome.error)
-        return ("sent", released, error, outcome.stuck, self._producer.rebuilds, len(batch))
+        by_class = _ids_by_class(batch, released) if staged.from_spans else None
+        rebuilds = self._producer.rebuilds
+        return ("sent", released, error, outcome.stuck, rebuilds, by_class, len(batch))
 
     async def close(self) -> None:
         for key in list(self._staged):
             self.drop(key)
         await self._producer.close(5.0)
+        if self._buffer is not None:
+            self._buffer.close()
+
+
+def open_buffer_reader(path: str) -> sqlite3.Connection:
+    """A read-only connection to the gateway's buffer file (WAL: reads beside its writer)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    conn.execute("PRAGMA query_only=ON")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _ids_by_class(batch: list[StoredMessage], released: list[int]) -> dict[str, Any]:
+    """Per class, the acked ids (packed: 8 bytes each) and their payload bytes."""
+    ids: dict[str, array[int]] = {}
+    nbytes: dict[str, int] = {}
+    for index in released:
+        message = batch[index]
+        name = message.class_name
+        if name not in ids:
+            ids[name] = array("q")
+            nbytes[name] = 0
+        ids[name].append(message.row_id)
+        nbytes[name] += len(message.payload)
+    return {name: (ids[name].tobytes(), nbytes[name]) for name in ids}
 
 
 async def _serve(reader: asyncio.StreamReader, out: Any) -> None:
     first = await read_frame(reader)
-    kind, kafka, builder, level = first
+    kind, kafka, builder, level, buffer_path = first
     if kind != "init":
         raise SystemExit(f"send worker: expected init, got {kind!r}")
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(levelname)s send-worker: %(message)s"
     )
-    child = _Child(kafka, builder)
+    child = _Child(kafka, builder, buffer_path)
     await child.start()
     tune_gc(young=BATCH_YOUNG)  # fewer collections: ~1 µs less per row (docs/benchmarks.md)
     write_frame(out, ("ready",))
@@ -188,6 +264,8 @@ async def _serve(reader: asyncio.StreamReader, out: Any) -> None:
             kind = frame[0]
             if kind == "stage":
                 child.stage(frame[1], frame[2])
+            elif kind == "stage_spans":
+                child.stage_spans(frame[1], frame[2])
             elif kind == "send":
                 child.busy = True
                 sends.put_nowait((child.take(frame[1]), frame[2]))

@@ -33,9 +33,9 @@ import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -49,6 +49,7 @@ from edge.buffer_types import (
     BufferStats,
     DeadLetter,
     DropRecord,
+    LeaseSpan,
     PendingWrite,
     StoredMessage,
     now_ms,
@@ -69,9 +70,12 @@ __all__ = [
     "DeadLetter",
     "DeviceRecord",
     "DropRecord",
+    "LeaseSpan",
     "PendingWrite",
     "StoredMessage",
 ]
+
+_L = TypeVar("_L")
 
 
 class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
@@ -384,6 +388,45 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         ``after`` (class -> row id) leases ahead: only rows after a batch still in flight,
         and without the expiry sweep (it could delete rows of that batch under it).
         """
+        rows = await self._read_lease(limit, after, _lease_rows)
+        out: list[StoredMessage] = []
+        for class_name, class_rows in rows.items():
+            messages = [StoredMessage(*r) for r in class_rows]
+            self._in_flight_max[class_name] = messages[-1].row_id
+            out.extend(messages)
+        return out if self._keyring is None else self._keyring.open_rows(out)
+
+    @property
+    def spans_possible(self) -> bool:
+        """Whether :meth:`lease_spans` may be used: the rows' payloads are stored as sent
+        (no keyring) and no per-device tenant share needs counting on release."""
+        return self._keyring is None and self.tenant_shares is None
+
+    async def lease_spans(
+        self, limit: int, *, after: Mapping[str, int] | None = None
+    ) -> list[LeaseSpan]:
+        """:meth:`lease`, but the rows are described, not read: one index-only count per
+        class. The send worker's child reads them (the gateway then spends nothing per row
+        on the lease). Only when :attr:`spans_possible`."""
+        assert self.spans_possible
+        spans = await self._read_lease(limit, after, _lease_spans)
+        for span in spans.values():
+            self._in_flight_max[span.class_name] = span.last_id
+        return list(spans.values())
+
+    async def read_spans(self, spans: Sequence[LeaseSpan]) -> list[StoredMessage]:
+        """The rows of leased spans (when the child cannot send them after all)."""
+        plan = {span.class_name: span.rows for span in spans}
+        floors = {span.class_name: span.after_id for span in spans}
+        rows = await self.read_in_thread(functools.partial(_lease_rows, plan, floors))
+        return [StoredMessage(*r) for class_rows in rows.values() for r in class_rows]
+
+    async def _read_lease(
+        self,
+        limit: int,
+        after: Mapping[str, int] | None,
+        read: Callable[[Mapping[str, int], Mapping[str, int], sqlite3.Connection], dict[str, _L]],
+    ) -> dict[str, _L]:
         if after is None:
             await self._sweep_expired()
         priority = {c: cfg.priority for c, cfg in self._classes.items()}
@@ -397,18 +440,12 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
         self._leases_reading += 1
         self._lease_idle.clear()
         try:
-            rows = await self.read_in_thread(functools.partial(_lease_rows, plan, floors))
+            return await self.read_in_thread(functools.partial(read, plan, floors))
         finally:
             self._in_flight_max.update(before)
             self._leases_reading -= 1
             if not self._leases_reading:
                 self._lease_idle.set()
-        out: list[StoredMessage] = []
-        for class_name, class_rows in rows.items():
-            messages = [StoredMessage(*r) for r in class_rows]
-            self._in_flight_max[class_name] = messages[-1].row_id
-            out.extend(messages)
-        return out if self._keyring is None else self._keyring.open_rows(out)
 
     async def release(self, messages: Iterable[StoredMessage]) -> None:
         """Delete rows that Kafka acknowledged. Only the bridge calls this, only after acks.
@@ -439,6 +476,33 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
             heads, used = await self.in_thread(delete)
             self._count_released(done)
         self._note_removal(heads, used)
+
+    async def release_ids(self, by_class: Mapping[str, tuple[Sequence[int], int]]) -> None:
+        """:meth:`release` for rows the gateway did not read (leased as spans): per class,
+        the acked row ids and their payload bytes."""
+        removed: dict[str, list[int]] = {}
+        for class_name, (ids, _) in by_class.items():
+            removed[class_name] = list(ids)
+        heads: list[int] = []
+        used = 0
+        chunks = [
+            {class_name: ids[start : start + _RELEASE_CHUNK]}
+            for class_name, ids in removed.items()
+            for start in range(0, len(ids), _RELEASE_CHUNK)
+        ]
+        for chunk in chunks:
+            delete = functools.partial(
+                _delete_rows, by_class=chunk, relaxed=self._relaxed_release,
+                after=self._heads_and_size,
+            )  # fmt: skip
+            heads, used = await self.in_thread(delete)
+        released = self.stats.class_released
+        for class_name, (ids, nbytes) in by_class.items():
+            self.stats.released += len(ids)
+            self._count_class(class_name, -len(ids), -nbytes)
+            released[class_name] = released.get(class_name, 0) + len(ids)
+        if chunks:
+            self._note_removal(heads, used)
 
     def _count_released(self, done: list[StoredMessage]) -> None:
         self.stats.released += len(done)
@@ -476,6 +540,19 @@ async def _open_reader(path: Path) -> aiosqlite.Connection:
         await reader.close()
         raise
     return reader
+
+
+def _lease_spans(
+    plan: Mapping[str, int], floors: Mapping[str, int], conn: sqlite3.Connection
+) -> dict[str, LeaseSpan]:
+    """The leased spans of each class (in the worker thread; index-only counts)."""
+    out: dict[str, LeaseSpan] = {}
+    for class_name, count in plan.items():
+        floor = floors.get(class_name, 0)
+        rows, last = conn.execute(sql.SPAN_CLASS, (class_name, floor, count)).fetchone()
+        if rows:
+            out[class_name] = LeaseSpan(class_name, floor, last, rows)
+    return out
 
 
 def _lease_rows(

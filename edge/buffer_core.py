@@ -97,6 +97,11 @@ class BufferCore:
         its oldest publish waited (gateway/metrics.py: PUBACK latency, once per commit)."""
 
     @property
+    def path(self) -> Path:
+        """The buffer's file."""
+        return self._path
+
+    @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
             raise BufferStoreError("buffer is not open")

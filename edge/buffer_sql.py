@@ -16,6 +16,7 @@ __all__ = [
     "INSERT_DROP",
     "INSERT_UPLINK",
     "LEASE_CLASS",
+    "SPAN_CLASS",
     "RANGE_HOLDS",
     "RELEASE_RANGE",
     "REMEMBER_KEY",
@@ -53,6 +54,11 @@ EVICT_OLDEST = (
 
 RANGE_HOLDS = "SELECT count(*), sum(id) FROM uplink WHERE class = ? AND id BETWEEN ? AND ?"
 RELEASE_RANGE = "DELETE FROM uplink WHERE class = ? AND id BETWEEN ? AND ?"
+
+SPAN_CLASS = (
+    "SELECT count(*), max(id) FROM"
+    " (SELECT id FROM uplink WHERE class = ? AND id > ? ORDER BY id LIMIT ?)"
+)
 
 LEASE_CLASS = (
     "SELECT id, device_id, class, topic, qos, payload, ingest_ms, priority, msg_id"

@@ -18,6 +18,7 @@ __all__ = [
     "DeadLetter",
     "DropRecord",
     "Evicted",
+    "LeaseSpan",
     "Outcome",
     "PendingWrite",
     "StoredMessage",
@@ -46,6 +47,18 @@ class StoredMessage:
     ingest_ms: int
     priority: int
     msg_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSpan:
+    """Leased rows of one class, described rather than read: the rows of ``class_name``
+    with ids after ``after_id`` up to ``last_id``, ``rows`` of them when leased. The send
+    worker's child reads them itself (bridge/send_worker.py says why)."""
+
+    class_name: str
+    after_id: int
+    last_id: int
+    rows: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,10 @@ machine's speed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from bridge import send_worker
 from bridge.producer import PreparedSend, SendOutcome
 from bridge.records import RecordBuilder
 from bridge.send_worker import SendWorker
-from gateway.config import KafkaConfig
+from edge.buffer import Buffer
+from gateway.config import BufferConfig, ClassConfig, KafkaConfig
 from gateway.dev.kafka import KafkaState, create_topics
 from gateway.errors import KafkaUnavailableError
 from tests.fixtures_kafka import topic_name_for
@@ -48,22 +51,28 @@ def _first_occurrences_in_order(records: list[Any]) -> bool:
     return True
 
 
-def _held_backlog(tmp_path: Path, kafka: KafkaState, topic: str, rows: int, devices: int) -> Path:
+# One child (the default) reads the leased rows from the buffer file itself (spans); two
+# split each batch between them by device, so the gateway reads the rows and hands them over.
+CHILDREN = pytest.mark.parametrize("children", [1, 2], ids=["one-child-spans", "two-children"])
+
+
+def _held_backlog(
+    tmp_path: Path, kafka: KafkaState, topic: str, rows: int, devices: int, *, children: int
+) -> Path:
     config = write_gateway_config(
         tmp_path,
         bootstrap=kafka.bootstrap,
         tls=_tls(kafka),
         topics={"telemetry": topic},
         extra="[buffer]\nlease_batch = 500\n",
-        # Two children (the default is one): the split of a batch between them is exercised.
-        kafka_extra="send_workers = 2\n",
+        kafka_extra=f"send_workers = {children}\n",
     )
     (tmp_path / "data").mkdir()
     fill_backlog(tmp_path / "data" / "buffer.sqlite3", rows, devices)
     return config
 
 
-def _wait_worker_declining(gateway: GatewayProcess) -> dict[str, Any]:
+def _wait_worker_declining(gateway: GatewayProcess, children: int) -> dict[str, Any]:
     """The child runs and hands back the batches of the missing topic."""
     status = gateway.wait_status(
         lambda s: (s["kafka"]["send_worker"] or {}).get("declined", 0) >= 1,
@@ -72,20 +81,22 @@ def _wait_worker_declining(gateway: GatewayProcess) -> dict[str, Any]:
     )
     assert status["kafka"]["forwarded"] == 0
     worker: dict[str, Any] = status["kafka"]["send_worker"]
-    assert worker["running"] == worker["children"] == 2  # the pool of _held_backlog
-    assert len(worker["pids"]) == 2
+    assert worker["running"] == worker["children"] == children
+    assert len(worker["pids"]) == children
     return worker
 
 
 @pytest.mark.kafka
+@CHILDREN
 async def test_a_backlog_goes_out_from_the_send_worker_each_row_once_in_order(
-    tmp_path: Path, kafka: KafkaState, request: pytest.FixtureRequest
+    tmp_path: Path, kafka: KafkaState, request: pytest.FixtureRequest, children: int
 ) -> None:
     topic = topic_name_for(request.node.name, "telemetry")
     rows, devices = 40_000, 20
-    config = await asyncio.to_thread(_held_backlog, tmp_path, kafka, topic, rows, devices)
+    held = functools.partial(_held_backlog, children=children)
+    config = await asyncio.to_thread(held, tmp_path, kafka, topic, rows, devices)
     with running_gateway(config) as gateway:
-        _wait_worker_declining(gateway)
+        _wait_worker_declining(gateway, children)
         await asyncio.to_thread(create_topics, kafka, [topic], partitions=3)
         status = gateway.wait_status(lambda s: s["buffer"]["rows"] == 0, 120, "the drain")
     kafka_status = status["kafka"]
@@ -96,7 +107,11 @@ async def test_a_backlog_goes_out_from_the_send_worker_each_row_once_in_order(
     # metadata of the new topic reached the child).
     assert worker["rows"] >= rows - 2 * 500, kafka_status
     assert worker["failed_batches"] == 0
-    assert worker["starts"] == 2
+    assert worker["starts"] == children
+    if children == 1:  # the child read the rows: nearly every batch it sent was spans
+        assert worker["span_batches"] >= worker["batches"] - 2, kafka_status
+    else:
+        assert worker["span_batches"] == 0, kafka_status
     assert kafka_status["releases_overlapped"] >= worker["batches"] // 2, kafka_status
     records = await read_topics(kafka.bootstrap, _tls(kafka), [topic])
     ids = _row_ids(records)
@@ -106,16 +121,18 @@ async def test_a_backlog_goes_out_from_the_send_worker_each_row_once_in_order(
 
 
 @pytest.mark.kafka
+@CHILDREN
 async def test_a_send_worker_killed_mid_drain_loses_nothing_and_is_restarted(
-    tmp_path: Path, kafka: KafkaState, request: pytest.FixtureRequest
+    tmp_path: Path, kafka: KafkaState, request: pytest.FixtureRequest, children: int
 ) -> None:
     """SIGKILL of the child while it sends: the batch it had is not released, goes again
     (in-process, then from a new child), and every row reaches Kafka in per-device order."""
     topic = topic_name_for(request.node.name, "telemetry")
     rows, devices = 200_000, 50
-    config = await asyncio.to_thread(_held_backlog, tmp_path, kafka, topic, rows, devices)
+    held = functools.partial(_held_backlog, children=children)
+    config = await asyncio.to_thread(held, tmp_path, kafka, topic, rows, devices)
     with running_gateway(config) as gateway:
-        pid = _wait_worker_declining(gateway)["pids"][0]
+        pid = _wait_worker_declining(gateway, children)["pids"][0]
         await asyncio.to_thread(create_topics, kafka, [topic], partitions=3)
         sending = gateway.wait_status(
             lambda s: s["kafka"]["send_worker"]["rows"] > 0, 60, "the child sending"
@@ -173,6 +190,9 @@ class _FakeProducer:
         self.missing: set[str] = set()
         self.fail_next = False
         self.sent: list[list[bytes]] = []
+
+    async def close(self, deadline: float) -> None:
+        del deadline
 
     async def topic_state(self, topic: str) -> str:
         return "missing" if topic in self.missing else "ok"
@@ -255,3 +275,54 @@ async def test_a_failed_part_makes_the_child_decline_the_rest_of_its_epoch() -> 
     child.stage(7, _rows(15, 2))
     assert child.take(6) is None
     assert (await child.send(child.take(7), epoch=9))[0] == "sent"
+
+
+async def test_the_child_reads_spans_from_the_buffer_and_declines_one_that_changed(
+    tmp_path: Path,
+) -> None:
+    """With one child, the gateway leases spans (class, ids after, last id, count) and the
+    child reads those rows from the buffer file itself; its answer names the acked ids per
+    class, which the gateway deletes. A span that holds other rows than leased (a dead
+    letter replayed into it) is declined unsent: the gateway then leases afresh."""
+    from bridge.send_worker_child import _Child
+
+    path = tmp_path / "buffer.sqlite3"
+    await asyncio.to_thread(fill_backlog, path, 300, 3)
+    kafka = KafkaConfig.model_construct(max_request_bytes=1 << 20)
+    builder = RecordBuilder(
+        gateway_id="g", class_topics={"telemetry": "t"}, content_types={}, dead_letter_topic="dlq"
+    )
+    config = BufferConfig()
+    async with Buffer(path, config, {"telemetry": ClassConfig(kafka_topic="t")}) as buffer:
+        assert buffer.spans_possible
+        spans = await buffer.lease_spans(100)
+        assert [(s.class_name, s.rows) for s in spans] == [("telemetry", 100)]
+        child = _Child(kafka, builder, str(path))
+        fake = _FakeProducer()
+        child._producer = fake  # type: ignore[assignment]
+        try:
+            child.stage_spans(1, spans)
+            answer = await child.send(child.take(1), epoch=1)
+            assert answer[0] == "sent"
+            assert answer[1] == list(range(100))
+            by_class = answer[5]
+            ids = array("q", by_class["telemetry"][0]).tolist()
+            assert ids == list(range(ids[0], ids[0] + 100))  # the oldest 100, in order
+            assert ids[-1] == spans[0].last_id
+            assert by_class["telemetry"][1] == sum(len(v) for v in fake.sent[0])
+            await buffer.release_ids({"telemetry": (ids, by_class["telemetry"][1])})
+            assert buffer.stats.rows == 200
+
+            later = await buffer.lease_spans(100)
+            rows = await buffer.read_spans(later)
+            await buffer.dead_letter(rows[50:51], "test")
+            await buffer.release(rows[:50] + rows[51:])
+            after = await buffer.lease_spans(100)  # spans the dead letter's id
+            assert await buffer.replay_dead_letters([rows[50].row_id]) == 1
+            child.stage_spans(2, after)
+            answer = await child.send(child.take(2), epoch=2)
+            assert answer[0] == "declined"
+            assert "holds 101 rows, not 100" in answer[1]
+            assert len(fake.sent) == 1
+        finally:
+            await child.close()
