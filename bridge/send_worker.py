@@ -7,9 +7,11 @@ out near 78k rows/s however fast Kafka is, with the second core mostly idle
 building its Kafka record, choosing its partition and encoding the produce request. This
 module moves that work into child processes (``python -m bridge.send_worker_child``,
 ``kafka.send_workers`` of them), each with its own interpreter and producer. The gateway
-keeps everything that touches the buffer: it leases the rows, splits each batch between the
-children by device (a device's rows of a batch all go to one child, in order), and deletes
-the rows the children report acked.
+keeps the buffer's bookkeeping: it leases the rows, splits each batch between the children
+by device (a device's rows of a batch all go to one child, in order), and deletes the rows
+the children report acked. With one child it leases *spans* instead (class, ids after,
+count: :meth:`edge.buffer.Buffer.lease_spans`) and the child reads the rows from the buffer
+file, so the gateway spends nothing per row on them but the delete.
 
 What stays the same:
 - A child sends one part at a time: the next only once every record of the one before is

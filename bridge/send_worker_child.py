@@ -2,14 +2,15 @@
 
 Started by :class:`bridge.send_worker.SendWorker`. It reads frames on stdin: ``init``; then
 ``stage`` (a batch's rows: build its records and encode them into record batches at once),
+``stage_spans`` (the same for spans of the buffer: the rows are read from its file here),
 ``send`` (send a staged batch, wait for its acks, answer on stdout with the rows that may be
 deleted), ``drop`` (a staged batch the gateway will not use) and ``builder`` (new routes).
 It sends with its own :class:`bridge.producer.KafkaProducerHandle`, one part at a time
 (the next once the one before is acked); after a part failed or was declined, the later
 parts of the same epoch are declined unsent (bridge/send_worker.py says why).
-It never touches the buffer. It exits when stdin closes (the gateway stopped or died),
-after :data:`bridge.send_worker.IDLE_EXIT_S` without work, or with its parent
-(``PR_SET_PDEATHSIG`` on Linux).
+It only reads the buffer (a read-only connection), never writes it. It exits when stdin
+closes (the gateway stopped or died), after :data:`bridge.send_worker.IDLE_EXIT_S` without
+work, or with its parent (``PR_SET_PDEATHSIG`` on Linux).
 """
 
 from __future__ import annotations

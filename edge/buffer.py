@@ -479,29 +479,26 @@ class Buffer(GroupCommitter, DeadLetterStore, BufferOps):
 
     async def release_ids(self, by_class: Mapping[str, tuple[Sequence[int], int]]) -> None:
         """:meth:`release` for rows the gateway did not read (leased as spans): per class,
-        the acked row ids and their payload bytes."""
-        removed: dict[str, list[int]] = {}
-        for class_name, (ids, _) in by_class.items():
-            removed[class_name] = list(ids)
+        the acked row ids and their payload bytes. Counted chunk by chunk, as deleted."""
         heads: list[int] = []
         used = 0
-        chunks = [
-            {class_name: ids[start : start + _RELEASE_CHUNK]}
-            for class_name, ids in removed.items()
-            for start in range(0, len(ids), _RELEASE_CHUNK)
-        ]
-        for chunk in chunks:
-            delete = functools.partial(
-                _delete_rows, by_class=chunk, relaxed=self._relaxed_release,
-                after=self._heads_and_size,
-            )  # fmt: skip
-            heads, used = await self.in_thread(delete)
         released = self.stats.class_released
         for class_name, (ids, nbytes) in by_class.items():
-            self.stats.released += len(ids)
-            self._count_class(class_name, -len(ids), -nbytes)
-            released[class_name] = released.get(class_name, 0) + len(ids)
-        if chunks:
+            counted_bytes = 0
+            for start in range(0, len(ids), _RELEASE_CHUNK):
+                chunk = ids[start : start + _RELEASE_CHUNK]
+                delete = functools.partial(
+                    _delete_rows, by_class={class_name: chunk}, relaxed=self._relaxed_release,
+                    after=self._heads_and_size,
+                )  # fmt: skip
+                heads, used = await self.in_thread(delete)
+                # Bytes in proportion to rows (only the whole is known); exact at the end.
+                chunk_bytes = nbytes * (start + len(chunk)) // len(ids) - counted_bytes
+                counted_bytes += chunk_bytes
+                self.stats.released += len(chunk)
+                self._count_class(class_name, -len(chunk), -chunk_bytes)
+                released[class_name] = released.get(class_name, 0) + len(chunk)
+        if any(ids for ids, _ in by_class.values()):
             self._note_removal(heads, used)
 
     def _count_released(self, done: list[StoredMessage]) -> None:
@@ -578,7 +575,7 @@ _RELEASE_CHUNK = 2000
 
 def _delete_rows(
     conn: sqlite3.Connection,
-    by_class: Mapping[str, list[int]],
+    by_class: Mapping[str, Sequence[int]],
     relaxed: bool,
     after: Callable[[sqlite3.Connection], tuple[list[int], int]],
 ) -> tuple[list[int], int]:
@@ -596,7 +593,7 @@ def _delete_rows(
     return after(conn)
 
 
-def _delete_class_rows(conn: sqlite3.Connection, class_name: str, ids: list[int]) -> None:
+def _delete_class_rows(conn: sqlite3.Connection, class_name: str, ids: Sequence[int]) -> None:
     """Delete these rows of one class (inside the caller's transaction, so nothing changes
     between the check and the delete).
 
