@@ -26,6 +26,7 @@ import sys
 from array import array
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bridge.outcomes import releasable
@@ -123,10 +124,13 @@ class _Child:
                 _READ_SPAN, (span.class_name, span.after_id, span.last_id)
             )
             read = 0
-            while chunk := cursor.fetchmany(_CHUNK * 4):
-                rows.extend(chunk)
-                read += len(chunk)
-                await asyncio.sleep(0)  # the batch in flight gets its acks read meanwhile
+            try:
+                while chunk := cursor.fetchmany(_CHUNK * 4):
+                    rows.extend(chunk)
+                    read += len(chunk)
+                    await asyncio.sleep(0)  # the batch in flight gets its acks read meanwhile
+            finally:
+                cursor.close()  # (dropped midway: an open read would hold WAL checkpoints)
             if read != span.rows:
                 held = f"span of {span.class_name!r} holds {read} rows, not {span.rows}"
                 return ("declined", held)
@@ -202,7 +206,8 @@ class _Child:
 
 def open_buffer_reader(path: str) -> sqlite3.Connection:
     """A read-only connection to the gateway's buffer file (WAL: reads beside its writer)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    uri = Path(path).absolute().as_uri() + "?mode=ro"  # (quoted: spaces, '?' or '#')
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     conn.execute("PRAGMA query_only=ON")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn

@@ -286,7 +286,8 @@ async def test_the_child_reads_spans_from_the_buffer_and_declines_one_that_chang
     letter replayed into it) is declined unsent: the gateway then leases afresh."""
     from bridge.send_worker_child import _Child
 
-    path = tmp_path / "buffer.sqlite3"
+    path = tmp_path / "a dir #1?" / "buffer.sqlite3"  # the child opens it by URI
+    path.parent.mkdir()
     await asyncio.to_thread(fill_backlog, path, 300, 3)
     kafka = KafkaConfig.model_construct(max_request_bytes=1 << 20)
     builder = RecordBuilder(
