@@ -317,12 +317,11 @@ class Forwarder:
         """Lease the rows after the batch in flight and build their records, while that
         batch waits for Kafka (building is a third of a drain's work on the event loop).
         With the send worker, stage them there instead: the child builds and encodes them
-        while it waits for the acks of the batch before."""
-        size = self._lease_batch
-        if self._worker_wanted():  # kafka.send_worker_batch: their batches are larger
-            size = max(size, self._kafka.send_worker_batch)
+        while it waits for the acks of the batch before. With one child they are leased as
+        spans, and the child reads the rows itself (bridge/send_worker.py)."""
         worker = self.send_worker
         if worker is not None and self._worker_wanted():
+            size = max(self._lease_batch, self._kafka.send_worker_batch)  # larger batches
             if worker.takes_spans and self._buffer.spans_possible:
                 spans = await self._buffer.lease_spans(size, after=floors)
                 if spans:
@@ -330,7 +329,7 @@ class Forwarder:
                 return _Leased([])
             rows = await self._buffer.lease(size, after=floors)
             return _Leased(rows, staged=worker.stage(rows) if rows else None)
-        rows = await self._buffer.lease(size, after=floors)
+        rows = await self._buffer.lease(self._lease_batch, after=floors)
         return _Leased(rows, [self._builder.build(m) for m in rows])
 
     def _worker_wanted(self) -> bool:
