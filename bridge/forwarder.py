@@ -330,7 +330,7 @@ class Forwarder:
             rows = await self._buffer.lease(size, after=floors)
             return _Leased(rows, staged=worker.stage(rows) if rows else None)
         rows = await self._buffer.lease(self._lease_batch, after=floors)
-        return _Leased(rows, [self._builder.build(m) for m in rows])
+        return _Leased(rows, self._builder.build_all(rows))
 
     def _worker_wanted(self) -> bool:
         """Whether the next batch goes to the send workers (starting them if need be): a
@@ -437,7 +437,7 @@ class Forwarder:
         self._in_process_once = False
         batch = narrow_to_suspects(leased, self._suspects) if self._suspects else leased
         # Narrowing keeps a prefix of the batch, so a prefix of its records still matches.
-        records = built[: len(batch)] if built else [self._builder.build(m) for m in batch]
+        records = built[: len(batch)] if built else self._builder.build_all(batch)
         missing, unauthorized = await self._check_topics({r.topic for r in records})
         plan = plan_batch(
             records,

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.records import RecordBuilder
+from bridge.records import RecordBuilder, record_row
 from edge.buffer import LeaseSpan, StoredMessage
 from gateway.config import KafkaConfig
 
@@ -87,21 +87,6 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
     """The next frame; ``asyncio.IncompleteReadError`` at the end of the stream."""
     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
     return pickle.loads(await reader.readexactly(length))
-
-
-def row_tuple(message: StoredMessage) -> tuple[Any, ...]:
-    """A leased row as the child receives it (a tuple pickles ~3x faster than the object)."""
-    return (
-        message.row_id,
-        message.device_id,
-        message.class_name,
-        message.topic,
-        message.qos,
-        message.payload,
-        message.ingest_ms,
-        message.priority,
-        message.msg_id,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +336,7 @@ class SendWorker:
                 keys.append(0)
                 continue
             child.next_key += 1
-            child.write(("stage", child.next_key, [row_tuple(batch[i]) for i in indices]))
+            child.write(("stage", child.next_key, [record_row(batch[i]) for i in indices]))
             keys.append(child.next_key)
         return Staged(self._generation, keys)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from bridge.outcomes import releasable
 from bridge.producer import KafkaProducerHandle, PreparedSend
-from bridge.records import KafkaRecord, RecordBuilder
+from bridge.records import KafkaRecord, RecordBuilder, RecordRow
 from bridge.send_worker import IDLE_EXIT_S, read_frame, write_frame
 from edge.buffer_types import LeaseSpan, StoredMessage
 from gateway.config import KafkaConfig
@@ -48,14 +48,14 @@ _CHUNK = 250
 
 @dataclass(slots=True)
 class _Staged:
-    batch: list[StoredMessage]
+    batch: list[RecordRow]
     prepared: PreparedSend
     from_spans: bool = False
     """Read from the buffer here: the answer says which ids were acked, per class."""
 
 
 _READ_SPAN = (
-    "SELECT id, device_id, class, topic, qos, payload, ingest_ms, priority, msg_id"
+    "SELECT id, device_id, class, topic, qos, payload, ingest_ms"  # a RecordRow
     " FROM uplink WHERE class = ? AND id > ? AND id <= ? ORDER BY id"
 )
 
@@ -84,7 +84,7 @@ class _Child:
     def use(self, builder: RecordBuilder) -> None:
         self._builder = builder
 
-    def stage(self, key: int, rows: list[tuple[Any, ...]]) -> None:
+    def stage(self, key: int, rows: list[RecordRow]) -> None:
         """Build and encode a batch now (while the batch before it waits for its acks).
 
         The gateway stages one batch ahead at most: one still staged when the next comes
@@ -118,7 +118,7 @@ class _Child:
             if self._buffer_path is None:
                 return ("declined", "no buffer path: spans cannot be read here")
             self._buffer = open_buffer_reader(self._buffer_path)
-        rows: list[Any] = []
+        rows: list[RecordRow] = []
         for span in spans:
             cursor = self._buffer.execute(
                 _READ_SPAN, (span.class_name, span.after_id, span.last_id)
@@ -139,12 +139,11 @@ class _Child:
             staged.from_spans = True
         return staged
 
-    async def _prepare(self, rows: list[tuple[Any, ...]]) -> _Staged | tuple[Any, ...]:
-        batch = [StoredMessage(*r) for r in rows]
+    async def _prepare(self, rows: list[RecordRow]) -> _Staged | tuple[Any, ...]:
         records: list[KafkaRecord] = []
-        build = self._builder.build
-        for start in range(0, len(batch), _CHUNK):
-            records.extend([build(m) for m in batch[start : start + _CHUNK]])
+        build_rows = self._builder.build_rows
+        for start in range(0, len(rows), _CHUNK):
+            records.extend(build_rows(rows[start : start + _CHUNK]))
             # Building a batch takes ~10 ms; the batch before it is in aiokafka's hands
             # meanwhile, and its request and acks wait for this loop (they did, whole).
             await asyncio.sleep(0)
@@ -158,7 +157,7 @@ class _Child:
             return ("failed", str(exc))
         if prepared.early:  # a record too large: the gateway dead-letters it in-process
             return ("declined", "a record does not fit a record batch")
-        return _Staged(batch, prepared)
+        return _Staged(rows, prepared)
 
     async def send(
         self, task: asyncio.Task[_Staged | tuple[Any, ...]] | None, epoch: int
@@ -189,8 +188,9 @@ class _Child:
             released = list(range(len(batch)))
         else:
             topics = [r.topic for r in staged.prepared.records]
-            index_of = {m.row_id: i for i, m in enumerate(batch)}
-            released = [index_of[m.row_id] for m in releasable(batch, outcome.acked, topics)]
+            index_of = {row[0]: i for i, row in enumerate(batch)}
+            messages = [StoredMessage(*row, priority=0) for row in batch]  # (rare: a failure)
+            released = [index_of[m.row_id] for m in releasable(messages, outcome.acked, topics)]
         error = None if outcome.error is None else str(outcome.error)
         by_class = _ids_by_class(batch, released) if staged.from_spans else None
         rebuilds = self._producer.rebuilds
@@ -213,18 +213,17 @@ def open_buffer_reader(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _ids_by_class(batch: list[StoredMessage], released: list[int]) -> dict[str, Any]:
+def _ids_by_class(batch: list[RecordRow], released: list[int]) -> dict[str, Any]:
     """Per class, the acked ids (packed: 8 bytes each) and their payload bytes."""
     ids: dict[str, array[int]] = {}
     nbytes: dict[str, int] = {}
     for index in released:
-        message = batch[index]
-        name = message.class_name
+        row_id, _, name, _, _, payload, _ = batch[index]
         if name not in ids:
             ids[name] = array("q")
             nbytes[name] = 0
-        ids[name].append(message.row_id)
-        nbytes[name] += len(message.payload)
+        ids[name].append(row_id)
+        nbytes[name] += len(payload)
     return {name: (ids[name].tobytes(), nbytes[name]) for name in ids}
 
 

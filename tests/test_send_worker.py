@@ -21,7 +21,7 @@ import pytest
 from bench.drain import fill_backlog
 from bridge import send_worker
 from bridge.producer import PreparedSend, SendOutcome
-from bridge.records import RecordBuilder
+from bridge.records import RecordBuilder, RecordRow
 from bridge.send_worker import SendWorker
 from edge.buffer import Buffer
 from gateway.config import BufferConfig, ClassConfig, KafkaConfig
@@ -210,19 +210,9 @@ class _FakeProducer:
         return SendOutcome([True] * total, None, False, [None] * total)
 
 
-def _rows(first: int, count: int) -> list[tuple[Any, ...]]:
+def _rows(first: int, count: int) -> list[RecordRow]:
     return [
-        (
-            first + i,
-            f"dev-{i % 2}",
-            "telemetry",
-            "d/x/up/telemetry",
-            1,
-            b"%d" % (first + i),
-            0,
-            5,
-            0,
-        )
+        (first + i, f"dev-{i % 2}", "telemetry", "d/x/up/telemetry", 1, b"%d" % (first + i), 0)
         for i in range(count)
     ]
 
