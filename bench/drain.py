@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +29,8 @@ from typing import Any
 
 from bench.procs import system_cpu
 from bench.speed_probe import speed_probe
+from device_sim.envelope import encode_envelope
+from device_sim.sensors import Sensor
 from edge.buffer import Buffer
 from gateway.config import BufferConfig
 from gateway.dev.kafka import KafkaState, create_topics, read_state, start_kafka, stop_kafka
@@ -35,12 +38,26 @@ from gateway.dev.kafka import KafkaState, create_topics, read_state, start_kafka
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fill_backlog(path: Path, rows: int, devices: int) -> None:
+def fill_backlog(path: Path, rows: int, devices: int, *, seed: int = 7) -> None:
     """A new buffer file holding ``rows`` telemetry messages of ``devices`` devices
-    (``bk-0000`` …), 100-byte payloads, as if Kafka had been away."""
+    (``bk-0000`` …), as if Kafka had been away: one message a millisecond up to now, each
+    the device contract's CBOR envelope around a temperature reading in JSON (~130 bytes;
+    it compresses like real telemetry, not like a constant filler)."""
     asyncio.run(_create(path))
-    payload = b"x" * 100
-    now = time.time_ns() // 1_000_000
+    rng = random.Random(seed)
+    sensors = [Sensor("temperature", "json", rng, size=0, filler=b"") for _ in range(devices)]
+    seqs = [0] * devices
+    first_ms = time.time_ns() // 1_000_000 - rows
+
+    def row(i: int) -> tuple[str, str, bytes, int]:
+        device = i % devices
+        seqs[device] += 1
+        seq, ts = seqs[device], first_ms + i
+        msg_id = f"bk-{device:04d}:drain:telemetry:{seq}"
+        body = sensors[device].reading(ts)
+        payload = encode_envelope(msg_id=msg_id, seq=seq, ts=ts, body=body)
+        return f"bk-{device:04d}", f"d/bk-{device:04d}/up/telemetry", payload, ts
+
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode=WAL")
         batch = 50_000
@@ -48,10 +65,7 @@ def fill_backlog(path: Path, rows: int, devices: int) -> None:
             db.executemany(
                 "INSERT INTO uplink (device_id, class, topic, qos, payload, ingest_ms, priority)"
                 " VALUES (?, 'telemetry', ?, 1, ?, ?, 5)",
-                [
-                    (f"bk-{i % devices:04d}", f"d/bk-{i % devices:04d}/up/telemetry", payload, now)
-                    for i in range(start, min(rows, start + batch))
-                ],
+                [row(i) for i in range(start, min(rows, start + batch))],
             )
             db.commit()
     db.close()
@@ -120,6 +134,11 @@ def main() -> None:
         help="kafka.send_workers (0: the whole drain in the gateway's process; default:"
         " the gateway's default)",
     )
+    parser.add_argument(
+        "--compression",
+        choices=["none", "gzip", "lz4", "zstd"],
+        help="kafka.compression (default: the gateway's default)",
+    )
     parser.add_argument("--kafka-state", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument(
@@ -147,6 +166,7 @@ def main() -> None:
             lease_batch=args.lease_batch,
             live_s=args.live_s,
             send_workers=args.send_workers,
+            compression=args.compression,
             code=args.code.resolve(),
         )
         result["code"] = _describe(args.code)
@@ -182,6 +202,7 @@ def run_drain(
     live_s: float | None = None,
     lease_batch: int = 2000,
     send_workers: int | None = None,
+    compression: str | None = None,
     code: Path = REPO,
 ) -> dict[str, Any]:
     """Fill a buffer with ``rows`` messages, start the gateway on it with live traffic,
@@ -226,6 +247,7 @@ priority = 5
 [kafka]
 bootstrap_servers = ["{kafka.bootstrap}"]
 {"" if send_workers is None else f"send_workers = {send_workers}"}
+{"" if compression is None else f'compression = "{compression}"'}
 [kafka.tls]
 cafile = "{kafka.ca_file}"
 certfile = "{kafka.cert_file}"
@@ -253,7 +275,9 @@ port = 0
             gateway.wait(timeout=10)
     # What the gateway ran with (its default when not told; 0 before send workers existed).
     workers = (result["forwarder"].get("send_worker") or {}).get("children", 0)
-    result.update(rows=args.rows, fill_s=round(fill_s, 1), send_workers=workers)
+    result.update(
+        rows=args.rows, fill_s=round(fill_s, 1), send_workers=workers, compression=compression
+    )
     return result
 
 
