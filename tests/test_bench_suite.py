@@ -161,6 +161,22 @@ def test_the_floor_benchmark_measures_both_ackers(tmp_path: Path) -> None:
     assert all(r["rows_per_commit"] >= 1 for r in runs[1:])
 
 
+def test_the_compression_benchmark_reports_every_codec(tmp_path: Path) -> None:
+    """bench/compression.py encodes the gateway's records with every kafka.compression
+    choice; each one shrinks a batch of telemetry records (their headers repeat)."""
+    out = tmp_path / "compression.json"
+    argv = [sys.executable, "-m", "bench.compression", "--rows", "60", "--devices", "5"]
+    argv += ["--reps", "1", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    codecs = json.loads(out.read_text())["codecs"]
+    assert list(codecs) == ["none", "gzip", "lz4", "zstd"]
+    assert codecs["none"]["bytes_per_record"] > 200  # the headers alone
+    for name in ("gzip", "lz4", "zstd"):
+        assert codecs[name]["ratio"] > 2, name
+        assert codecs[name]["cpu_us_per_record"] > 0
+
+
 @pytest.mark.kafka
 def test_latency_curve_measures_every_share_with_its_machine_load(
     kafka: KafkaState, tmp_path: Path

@@ -9,6 +9,7 @@ dead letters through the running gateway.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import urllib.error
@@ -222,7 +223,8 @@ async def test_a_record_the_broker_rejects_as_too_large_is_found_and_dead_letter
             gateway.mqtt_port,
             "dev-r",
             [("d/dev-r/up/event", f"small-{i}".encode()) for i in range(5)]
-            + [("d/dev-r/up/event", b"R" * 40_000)]
+            # Random: a compressed batch (zstd by default) must still be over the limit.
+            + [("d/dev-r/up/event", random.Random(40).randbytes(40_000))]
             + [("d/dev-r/up/event", f"after-{i}".encode()) for i in range(5)],
         )
         status = gateway.wait_status(
