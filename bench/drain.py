@@ -4,9 +4,10 @@ traffic keeps flowing.
     .venv/bin/python -m bench.drain [--rows 1000000] [--live-devices 100] [--live-rate 10]
 
 The backlog is written straight into a fresh buffer file (telemetry class, 1,000 devices,
-100-byte payloads) before the gateway starts, as if Kafka had been away for a long time. Live
-devices publish QoS1 events (a higher class) through the gateway during the drain. Reported:
-backlog drain rate (msg/s), live PUBACK latency, gateway CPU and RSS.
+device envelopes around sensor readings of ~135 bytes) before the gateway starts, as if
+Kafka had been away for a long time. Live devices publish QoS1 events (a higher class)
+through the gateway during the drain. Reported: backlog drain rate (msg/s), live PUBACK
+latency, gateway CPU and RSS.
 """
 
 from __future__ import annotations
