@@ -435,7 +435,10 @@ class SendWorker:
             else:
                 _, child_released, child_error, child_stuck, child.rebuilds, by_class = reply
                 sent = True
-                released.extend(indices[i] for i in child_released)
+                if len(child_released) == len(indices):  # all of it (a drain: 4,000 rows)
+                    released.extend(indices)
+                else:
+                    released.extend(indices[i] for i in child_released)
                 if by_class is not None:  # spans: one child, so nothing to merge
                     released_ids = {
                         name: (array("q", packed).tolist(), nbytes)

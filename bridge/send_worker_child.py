@@ -26,6 +26,8 @@ import sys
 from array import array
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -214,16 +216,18 @@ def open_buffer_reader(path: str) -> sqlite3.Connection:
 
 
 def _ids_by_class(batch: list[RecordRow], released: list[int]) -> dict[str, Any]:
-    """Per class, the acked ids (packed: 8 bytes each) and their payload bytes."""
+    """Per class, the acked ids (packed: 8 bytes each) and their payload bytes.
+
+    Rows read from spans come class by class, so each class is one run of the batch, taken
+    whole with C-level iteration (a loop in Python per row cost ~0.35 µs of the child's
+    ~8 µs per row in a drain)."""
+    chosen = batch if len(released) == len(batch) else [batch[i] for i in released]
     ids: dict[str, array[int]] = {}
     nbytes: dict[str, int] = {}
-    for index in released:
-        row_id, _, name, _, _, payload, _ = batch[index]
-        if name not in ids:
-            ids[name] = array("q")
-            nbytes[name] = 0
-        ids[name].append(row_id)
-        nbytes[name] += len(payload)
+    for name, group in groupby(chosen, itemgetter(2)):
+        run = list(group)
+        ids.setdefault(name, array("q")).extend(map(itemgetter(0), run))
+        nbytes[name] = nbytes.get(name, 0) + sum(map(len, map(itemgetter(5), run)))
     return {name: (ids[name].tobytes(), nbytes[name]) for name in ids}
 
 
