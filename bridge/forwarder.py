@@ -49,7 +49,7 @@ from bridge.outcomes import (
 )
 from bridge.producer import KafkaProducerHandle, SendOutcome
 from bridge.progress import Progress, to_ranges
-from bridge.records import KafkaRecord, RecordBuilder, topics_of
+from bridge.records import KafkaRecord, RecordBuilder
 from bridge.send_worker import SendWorker, Staged, WorkerSent
 from bridge.transactional import read_last_progress
 from edge.buffer import Buffer, LeaseSpan, StoredMessage
@@ -438,7 +438,7 @@ class Forwarder:
         batch = narrow_to_suspects(leased, self._suspects) if self._suspects else leased
         # Narrowing keeps a prefix of the batch, so a prefix of its records still matches.
         records = built[: len(batch)] if built else self._builder.build_all(batch)
-        missing, unauthorized = await self._check_topics(topics_of(records))
+        missing, unauthorized = await self._check_topics({r.topic for r in records})
         plan = plan_batch(
             records,
             max_record_bytes=self._kafka.max_request_bytes,

@@ -26,7 +26,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from bridge.batching import PartitionChooser, PartitionRun, plan_partition_runs
 from bridge.kafka_security import client_security, diagnose_sasl
 from bridge.outcomes import classify_error
-from bridge.records import KafkaRecord, topics_of
+from bridge.records import KafkaRecord
 from gateway.config import KafkaConfig
 from gateway.errors import KafkaAuthError, KafkaError, KafkaUnavailableError
 
@@ -189,7 +189,7 @@ class KafkaProducerHandle:
         try:
             async with asyncio.timeout(self._config.send_deadline_s):
                 partitions_of: dict[str, Collection[int]] = {}
-                for topic in topics_of(records):
+                for topic in {record.topic for record in records}:
                     partitions_of[topic] = await producer.partitions_for(topic)
         except TimeoutError:
             self.discard("fetching metadata for a batch missed its deadline")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Protocol
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -24,7 +23,6 @@ __all__ = [
     "message_id",
     "record_row",
     "record_size",
-    "topics_of",
 ]
 
 HEADER_PREFIX = "tg-"
@@ -305,11 +303,3 @@ def record_size(record: KafkaRecord) -> int:
         record.key, record.value, record.headers
     )
     return size
-
-
-_TOPIC = attrgetter("topic")
-
-
-def topics_of(records: Iterable[KafkaRecord]) -> set[str]:
-    """The topics ``records`` go to (C-level iteration: a drain batch holds 4,000)."""
-    return set(map(_TOPIC, records))

@@ -33,7 +33,7 @@ from typing import Any
 
 from bridge.outcomes import releasable
 from bridge.producer import KafkaProducerHandle, PreparedSend
-from bridge.records import KafkaRecord, RecordBuilder, RecordRow, topics_of
+from bridge.records import KafkaRecord, RecordBuilder, RecordRow
 from bridge.send_worker import IDLE_EXIT_S, read_frame, write_frame
 from edge.buffer_types import LeaseSpan, StoredMessage
 from gateway.config import KafkaConfig
@@ -150,7 +150,7 @@ class _Child:
             # meanwhile, and its request and acks wait for this loop (they did, whole).
             await asyncio.sleep(0)
         try:
-            for topic in topics_of(records):
+            for topic in {r.topic for r in records}:
                 state = await self._producer.topic_state(topic)
                 if state != "ok":
                     return ("declined", f"topic {topic!r} is {state}")
