@@ -36,8 +36,9 @@ def _point(figures: dict[str, Any], fraction: float) -> dict[str, Any]:
     rate = figures.get("msgs_per_s") or 0.0
     keys = (
         "offered_rate", "msgs_per_s", "kafka_p50_ms", "kafka_p99_ms", "puback_p99_ms",
-        "puback_steady_p99_ms", "cpu_us_per_msg", "generator_cpu_us_per_msg", "other_cpu_pct",
-        "machine_busy_pct", "loss_pct",
+        "publish_to_ingest_p50_ms", "publish_to_ingest_p99_ms", "ingest_to_kafka_p50_ms",
+        "ingest_to_kafka_p99_ms", "puback_steady_p99_ms", "cpu_us_per_msg",
+        "generator_cpu_us_per_msg", "other_cpu_pct", "machine_busy_pct", "loss_pct",
     )  # fmt: skip
     point = {"fraction": fraction} | {k: figures.get(k) for k in keys}
     # Cores the gateway and the simulator need at this rate (CPU per message x rate).
@@ -117,14 +118,17 @@ def _medians(reps: list[dict[str, Any]], fractions: list[float]) -> list[dict[st
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| share of max | msg/s | Kafka p50 / p99 ms | PUBACK p99 ms | gateway µs/msg (cores)"
+        "| share of max | msg/s | Kafka p50 / p99 ms | of which publish → gateway read p50 / p99"
+        " | gateway read → Kafka p50 / p99 | PUBACK p99 ms | gateway µs/msg (cores)"
         f" | simulator µs/msg (cores) | machine busy (of {CORES * 100} %) |",
-        "|--:|--:|--:|--:|--:|--:|--:|",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in result["median"]:
         lines.append(
             f"| {row['fraction']:.0%} | {row.get('msgs_per_s', 0):,.0f}"
             f" | {row.get('kafka_p50_ms')} / {row.get('kafka_p99_ms')}"
+            f" | {row.get('publish_to_ingest_p50_ms')} / {row.get('publish_to_ingest_p99_ms')}"
+            f" | {row.get('ingest_to_kafka_p50_ms')} / {row.get('ingest_to_kafka_p99_ms')}"
             f" | {row.get('puback_p99_ms')}"
             f" | {row.get('cpu_us_per_msg')} ({row.get('gateway_cores')})"
             f" | {row.get('generator_cpu_us_per_msg')} ({row.get('generator_cores')})"

@@ -3,7 +3,10 @@
 Topics are created with ``message.timestamp.type=LogAppendTime``: the broker stamps each
 record with the time it appended it, so ``record.timestamp - envelope.ts`` (the simulator's
 wall clock at publish, both on this machine) is the publish → Kafka-ack latency, for tidegate
-and for the naive bridge alike, without trusting either system's own counters.
+and for the naive bridge alike, without trusting either system's own counters. tidegate's
+records also carry ``tg-ingest-ts`` (when the gateway read the PUBLISH), which splits that
+latency into the way in (the simulator's send queue, the socket, the gateway's read) and the
+gateway's own part (commit, forward, Kafka's append).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
@@ -20,10 +23,32 @@ from device_sim.envelope import try_decode_envelope
 from gateway.dev.kafka import KafkaState
 from gateway.dev.kafka_admin import client_ssl_context, open_admin
 
-__all__ = ["count_records", "create_topic", "kafka_envelopes"]
+__all__ = ["Arrival", "count_records", "create_topic", "kafka_envelopes"]
 
 _T = TypeVar("_T")
 _TOPIC_ALREADY_EXISTS = 36
+
+
+class Arrival(NamedTuple):
+    """When one envelope was published, read by the gateway and appended by Kafka (ms)."""
+
+    published_ms: float
+    appended_ms: float
+    ingested_ms: float | None
+    """``tg-ingest-ts``: None for records without it (the naive bridge's)."""
+
+
+_INGEST_HEADER = "tg-ingest-ts"
+
+
+def _ingest_ms(headers: Any) -> float | None:
+    for name, value in headers or ():
+        if name == _INGEST_HEADER:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
 
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
@@ -102,14 +127,14 @@ def count_records(state: KafkaState, topic: str) -> int:
 
 def kafka_envelopes(
     state: KafkaState, topic: str, msg_id_prefix: str, timeout_s: float = 60.0
-) -> dict[str, tuple[float, float]]:
-    """msg_id → (publish ms, Kafka append ms) of every envelope whose msg_id starts with
+) -> dict[str, Arrival]:
+    """msg_id → its :class:`Arrival`, for every envelope whose msg_id starts with
     ``msg_id_prefix`` in ``topic`` (the whole topic up to its current end; a duplicate keeps
     its first append)."""
 
-    async def go() -> dict[str, tuple[float, float]]:
+    async def go() -> dict[str, Arrival]:
         consumer = _consumer(state)
-        out: dict[str, tuple[float, float]] = {}
+        out: dict[str, Arrival] = {}
         try:
             async with asyncio.timeout(timeout_s):
                 await consumer.start()
@@ -125,7 +150,12 @@ def kafka_envelopes(
                         for record in records:
                             env = try_decode_envelope(record.value)
                             if env is not None and env.msg_id.startswith(msg_id_prefix):
-                                out.setdefault(env.msg_id, (float(env.ts), float(record.timestamp)))
+                                arrival = Arrival(
+                                    float(env.ts),
+                                    float(record.timestamp),
+                                    _ingest_ms(record.headers),
+                                )
+                                out.setdefault(env.msg_id, arrival)
                         if records and records[-1].offset + 1 >= ends[tp]:
                             remaining.discard(tp)
             return out

@@ -208,7 +208,7 @@ def saturate_phase(
         out["in_kafka"] = delivered
         out["loss_pct"] = round(100 * (1 - delivered / max(1, out["acked"])), 2)
         if found:
-            last_append = max(append for _, append in found.values())
+            last_append = max(arrival.appended_ms for arrival in found.values())
             out["e2e_msgs_per_s"] = round(
                 delivered / max(1e-3, (last_append - first_send_ms) / 1000), 1
             )
@@ -234,13 +234,23 @@ def latency_phase(
     )
     out = _sim_figures(summary, cpu, sim_cpu_s) | {"offered_rate": round(rate, 1)}
     found = kafka_envelopes(system.kafka, system.topic, prefix)
-    latencies = [append - sent for sent, append in found.values()]
+    latencies = [a.appended_ms - a.published_ms for a in found.values()]
     out["in_kafka"] = len(found)
     out["loss_pct"] = round(100 * (1 - len(found) / max(1, out["acked"])), 2)
     if latencies:
         out["kafka_p50_ms"] = _percentile(latencies, 0.50)
         out["kafka_p99_ms"] = _percentile(latencies, 0.99)
         out["kafka_max_ms"] = max(latencies)
+    # Where the time went (tidegate's records say when the gateway read each PUBLISH): on
+    # the way in (the simulator's send queue, the socket, the gateway's read), or inside.
+    split = [a for a in found.values() if a.ingested_ms is not None]
+    if split:
+        way_in = [a.ingested_ms - a.published_ms for a in split if a.ingested_ms is not None]
+        inside = [a.appended_ms - a.ingested_ms for a in split if a.ingested_ms is not None]
+        out["publish_to_ingest_p50_ms"] = _percentile(way_in, 0.50)
+        out["publish_to_ingest_p99_ms"] = _percentile(way_in, 0.99)
+        out["ingest_to_kafka_p50_ms"] = _percentile(inside, 0.50)
+        out["ingest_to_kafka_p99_ms"] = _percentile(inside, 0.99)
     return out
 
 

@@ -137,6 +137,12 @@ def evaluate_targets(
             {
                 "offered_rate": _get(systems, "tidegate", "latency", "offered_rate"),
                 "p50_ms": _get(systems, "tidegate", "latency", "kafka_p50_ms"),
+                # The same latency split where the gateway read each PUBLISH (tg-ingest-ts).
+                **{
+                    f"{part}_{q}_ms": _get(systems, "tidegate", "latency", f"{part}_{q}_ms")
+                    for part in ("publish_to_ingest", "ingest_to_kafka")
+                    for q in ("p50", "p99")
+                },
             },
         ),
         "puback_p99_ms_at_1000": _target(

@@ -75,6 +75,9 @@ def test_smoke_run_has_every_system_and_every_target(
     tidegate = results["systems"]["tidegate"]["phases"]["thirdparty"]["median"]
     assert tidegate["in_kafka"] == tidegate["published"]
     assert results["ratios"]["cpu_us_per_msg_fixed_rate_mosquitto_pub"]["tidegate/amqtt"] > 0
+    latency = results["targets"]["e2e_kafka_latency_p99_ms"]["conditions"]
+    assert latency["ingest_to_kafka_p99_ms"] >= latency["ingest_to_kafka_p50_ms"] >= 0
+    assert latency["publish_to_ingest_p99_ms"] >= 0
     assert (out / "results.md").read_text().count("| tidegate |") == 1
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # How fast this machine was: figures of two runs compare only next to it.
@@ -195,6 +198,10 @@ def test_latency_curve_measures_every_share_with_its_machine_load(
     assert [row["fraction"] for row in result["median"]] == [0.25, 0.5]
     for row in result["median"]:
         assert row["kafka_p99_ms"] >= row["kafka_p50_ms"] >= 0
+        # Split where the gateway read the PUBLISH (tg-ingest-ts): the way in, then inside.
+        assert row["publish_to_ingest_p99_ms"] >= row["publish_to_ingest_p50_ms"] >= 0
+        assert row["ingest_to_kafka_p99_ms"] >= row["ingest_to_kafka_p50_ms"] >= 0
+        assert row["ingest_to_kafka_p50_ms"] <= row["kafka_p99_ms"]
         assert row["cpu_us_per_msg"] > 0
         assert row["generator_cpu_us_per_msg"] > 0
         assert 0 < row["machine_busy_pct"] <= 100 * (os.cpu_count() or 1) + 5
