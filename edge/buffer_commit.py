@@ -317,9 +317,9 @@ class GroupCommitter(BufferCore):
             if self._keyring is not None:  # at-rest encryption: one call per batch
                 # Already off the event loop: the whole commit runs in aiosqlite's thread.
                 inserts = self._keyring.seal_inserts(inserts)
-            db.executemany(sql.INSERT_UPLINK, inserts)
+            sql.insert_rows(db, sql.INSERT_UPLINK, inserts)
         if keys:
-            db.executemany(sql.REMEMBER_KEY, keys)
+            sql.insert_rows(db, sql.REMEMBER_KEY, keys)
         if drops:
             db.executemany(sql.INSERT_DROP, drops)
             self._trim_drop_ledger(db, len(drops))
@@ -344,24 +344,8 @@ class GroupCommitter(BufferCore):
         checked = [w for w in batch if w.check_dedup and w.dedup_keys and w.action not in dropping]
         if not checked:
             return set()
-        slots_of: dict[str, set[str]] = {}
-        for write in checked:
-            slots_of.setdefault(write.device_id, set()).update(slot for slot, _ in write.dedup_keys)
-        remembered: dict[tuple[str, str], str] = {}
-        # One primary-key search per device ("device_id = ? AND slot IN (...)"). A row-value
-        # "(device_id, slot) IN (VALUES ...)" made SQLite scan the whole table on every
-        # commit: with ~2 rows a commit at 1,000 msg/s that scan was most of the CPU.
-        for device_id, device_slots in slots_of.items():
-            wanted = sorted(device_slots)
-            for start in range(0, len(wanted), 400):
-                chunk = wanted[start : start + 400]
-                marks = ",".join("?" for _ in chunk)
-                rows = db.execute(
-                    "SELECT slot, fingerprint FROM inbound_dedup"
-                    f" WHERE device_id = ? AND slot IN ({marks})",
-                    [device_id, *chunk],
-                ).fetchall()
-                remembered.update(((device_id, r[0]), r[1]) for r in rows)
+        pairs = {(w.device_id, slot) for w in checked for slot, _ in w.dedup_keys}
+        remembered = sql.remembered_keys(db, sorted(pairs))
         duplicates: set[int] = set()
         for write in batch:
             slots = [((write.device_id, slot), fp) for slot, fp in write.dedup_keys]

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import aiosqlite
 
+from edge.buffer_sql import insert_rows
+
 __all__ = ["DeviceRecord", "RegistryChanges", "read_devices"]
 
-_UPSERT_SEEN = (
-    "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms) VALUES (?, ?, ?)"
+_UPSERT_SEEN = "INSERT INTO devices (device_id, first_seen_ms, last_seen_ms) VALUES"
+_UPSERT_SEEN_TAIL = (
     " ON CONFLICT (device_id) DO UPDATE"
     " SET last_seen_ms = max(devices.last_seen_ms, excluded.last_seen_ms)"
 )
@@ -96,7 +98,10 @@ class RegistryChanges:
         if not self._dirty:
             return
         items = self._dirty.items()
-        db.executemany(_UPSERT_SEEN, [(d, s.last_seen_ms, s.last_seen_ms) for d, s in items])
+        # Every device that published since the last commit: multi-row statements, not a
+        # step per device (edge/buffer_sql.py says why).
+        seen = [(d, s.last_seen_ms, s.last_seen_ms) for d, s in items]
+        insert_rows(db, _UPSERT_SEEN, seen, _UPSERT_SEEN_TAIL)
         changes = [(s.connected, s.peer, d) for d, s in items if s.connected is not None]
         if changes:
             db.executemany(_UPDATE_CONNECTED, changes)

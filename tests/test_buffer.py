@@ -4,6 +4,7 @@ policies, expiry, retransmission dedup, dead letters, migration, corruption."""
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import cbor2
 import pytest
 
 from edge.buffer import Buffer
+from edge.buffer_sql import insert_rows, remembered_keys
 from edge.lease_plan import plan_lease
 from edge.schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION
 from gateway.config import BufferConfig, ClassConfig
@@ -328,6 +330,88 @@ async def test_retransmission_is_stored_once(tmp_path: Path) -> None:
         await asyncio.gather(again, other)
         assert buffer.stats.duplicates_suppressed == 1
         assert [m.payload for m in await buffer.lease(10)] == [b"\x00opaque", b"\x00other"]
+
+
+async def test_a_group_commit_takes_a_few_statements_whatever_its_size(tmp_path: Path) -> None:
+    """A commit runs in aiosqlite's thread beside a busy event loop, and every SQLite step
+    gives up the GIL and waits to get it back: rows, dedup keys and their lookups go in a
+    few multi-row statements, not one step per row (edge/buffer_sql.py). Duplicates are
+    still found, and rows keep their order."""
+    devices = [f"dev-{i:03d}" for i in range(150)]
+
+    def publish(buffer: Buffer, device: str, seq: int) -> asyncio.Future[None]:
+        msg_id = f"{device}:{seq}"
+        return buffer.enqueue(
+            device_id=device,
+            class_name="telemetry",
+            topic=f"d/{device}/up/telemetry",
+            qos=1,
+            payload=_envelope(seq, msg_id),
+            ingest_ms=1_000 + seq,
+            priority=5,
+            msg_id=msg_id,
+            dedup_keys=((f"mtelemetry:{seq % 32}", msg_id), (f"p{seq % 64}", f"{seq}:x")),
+            check_dedup=True,
+        )
+
+    async with _buffer(tmp_path / "b.sqlite3") as buffer:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(publish(buffer, d, 1) for d in devices))
+        statements: list[str] = []
+        await buffer.in_thread(lambda conn: conn.set_trace_callback(statements.append))
+        commits = buffer.stats.commits
+        # 20 devices resend seq 1 (lost PUBACKs); every device sends seq 2 and 3.
+        futures = [publish(buffer, d, 1) for d in devices[:20]]
+        futures += [publish(buffer, d, seq) for seq in (2, 3) for d in devices]
+        async with asyncio.timeout(10):
+            await asyncio.gather(*futures)
+        await buffer.in_thread(lambda conn: conn.set_trace_callback(None))
+        commits = buffer.stats.commits - commits
+        assert buffer.stats.duplicates_suppressed == 20
+        assert buffer.stats.rows == 3 * len(devices)
+        # 320 publishes, 640 keys, 150 devices seen: ~35 statements, not ~1,200 row steps.
+        assert len(statements) <= 50 * commits, (commits, len(statements))
+        rows = await buffer.lease(1000)
+        for device in devices[:3]:
+            assert [m.msg_id for m in rows if m.device_id == device] == [
+                f"{device}:{seq}" for seq in (1, 2, 3)
+            ]
+
+
+def test_multi_row_inserts_and_key_lookups_match_row_by_row() -> None:
+    """insert_rows stores what executemany stores, in the same order (the same ids), and
+    remembered_keys finds what a lookup per pair finds, for any batch size and any text."""
+    rng = random.Random(3)
+    dedup = (
+        "CREATE TABLE inbound_dedup (device_id TEXT NOT NULL, slot TEXT NOT NULL,"
+        " fingerprint TEXT NOT NULL, seen_ms INTEGER NOT NULL, PRIMARY KEY (device_id, slot))"
+        " WITHOUT ROWID"
+    )
+    for _ in range(60):
+        one_by_one, batched = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+        for conn in (one_by_one, batched):
+            conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, x TEXT, y BLOB)")
+            conn.execute(dedup)
+        rows = [
+            (f"x{rng.random()}", rng.randbytes(rng.randrange(5))) for _ in range(rng.randrange(300))
+        ]
+        one_by_one.executemany("INSERT INTO t (x, y) VALUES (?, ?)", rows)
+        insert_rows(batched, "INSERT INTO t (x, y) VALUES", rows)
+        table = "SELECT * FROM t ORDER BY id"
+        assert batched.execute(table).fetchall() == one_by_one.execute(table).fetchall()
+        keys = [
+            (f"d{rng.randrange(20)}é\"'", f"s{rng.randrange(10)}", f"fp{rng.random()}\n\\", 0)
+            for _ in range(rng.randrange(200))
+        ]  # (repeats: the last one of a pair wins, as with executemany)
+        one_by_one.executemany("INSERT OR REPLACE INTO inbound_dedup VALUES (?, ?, ?, ?)", keys)
+        insert_rows(batched, "INSERT OR REPLACE INTO inbound_dedup VALUES", keys)
+        table = "SELECT * FROM inbound_dedup ORDER BY 1, 2"
+        assert batched.execute(table).fetchall() == one_by_one.execute(table).fetchall()
+        pairs = sorted(
+            {(f"d{rng.randrange(25)}é\"'", f"s{rng.randrange(12)}") for _ in range(1100)}
+        )
+        stored = {(d, s): f for d, s, f, _ in one_by_one.execute(table)}
+        assert remembered_keys(batched, pairs) == {p: stored[p] for p in pairs if p in stored}
 
 
 # --------------------------------------------------------------------- dead letters
