@@ -1,0 +1,121 @@
+"""Group commits of the buffer alone: commit latency and CPU per commit for a batch size,
+with the event loop idle or busy (no broker, no Kafka).
+
+    python -m bench.commit_load [--batch 93] [--rounds 200] [--busy 0.8] [--code DIR] [--out FILE]
+
+Each round enqueues ``--batch`` QoS1 publishes from as many devices (envelopes, two dedup
+keys each, as the intake makes them) and waits until they are durable; every 20 rounds the
+rows are leased and released, as the forwarder would. ``--busy 0.8`` keeps the event loop
+running Python 80 % of the time, in 1 ms slices with a wait for I/O between them, as ingest
+does under load: the commit runs in aiosqlite's thread and needs the GIL back after every
+SQLite step, so this shows what the hand-backs cost (docs/benchmarks.md, "Commits under
+load"). ``--code`` runs another checkout's buffer, for an A/B in one sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+
+async def _run(batch: int, rounds: int, busy: float) -> dict[str, Any]:
+    buffer_module = importlib.import_module("edge.buffer")
+    config = importlib.import_module("gateway.config")
+    classes = {"telemetry": config.ClassConfig(kafka_topic="t", priority=5)}
+    with tempfile.TemporaryDirectory(prefix="tidegate-commit-load-") as tmp:
+        buffer = buffer_module.Buffer(Path(tmp) / "b.sqlite3", config.BufferConfig(), classes)
+        async with buffer:
+            stop = asyncio.Event()
+
+            async def loop_work() -> None:
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    while time.perf_counter() - started < 0.001:
+                        sum(range(200))
+                    await asyncio.sleep(0.001 * (1 - busy) / busy)  # waiting for I/O
+
+            worker = asyncio.create_task(loop_work() if busy else stop.wait())
+            latencies: list[float] = []
+            cpu_started = time.process_time()
+            for round_no in range(rounds):
+                futures = [_publish(buffer, round_no, i, batch) for i in range(batch)]
+                started = time.perf_counter()
+                await asyncio.gather(*futures)
+                latencies.append((time.perf_counter() - started) * 1000)
+                if round_no % 20 == 19:
+                    await buffer.release(await buffer.lease(batch * 20))
+            cpu_s = time.process_time() - cpu_started
+            stop.set()
+            await worker
+            commits = buffer.stats.commits
+    latencies.sort()
+    return {
+        "batch": batch,
+        "rounds": rounds,
+        "busy_loop_share": busy,
+        "commits": commits,
+        "commit_p50_ms": round(statistics.median(latencies), 3),
+        "commit_p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
+        "commit_max_ms": round(latencies[-1], 3),
+        "process_cpu_ms_per_round": round(cpu_s / rounds * 1000, 3),
+    }
+
+
+def _publish(buffer: Any, round_no: int, index: int, batch: int) -> Any:
+    device = f"dev-{(round_no * batch + index) % 1000:04d}"
+    msg_id = f"{device}:{round_no}:{index}"
+    payload = cbor2.dumps({"msg_id": msg_id, "seq": round_no, "ts": 0, "body": b"x" * 100})
+    return buffer.enqueue(
+        device_id=device,
+        class_name="telemetry",
+        topic=f"d/{device}/up/telemetry",
+        qos=1,
+        payload=payload,
+        ingest_ms=1_000 + round_no,
+        priority=5,
+        msg_id=msg_id,
+        dedup_keys=(
+            (f"mtelemetry:{round_no % 32}", msg_id),
+            (f"p{(round_no * 7 + index) % 64}", f"{round_no}:{index}"),
+        ),
+        check_dedup=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--batch", type=int, default=93, help="publishes per commit")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument(
+        "--busy", type=float, default=0.0, help="share of the time the event loop runs Python"
+    )
+    parser.add_argument("--code", type=Path, help="a checkout whose buffer to run")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.rounds < 1:
+        parser.error("--batch and --rounds must be positive")
+    if not 0 <= args.busy < 1:
+        parser.error("--busy is a share of the time: 0 <= busy < 1")
+    if args.code is not None:
+        sys.path.insert(0, str(args.code.resolve()))
+    result = asyncio.run(_run(args.batch, args.rounds, args.busy))
+    result["code"] = str(args.code) if args.code else "this checkout"
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
