@@ -14,7 +14,7 @@ import cbor2
 import pytest
 
 from edge.buffer import Buffer
-from edge.buffer_sql import insert_rows, remembered_keys
+from edge.buffer_sql import _lookup_statement, insert_rows, remembered_keys
 from edge.lease_plan import plan_lease
 from edge.schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION
 from gateway.config import BufferConfig, ClassConfig
@@ -412,6 +412,12 @@ def test_multi_row_inserts_and_key_lookups_match_row_by_row() -> None:
         )
         stored = {(d, s): f for d, s, f, _ in one_by_one.execute(table)}
         assert remembered_keys(batched, pairs) == {p: stored[p] for p in pairs if p in stored}
+    # One primary-key search per pair: a lookup that scanned the table was once most of the
+    # gateway's CPU at 1,000 msg/s (docs/benchmarks.md, "Hot path work").
+    plan = batched.execute("EXPLAIN QUERY PLAN " + _lookup_statement(4), ["x"] * 8).fetchall()
+    steps = [row[-1] for row in plan]
+    assert any(s.startswith("SEARCH d USING PRIMARY KEY") for s in steps), steps  # d: the table
+    assert not any(s.startswith("SCAN d") for s in steps), steps
 
 
 # --------------------------------------------------------------------- dead letters
