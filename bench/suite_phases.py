@@ -243,10 +243,10 @@ def latency_phase(
         out["kafka_max_ms"] = max(latencies)
     # Where the time went (tidegate's records say when the gateway read each PUBLISH): on
     # the way in (the simulator's send queue, the socket, the gateway's read), or inside.
-    split = [a for a in found.values() if a.ingested_ms is not None]
-    if split:
-        way_in = [a.ingested_ms - a.published_ms for a in split if a.ingested_ms is not None]
-        inside = [a.appended_ms - a.ingested_ms for a in split if a.ingested_ms is not None]
+    read = [(a.ingested_ms, a) for a in found.values() if a.ingested_ms is not None]
+    if read:
+        way_in = [ingested - a.published_ms for ingested, a in read]
+        inside = [a.appended_ms - ingested for ingested, a in read]
         out["publish_to_ingest_p50_ms"] = _percentile(way_in, 0.50)
         out["publish_to_ingest_p99_ms"] = _percentile(way_in, 0.99)
         out["ingest_to_kafka_p50_ms"] = _percentile(inside, 0.50)
