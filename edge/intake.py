@@ -20,6 +20,9 @@ __all__ = ["Intake"]
 
 log = logging.getLogger(__name__)
 
+Envelope = tuple[str, int | None, int | None]
+"""``(msg_id, ttl_ms, seq)`` of a tidegate CBOR envelope."""
+
 _META_SUFFIX = "/meta"
 _MAX_TTL_S = 100 * 365 * 86_400.0
 """Longest envelope ``ttl_s`` honoured (longer ones are capped: effectively no expiry)."""
@@ -108,16 +111,7 @@ class Intake:
             if envelope is not None and envelope[1] is not None:
                 ttl_ms = envelope[1]
             expires_ms = None if ttl_ms is None else ingest_ms + ttl_ms
-        keys: list[tuple[str, str]] = []
-        if envelope is not None:
-            seq = envelope[2]
-            slot = seq % 32 if seq is not None else f"h{zlib.crc32(envelope[0].encode()) % 32}"
-            keys.append((f"m{route.class_name}:{slot}", envelope[0]))
-        if publish.qos > 0 and publish.packet_id is not None:
-            digest = hashlib.blake2b(
-                publish.topic.encode() + b"\0" + publish.payload, digest_size=8
-            ).hexdigest()
-            keys.append((f"p{publish.packet_id % 64}", f"{publish.packet_id}:{digest}"))
+        keys = self._dedup_keys(publish, route.class_name, envelope)
         return self._buffer.enqueue(
             device_id=publish.device_id,
             class_name=route.class_name,
@@ -128,14 +122,42 @@ class Intake:
             priority=self._priority.get(route.class_name, 0),
             expires_ms=expires_ms,
             msg_id=msg_id,
-            dedup_keys=tuple(keys),
+            dedup_keys=keys,
             # A DUP may repeat a message stored before a crash; an envelope msg_id is
             # checked always (a device may resend on a new session without DUP).
             check_dedup=publish.dup or msg_id is not None,
         )
 
+    @staticmethod
+    def _dedup_keys(
+        publish: InboundPublish, class_name: str, envelope: Envelope | None
+    ) -> tuple[tuple[str, str], ...]:
+        """The ``(slot, fingerprint)`` pairs the buffer remembers for this publish
+        (docs/buffer.md, "Retransmissions").
 
-def _envelope_fields(payload: bytes) -> tuple[str, int | None, int | None] | None:
+        An envelope with a ``seq`` gets one key, its ``seq`` modulo 64 → ``msg_id``: it
+        catches a DUP resend as surely as the packet id would (both rings hold the last 64),
+        and a resend on a new session too. Each remembered key is a random page of the
+        dedup table rewritten in the commit; the second one cost a third of the commit
+        thread's time at half the maximum rate (docs/benchmarks.md, session 11). Opaque
+        payloads keep the packet-id key; an envelope without ``seq`` keeps both, because its
+        hashed slot collides between messages in flight.
+        """
+        if envelope is not None and envelope[2] is not None:
+            return ((f"m{class_name}:{envelope[2] % 64}", envelope[0]),)
+        keys: list[tuple[str, str]] = []
+        if envelope is not None:
+            slot = f"h{zlib.crc32(envelope[0].encode()) % 32}"
+            keys.append((f"m{class_name}:{slot}", envelope[0]))
+        if publish.qos > 0 and publish.packet_id is not None:
+            digest = hashlib.blake2b(
+                publish.topic.encode() + b"\0" + publish.payload, digest_size=8
+            ).hexdigest()
+            keys.append((f"p{publish.packet_id % 64}", f"{publish.packet_id}:{digest}"))
+        return tuple(keys)
+
+
+def _envelope_fields(payload: bytes) -> Envelope | None:
     """``(msg_id, ttl_ms, seq)`` of a tidegate CBOR envelope, or None for other payloads."""
     if not payload or not 0xA0 <= payload[0] <= 0xBF:  # a CBOR map, cheap pre-check
         return None

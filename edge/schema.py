@@ -77,9 +77,10 @@ _V1_TO_V2: Final = (
         dropped_ms INTEGER NOT NULL
     )""",
     # Bounded memory of recent messages per device, to recognise retransmissions: a ring of
-    # slots per device (packet id modulo 64; envelope class + seq modulo 32), so its size is
-    # devices x a constant however long the gateway runs. A collision overwrites a slot and
-    # can only let a duplicate through, never drop a message.
+    # slots per device (packet id modulo 64; envelope class + seq modulo 64, since session 11,
+    # when the SQL comment below says 32; edge/intake.py), so its size is devices x a
+    # constant however long the gateway runs. A collision overwrites a slot and can only let
+    # a duplicate through, never drop a message.
     """CREATE TABLE inbound_dedup (
         device_id   TEXT    NOT NULL,
         slot        TEXT    NOT NULL,     -- 'p<packet id % 64>' or 'm<class>:<seq % 32>'

@@ -70,8 +70,9 @@ INTERIOR_PAGES = 0.01
 INDEX_BYTES_PER_ROW = 40
 """The ``uplink_class_order (class, id)`` index: 36.8 bytes per row measured."""
 DEVICE_STATE_BYTES = 8000
-"""Per device that published: its retransmission fingerprints (a fixed ring: 64 packet-id
-slots and 32 envelope slots per class) and registry row; 5.7-6.1 KB measured, one class."""
+"""Per device that published: its retransmission fingerprints (a fixed ring: 64 slots per
+class for envelopes with ``seq``, else 64 packet-id slots and 32 envelope slots per class)
+and registry row; 5.7-6.1 KB measured, one class, with both rings."""
 LEDGER_ROW_BYTES = 128
 """Per drop-ledger entry (the ledger is trimmed to ``buffer.drop_ledger_max_rows``); 124
 measured."""

@@ -15,7 +15,10 @@ import pytest
 
 from edge.buffer import Buffer
 from edge.buffer_sql import _lookup_statement, insert_rows, remembered_keys
+from edge.ingest import InboundPublish
+from edge.intake import Intake
 from edge.lease_plan import plan_lease
+from edge.routing import TopicRouter
 from edge.schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION
 from gateway.config import BufferConfig, ClassConfig
 from gateway.errors import BufferCorruptError, BufferFullError
@@ -330,6 +333,66 @@ async def test_retransmission_is_stored_once(tmp_path: Path) -> None:
         await asyncio.gather(again, other)
         assert buffer.stats.duplicates_suppressed == 1
         assert [m.payload for m in await buffer.lease(10)] == [b"\x00opaque", b"\x00other"]
+
+
+def _intake(buffer: Buffer) -> Intake:
+    return Intake(buffer, TopicRouter("d/{device_id}/up/{class}", CLASSES), CLASSES)
+
+
+def _inbound(device: str, packet_id: int, payload: bytes, *, dup: bool = False) -> InboundPublish:
+    topic = f"d/{device}/up/telemetry"
+    return InboundPublish(device, topic, 1, False, payload, time.time(), packet_id, dup)
+
+
+async def _remembered_slots(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT device_id, slot FROM inbound_dedup ORDER BY 1, 2").fetchall()
+
+
+async def test_an_envelope_with_seq_remembers_one_key_and_other_payloads_the_packet_id(
+    tmp_path: Path,
+) -> None:
+    """Every remembered key is a random page rewritten in the commit: an envelope with a
+    seq needs only its seq slot (edge/intake.py); opaque payloads and envelopes without seq
+    keep the packet-id ring."""
+    path = tmp_path / "b.sqlite3"
+    async with _buffer(path) as buffer:
+        intake = _intake(buffer)
+        no_seq = cbor2.dumps({"msg_id": "n-1", "body": b"x"})
+        async with asyncio.timeout(10):
+            await asyncio.gather(
+                intake.submit(_inbound("env", 5, _envelope(70, "env-70"))),
+                intake.submit(_inbound("opaque", 6, b"\x00raw")),
+                intake.submit(_inbound("noseq", 7, no_seq)),
+            )
+        slots = await _remembered_slots(path)
+    hashed = [slot for device, slot in slots if device == "noseq" and slot.startswith("m")]
+    assert [s for s in slots if s[0] != "noseq"] == [("env", "mtelemetry:6"), ("opaque", "p6")]
+    assert ("noseq", "p7") in slots
+    assert len(hashed) == 1
+
+
+async def test_dup_resends_of_a_full_window_of_envelopes_are_all_recognised(
+    tmp_path: Path,
+) -> None:
+    """64 envelopes in flight, the gateway restarts before any PUBACK: every DUP resend is
+    recognised by its seq slot alone, as the packet-id ring did (it held 64 too)."""
+    path = tmp_path / "b.sqlite3"
+    window = [(seq, 100 + seq, _envelope(seq, f"w-{seq}")) for seq in range(1000, 1064)]
+    async with _buffer(path) as buffer:
+        intake = _intake(buffer)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(intake.submit(_inbound("w", p, b)) for _, p, b in window))
+    async with _buffer(path) as buffer:
+        intake = _intake(buffer)
+        async with asyncio.timeout(10):
+            await asyncio.gather(
+                *(intake.submit(_inbound("w", p, b, dup=True)) for _, p, b in window)
+            )
+            await intake.submit(_inbound("w", 200, _envelope(1064, "w-1064")))
+        assert buffer.stats.duplicates_suppressed == 64
+        leased = await buffer.lease(200)
+    assert [m.msg_id for m in leased] == [f"w-{seq}" for seq in range(1000, 1065)]
 
 
 async def test_a_group_commit_takes_a_few_statements_whatever_its_size(tmp_path: Path) -> None:
