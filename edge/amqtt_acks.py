@@ -104,7 +104,53 @@ class AckFlow:
         self._capacity.set()
 
     def _wake_pump(self, _future: asyncio.Future[None]) -> None:
-        self.activity.set()
+        if not self._ack_now():
+            self.activity.set()
+
+    def _ack_now(self) -> bool:
+        """Acknowledge the FIFO's stored heads from the sink future's callback, without
+        waking the connection's task; True when nothing is left for the task to do.
+
+        At low rates every publish is its own commit, and the task's wake-up (a loop step,
+        the pump's frames, the write lock, drain) cost more than the write itself
+        (docs/benchmarks.md, "Acknowledged from the commit's callback"). Only the simple
+        case goes here: not closing, no failed store, nothing to forward to local
+        subscribers, the write lock free and the socket's buffer empty (a device that
+        stopped reading is the task's to drain). Anything else wakes the task, as before.
+        """
+        acks = self._acks
+        writer = self.writer
+        if self._closing or not acks or writer is None or self._write_lock.locked():
+            return False
+        if getattr(writer, "is_closed", False):  # amqtt's adapter is closing the socket
+            return False
+        transport = getattr(getattr(writer, "_writer", None), "transport", None)
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        edge = self._edge
+        needs_forward = edge.needs_forward
+        ready: list[tuple[int, int]] = []
+        forwarded = 0
+        for item in acks:
+            future = item.future
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                break
+            if item.forward:
+                if needs_forward(item.publish):
+                    break
+                forwarded += 1
+            ready.append((item.kind, item.packet_id))
+        if not ready:
+            return not acks[0].future.done()
+        del acks[: len(ready)]
+        transport.write(encode_acks(ready))
+        stats = edge.stats
+        stats.acks_sent += len(ready)
+        stats.acks_sent_at_once += len(ready)
+        stats.broadcast_skipped += forwarded
+        self._inflight -= len(ready)
+        self._capacity.set()
+        return not (acks and acks[0].future.done())
 
     def acks_ready(self) -> bool:
         """Whether :meth:`pump_acks` has something to send (the connection loop's test)."""

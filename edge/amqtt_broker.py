@@ -132,6 +132,7 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             max_inflight=max_inflight,
             max_packet_size=max_packet_size,
             forward=self._forward,
+            needs_forward=self._needs_forward,
             security=security,
             lifecycle=lifecycle,
         )
@@ -492,6 +493,12 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 quotas.unsubscribed(str(session.client_id), a_filter)
         return deleted
 
+    def _needs_forward(self, publish: DecodedPublish) -> bool:
+        return self._index.matches(publish.topic) or self._retains(publish)
+
+    def _retains(self, publish: DecodedPublish) -> bool:
+        return publish.retain and not publish.topic.startswith(self._uplink_prefix)
+
     async def _forward(self, session: Any, publish: DecodedPublish) -> None:
         """After the sink accepted a publish: amqtt's broadcast only if a subscription matches."""
         stats = self.edge.stats
@@ -500,7 +507,7 @@ class EdgeAmqttBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             await self._broadcast_message(session, publish.topic, publish.payload)
         else:
             stats.broadcast_skipped += 1
-        if publish.retain and not publish.topic.startswith(self._uplink_prefix):
+        if self._retains(publish):
             await self.retain_message(session, publish.topic, publish.payload, publish.qos)
 
 

@@ -70,6 +70,9 @@ class BrokerStats:
     takeovers: int = 0
     publishes_submitted: int = 0
     acks_sent: int = 0
+    acks_sent_at_once: int = 0
+    """Of ``acks_sent``, those written from the sink future's callback, without waking the
+    connection's task (edge/amqtt_acks.py)."""
     qos2_duplicates: int = 0
     reader_paused: int = 0
     """Times a session's reader stopped at the in-flight cap."""
@@ -149,6 +152,9 @@ class EdgeContext:
     max_inflight: int
     max_packet_size: int
     forward: Forward
+    needs_forward: Callable[[DecodedPublish], bool] = lambda _publish: True
+    """Whether :attr:`forward` has anything to do for a publish (a matching subscription,
+    a retained message); False lets an acknowledgement go out without it (amqtt_acks.py)."""
     stats: BrokerStats = field(default_factory=BrokerStats)
     live: dict[str, EdgeProtocolHandler] = field(default_factory=dict)
     """The connection that currently owns each client id (for takeover and the observer)."""

@@ -583,6 +583,55 @@ async def test_uplink_reaches_subscribers_only_when_one_matches(
     assert seqs(sink.payloads()) == [1, 2, 3]
 
 
+async def test_stored_publishes_are_acknowledged_from_the_commit_in_order(
+    harness: Harness,
+) -> None:
+    """The PUBACKs of stored heads go out from the sink future's callback (no wake-up of
+    the connection's task), in arrival order; a later store finishing first waits for the
+    earlier one, and a publish a subscriber wants takes the task's path (edge/amqtt_acks.py)."""
+    sink = FakeSink(hold=True)
+    broker = await harness.broker(sink)
+    device = await harness.device(broker, "dev")
+    ids = [device.publish("d/dev/up/telemetry", f"{i}".encode(), 1) for i in range(1, 6)]
+    await eventually(lambda: len(sink.futures) == 5, "five publishes submitted")
+    sink.release(3)
+    await eventually(lambda: len(device.acked) == 3, "three PUBACKs")
+    handled = asyncio.Event()  # callbacks run in the order they were added: ours after
+    sink.futures[4].add_done_callback(lambda _future: handled.set())
+    sink.futures[4].set_result(None)  # the fifth is stored before the fourth ...
+    await asyncio.wait_for(handled.wait(), 5)
+    assert broker.stats.acks_sent == 3  # ... but its PUBACK waits for the fourth's
+    sink.futures[3].set_result(None)
+    await eventually(lambda: len(device.acked) == 5, "five PUBACKs")
+    assert device.acked == ids
+    assert broker.stats.acks_sent_at_once == 5
+    assert broker.stats.broadcast_skipped == 5
+
+    app = await harness.device(broker, "app")
+    await app.subscribe("d/+/up/#")
+    wanted = device.publish("d/dev/up/telemetry", b"6", 1)
+    await eventually(lambda: len(sink.futures) == 6, "the sixth publish submitted")
+    sink.release()
+    await eventually(lambda: app.messages, "delivery to the subscriber")
+    await eventually(lambda: wanted in device.acked, "its PUBACK")
+    assert broker.stats.acks_sent_at_once == 5  # acknowledged by the task, which forwards
+    assert broker.stats.acks_sent == 6
+
+
+async def test_a_failed_store_is_never_acknowledged_from_the_callback(harness: Harness) -> None:
+    sink = FakeSink(hold=True)
+    broker = await harness.broker(sink)
+    device = await harness.device(broker, "dev")
+    first = device.publish("d/dev/up/telemetry", b"1", 1)
+    device.publish("d/dev/up/telemetry", b"2", 1)
+    await eventually(lambda: len(sink.futures) == 2, "two publishes submitted")
+    sink.futures[0].set_result(None)
+    sink.futures[1].set_exception(OSError("disk full"))
+    await eventually(lambda: broker.stats.sink_failures == 1, "the failure handled")
+    await eventually(device.disconnected.is_set, "the connection dropped")
+    assert device.acked == [first]
+
+
 async def test_non_uplink_topics_keep_broker_behaviour_and_reach_the_sink(harness: Harness) -> None:
     sink = FakeSink()
     broker = await harness.broker(sink)
