@@ -1,10 +1,13 @@
 """Group commits of the buffer alone: commit latency and CPU per commit for a batch size,
 with the event loop idle or busy (no broker, no Kafka).
 
-    python -m bench.commit_load [--batch 93] [--rounds 200] [--busy 0.8] [--code DIR] [--out FILE]
+    python -m bench.commit_load [--batch 93] [--rounds 200] [--busy 0.8] [--keys 1]
+        [--code DIR] [--out FILE]
 
-Each round enqueues ``--batch`` QoS1 publishes from as many devices (envelopes, two dedup
-keys each, as the intake makes them) and waits until they are durable; every 20 rounds the
+Each round enqueues ``--batch`` QoS1 publishes from as many devices (envelopes with a seq:
+one dedup key each, as the intake makes them since session 11; ``--keys 2`` adds the
+packet-id key, as opaque payloads and the intake before then) and waits until they are
+durable; every 20 rounds the
 rows are leased and released, as the forwarder would. ``--busy 0.8`` keeps the event loop
 running Python 80 % of the time, in 1 ms slices with a wait for I/O between them, as ingest
 does under load: the commit runs in aiosqlite's thread and needs the GIL back after every
@@ -28,7 +31,7 @@ from typing import Any
 import cbor2
 
 
-async def _run(batch: int, rounds: int, busy: float) -> dict[str, Any]:
+async def _run(batch: int, rounds: int, busy: float, keys: int) -> dict[str, Any]:
     buffer_module = importlib.import_module("edge.buffer")
     config = importlib.import_module("gateway.config")
     classes = {"telemetry": config.ClassConfig(kafka_topic="t", priority=5)}
@@ -48,7 +51,7 @@ async def _run(batch: int, rounds: int, busy: float) -> dict[str, Any]:
             latencies: list[float] = []
             cpu_started = time.process_time()
             for round_no in range(rounds):
-                futures = [_publish(buffer, round_no, i, batch) for i in range(batch)]
+                futures = [_publish(buffer, round_no, i, batch, keys) for i in range(batch)]
                 started = time.perf_counter()
                 await asyncio.gather(*futures)
                 latencies.append((time.perf_counter() - started) * 1000)
@@ -63,6 +66,7 @@ async def _run(batch: int, rounds: int, busy: float) -> dict[str, Any]:
         "batch": batch,
         "rounds": rounds,
         "busy_loop_share": busy,
+        "keys_per_publish": keys,
         "commits": commits,
         "commit_p50_ms": round(statistics.median(latencies), 3),
         "commit_p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
@@ -71,7 +75,7 @@ async def _run(batch: int, rounds: int, busy: float) -> dict[str, Any]:
     }
 
 
-def _publish(buffer: Any, round_no: int, index: int, batch: int) -> Any:
+def _publish(buffer: Any, round_no: int, index: int, batch: int, keys: int) -> Any:
     device = f"dev-{(round_no * batch + index) % 1000:04d}"
     msg_id = f"{device}:{round_no}:{index}"
     payload = cbor2.dumps({"msg_id": msg_id, "seq": round_no, "ts": 0, "body": b"x" * 100})
@@ -85,9 +89,9 @@ def _publish(buffer: Any, round_no: int, index: int, batch: int) -> Any:
         priority=5,
         msg_id=msg_id,
         dedup_keys=(
-            (f"mtelemetry:{round_no % 32}", msg_id),
+            (f"mtelemetry:{round_no % 64}", msg_id),
             (f"p{(round_no * 7 + index) % 64}", f"{round_no}:{index}"),
-        ),
+        )[:keys],
         check_dedup=True,
     )
 
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--busy", type=float, default=0.0, help="share of the time the event loop runs Python"
     )
+    parser.add_argument(
+        "--keys", type=int, choices=(1, 2), default=1, help="dedup keys per publish"
+    )
     parser.add_argument("--code", type=Path, help="a checkout whose buffer to run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--busy is a share of the time: 0 <= busy < 1")
     if args.code is not None:
         sys.path.insert(0, str(args.code.resolve()))
-    result = asyncio.run(_run(args.batch, args.rounds, args.busy))
+    result = asyncio.run(_run(args.batch, args.rounds, args.busy, args.keys))
     result["code"] = str(args.code) if args.code else "this checkout"
     text = json.dumps(result, indent=2)
     print(text)

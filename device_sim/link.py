@@ -2,9 +2,15 @@
 
 paho's ``loop_start()`` is one thread and one ``select()`` per client and breaks at about 340
 clients (file descriptors >= 1024). Instead paho tells us about its socket through the
-``on_socket_*`` callbacks and we register it with the event loop: readable → ``loop_read()``,
-writable while paho has bytes queued → ``loop_write()``, and one timer calls ``loop_misc()``
-(keepalive pings, ping timeouts) for every client once a second.
+``on_socket_*`` callbacks and we register it with the event loop: readable → ``loop_read()``;
+when paho queues bytes, ``loop_write()`` on the loop's next turn, and a writable watch only if
+the socket did not take them all; one timer calls ``loop_misc()`` (keepalive pings, ping
+timeouts) for every client once a second.
+
+The write goes first and the watch only after: a socket with room is the usual case, and a
+watch per publish (``add_writer``, an epoll wake-up, ``remove_writer``) cost about a fifth of
+the simulator's CPU at 4,000 msg/s (docs/benchmarks.md, session 11); the simulator shares the
+cores with the gateway it measures.
 
 paho's ``connect()`` does a blocking TCP connect, so it runs in a worker thread (a full
 listen backlog would otherwise stall the whole loop for a SYN retransmit). The socket
@@ -104,7 +110,20 @@ class PahoLoopDriver:
 
     def _add_writer(self, client: mqtt.Client, fd: int) -> None:
         if self._open.get(client) == fd:
-            self._loop.add_writer(fd, self._writable, client, fd)
+            # Not from inside paho's publish() (it holds its locks and may be in a callback):
+            # on the loop's next turn, with whatever else was queued meanwhile.
+            self._loop.call_soon(self._write_now, client, fd)
+
+    def _write_now(self, client: mqtt.Client, fd: int) -> None:
+        if self._open.get(client) != fd:
+            return  # closed meanwhile
+        try:
+            client.loop_write()
+        except Exception as exc:
+            self._on_error(client, exc)
+            return
+        if client.want_write() and self._open.get(client) == fd:
+            self._loop.add_writer(fd, self._writable, client, fd)  # the socket is full
 
     def _remove(self, client: mqtt.Client, fd: int) -> None:
         if fd < 0:

@@ -167,16 +167,17 @@ def test_the_floor_benchmark_measures_both_ackers(tmp_path: Path) -> None:
 def test_the_commit_benchmark_reports_latency_and_cpu_per_commit(tmp_path: Path) -> None:
     """bench/commit_load.py commits batches of publishes (idle and busy event loop) and
     reports commit latency and CPU per round."""
-    for busy in ([], ["--busy", "0.8"]):
+    for busy, keys in (([], "1"), (["--busy", "0.8"], "2")):
         out = tmp_path / "commit.json"
         argv = [sys.executable, "-m", "bench.commit_load", "--batch", "5", "--rounds", "25"]
-        argv += [*busy, "--out", str(out)]
+        argv += [*busy, "--keys", keys, "--out", str(out)]
         proc = subprocess.run(
             argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         result = json.loads(out.read_text())
         assert result["busy_loop_share"] == (0.8 if busy else 0)
+        assert result["keys_per_publish"] == int(keys)
         assert 1 <= result["commits"] <= 25 * 5
         assert 0 < result["commit_p50_ms"] <= result["commit_p99_ms"] <= result["commit_max_ms"]
         assert result["process_cpu_ms_per_round"] > 0
