@@ -217,7 +217,10 @@ async def test_broker_loss_is_counted_and_devices_reconnect(tmp_path: Path) -> N
     enough_acks = asyncio.Event()
 
     def progress(counters: FleetCounters) -> None:
-        if counters.acked >= 20:
+        # Every device connected to the first broker, not only 20 acks in all: on a loaded
+        # machine one device's first connect can come after the 20th ack (CI saw it), and
+        # that device then never loses a connection.
+        if counters.acked >= 20 and counters.connected == 5:
             enough_acks.set()
 
     ledger = tmp_path / "acks.jsonl"
