@@ -8,9 +8,9 @@ the socket did not take them all; one timer calls ``loop_misc()`` (keepalive pin
 timeouts) for every client once a second.
 
 The write goes first and the watch only after: a socket with room is the usual case, and a
-watch per publish (``add_writer``, an epoll wake-up, ``remove_writer``) cost about a fifth of
-the simulator's CPU at 4,000 msg/s (docs/benchmarks.md, session 11); the simulator shares the
-cores with the gateway it measures.
+watch per publish (``add_writer``, an epoll wake-up, ``remove_writer``) showed as 14 % of the
+simulator's profile at 4,000 msg/s; without it the simulator spends 7 % less CPU per message
+(docs/benchmarks.md, session 11). It shares the cores with the gateway it measures.
 
 paho's ``connect()`` does a blocking TCP connect, so it runs in a worker thread (a full
 listen backlog would otherwise stall the whole loop for a SYN retransmit). The socket

@@ -113,7 +113,8 @@ class AckFlow:
 
         At low rates every publish is its own commit, and the task's wake-up (a loop step,
         the pump's frames, the write lock, drain) cost more than the write itself
-        (docs/benchmarks.md, "Acknowledged from the commit's callback"). Only the simple
+        (docs/benchmarks.md, "One key per envelope, and PUBACKs from the commit's
+        callback"). Only the simple
         case goes here: not closing, no failed store, nothing to forward to local
         subscribers, the write lock free and the socket's buffer empty (a device that
         stopped reading is the task's to drain). Anything else wakes the task, as before.
@@ -124,7 +125,7 @@ class AckFlow:
             return False
         if getattr(writer, "is_closed", False):  # amqtt's adapter is closing the socket
             return False
-        transport = getattr(getattr(writer, "_writer", None), "transport", None)
+        transport = self._transport()
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
         edge = self._edge
@@ -144,12 +145,9 @@ class AckFlow:
             return not acks[0].future.done()
         del acks[: len(ready)]
         transport.write(encode_acks(ready))
-        stats = edge.stats
-        stats.acks_sent += len(ready)
-        stats.acks_sent_at_once += len(ready)
-        stats.broadcast_skipped += forwarded
-        self._inflight -= len(ready)
-        self._capacity.set()
+        edge.stats.acks_sent_at_once += len(ready)
+        edge.stats.broadcast_skipped += forwarded
+        self._acked(len(ready))
         return not (acks and acks[0].future.done())
 
     def acks_ready(self) -> bool:
@@ -241,6 +239,14 @@ class AckFlow:
             self._ended(CONNECTION_LOST, f"writing acknowledgements failed: {exc!r}")
             await self.handle_connection_closed()
             return
-        self._edge.stats.acks_sent += len(ready)
-        self._inflight -= len(ready)
+        self._acked(len(ready))
+
+    def _acked(self, count: int) -> None:
+        """``count`` acknowledgements written: the reader may take that many more."""
+        self._edge.stats.acks_sent += count
+        self._inflight -= count
         self._capacity.set()
+
+    def _transport(self) -> Any:
+        """The connection's asyncio transport under amqtt's writer adapter, or None."""
+        return getattr(getattr(self.writer, "_writer", None), "transport", None)

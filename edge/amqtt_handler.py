@@ -356,7 +356,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
     def _abort_if_peer_not_reading(self) -> None:
         # amqtt's close drains the write buffer first; a peer that stopped reading would
         # block that forever. Such a peer will not read the rest anyway: drop it.
-        transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
+        transport = self._transport()
         if transport is None or transport.is_closing():
             return
         _low, high = transport.get_write_buffer_limits()
@@ -480,7 +480,7 @@ class EdgeProtocolHandler(AckFlow, BrokerProtocolHandler):  # type: ignore[misc]
         now = loop.time()
         if idle_since is not None and now - idle_since >= timeout and not self._closing:
             keepalive.expired = True
-            transport = getattr(getattr(self.writer, "_writer", None), "transport", None)
+            transport = self._transport()
             if transport is not None:
                 transport.abort()
                 return

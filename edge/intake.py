@@ -138,8 +138,8 @@ class Intake:
         An envelope with a ``seq`` gets one key, its ``seq`` modulo 64 → ``msg_id``: it
         catches a DUP resend as surely as the packet id would (both rings hold the last 64),
         and a resend on a new session too. Each remembered key is a random page of the
-        dedup table rewritten in the commit; the second one cost a third of the commit
-        thread's time at half the maximum rate (docs/benchmarks.md, session 11). Opaque
+        dedup table rewritten in the commit; dropping the second one took ~30 % off the
+        commit's work per message (docs/benchmarks.md, session 11). Opaque
         payloads keep the packet-id key; an envelope without ``seq`` keeps both, because its
         hashed slot collides between messages in flight.
         """
