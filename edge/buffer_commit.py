@@ -4,6 +4,7 @@ drop policies applied on the way (see docs/buffer.md)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import shutil
@@ -47,17 +48,18 @@ class GroupCommitter(BufferCore):
     async def _commit_loop(self) -> None:
         backoff = 0.05
         while True:
-            if not self._pending and not self._registry and not self._barriers:
-                if self._closing:
+            if not self._pending and not self._barriers and not self._registry.due():
+                if self._closing and not self._registry:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+                if not self._closing:
+                    await self._wait_for_work()
+                    continue
             await self._linger()
             self._check_disk()
             self._fail_timed_out_blocks()
             batch = self._take_batch()
-            changes = self._registry.take()
+            # A barrier promises the registry durable; close writes what is left.
+            changes = self._registry.take(everything=self._closing or bool(self._barriers))
             barriers, self._barriers = self._barriers, []
             if not batch and not changes and not barriers:
                 if self._closing or not self._pending:
@@ -102,6 +104,16 @@ class GroupCommitter(BufferCore):
                     future.set_result(None)
             self.stats.used_bytes = used
             await self._maybe_cleanup_dedup()
+
+    async def _wait_for_work(self) -> None:
+        """Until something is enqueued, or pending last-seen times fall due."""
+        self._wakeup.clear()
+        if not self._registry:
+            await self._wakeup.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, self._registry.seen_due_in())):
+                await self._wakeup.wait()
 
     async def _linger(self) -> None:
         """With ``commit_linger_ms``: no commit before its oldest publish waited that long,

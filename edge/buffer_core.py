@@ -60,7 +60,7 @@ class BufferCore:
         """Leases read here, in their own thread, without the lock: a WAL reader sees only
         committed rows and never waits for the writer (whose every commit waits an fsync)."""
         self._pending: list[PendingWrite] = []
-        self._registry = RegistryChanges()
+        self._registry = RegistryChanges(self._config.registry_seen_interval_ms / 1000)
         self._barriers: list[asyncio.Future[None]] = []
         self._wakeup = asyncio.Event()
         self._space_freed = asyncio.Event()

@@ -2,12 +2,17 @@
 
 Connects, disconnects and self-descriptions arrive as synchronous calls from the broker;
 they are coalesced per device in memory and written in the next group commit, so the
-registry never costs a transaction of its own.
+registry never costs a transaction of its own. A publish only moves its device's last-seen
+time: those are written together at most once per ``buffer.registry_seen_interval_ms``
+(with any other change of the device, at a barrier, and at close), because a per-commit
+upsert rewrote a random page of ``devices`` for nearly every message (docs/benchmarks.md,
+"Last seen once a second").
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 
 import aiosqlite
@@ -51,13 +56,32 @@ class _DeviceSeen:
 
 
 class RegistryChanges:
-    """Registry changes not yet written, coalesced per device."""
+    """Registry changes not yet written, coalesced per device.
 
-    def __init__(self) -> None:
+    Connects, disconnects and self-descriptions are urgent: the next commit writes them.
+    Last-seen times alone wait until ``seen_interval_s`` passed since they were last written,
+    then all go in one commit."""
+
+    def __init__(self, seen_interval_s: float = 0.0) -> None:
         self._dirty: dict[str, _DeviceSeen] = {}
+        self._urgent: set[str] = set()
+        self._seen_interval_s = seen_interval_s
+        self._seen_written = time.monotonic()
 
     def __bool__(self) -> bool:
         return bool(self._dirty)
+
+    def device_ids(self) -> list[str]:
+        """The devices with a change not yet written."""
+        return list(self._dirty)
+
+    def due(self) -> bool:
+        """Whether the next commit has something of the registry to write."""
+        return bool(self._urgent) or (bool(self._dirty) and self.seen_due_in() <= 0)
+
+    def seen_due_in(self) -> float:
+        """Seconds until pending last-seen times are due (<= 0: due now)."""
+        return self._seen_written + self._seen_interval_s - time.monotonic()
 
     def seen(self, device_id: str, now_ms: int) -> None:
         self._touch(device_id, now_ms)
@@ -65,14 +89,17 @@ class RegistryChanges:
     def connected(self, device_id: str, peer: str, now_ms: int) -> None:
         seen = self._touch(device_id, now_ms)
         seen.connected, seen.peer = 1, peer
+        self._urgent.add(device_id)
 
     def disconnected(self, device_id: str, now_ms: int) -> None:
         self._touch(device_id, now_ms).connected = 0
+        self._urgent.add(device_id)
 
     def info(
         self, device_id: str, device_type: str | None, firmware_version: str | None, now_ms: int
     ) -> None:
         self._touch(device_id, now_ms).info = (device_type, firmware_version)
+        self._urgent.add(device_id)
 
     def _touch(self, device_id: str, now_ms: int) -> _DeviceSeen:
         seen = self._dirty.get(device_id)
@@ -82,16 +109,24 @@ class RegistryChanges:
             seen.last_seen_ms = max(seen.last_seen_ms, now_ms)
         return seen
 
-    def take(self) -> RegistryChanges:
-        """Hand the pending changes over (for one commit) and start afresh."""
+    def take(self, everything: bool = False) -> RegistryChanges:
+        """Hand over what the next commit writes: the urgent changes, and every pending
+        last-seen time once they are due (or with ``everything``: barriers, close)."""
         taken = RegistryChanges()
-        taken._dirty, self._dirty = self._dirty, {}
+        if self._dirty and (everything or self.seen_due_in() <= 0):
+            taken._dirty, self._dirty = self._dirty, {}
+            self._seen_written = time.monotonic()
+        elif self._urgent:
+            taken._dirty = {d: self._dirty.pop(d) for d in self._urgent}
+        self._urgent = set()
         return taken
 
     def put_back(self, failed: RegistryChanges) -> None:
         """A commit failed: keep its changes unless newer ones replaced them."""
         for device_id, seen in failed._dirty.items():
-            self._dirty.setdefault(device_id, seen)
+            kept = self._dirty.setdefault(device_id, seen)
+            if kept.connected is not None or kept.info is not None:
+                self._urgent.add(device_id)
 
     def write_sync(self, db: sqlite3.Connection) -> None:
         """Write inside the caller's transaction (a plain connection, in aiosqlite's thread)."""

@@ -196,6 +196,11 @@ class BufferConfig(ConfigModel):
     anything is written, instead of inside the commit that fills the log (which made that
     commit's PUBACKs wait for two more fsyncs; edge/wal_checkpoint.py). 0: SQLite's own
     automatic checkpoint in the commit path."""
+    registry_seen_interval_ms: Annotated[float, Field(ge=0, le=60_000)] = 1000.0
+    """The device registry's last-seen times are written together at most this often
+    (connects, disconnects and self-descriptions go with the next commit). Per commit, at
+    1,000 devices each publish rewrote a random page of the registry. A crash loses at most
+    this much of last-seen; 0: with every commit."""
     lease_batch: Annotated[int, Field(ge=1, le=100_000)] = 2000
     """Most rows handed to the bridge at once."""
     lease_min_share: Annotated[float, Field(ge=0, le=0.5)] = 0.1

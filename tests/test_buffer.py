@@ -18,6 +18,7 @@ from edge.buffer_sql import _lookup_statement, insert_rows, remembered_keys
 from edge.ingest import InboundPublish
 from edge.intake import Intake
 from edge.lease_plan import plan_lease
+from edge.registry import RegistryChanges
 from edge.routing import TopicRouter
 from edge.schema import APPLICATION_ID, SCHEMA_V1, SCHEMA_VERSION
 from gateway.config import BufferConfig, ClassConfig
@@ -589,9 +590,58 @@ async def test_registry_records_devices(tmp_path: Path) -> None:
         assert (device.device_type, device.firmware_version) == ("thermo", "1.2.3")
         buffer.device_disconnected("dev-1")
         await asyncio.gather(*_enqueue(buffer, "dev-2", 1))
+        await buffer.enqueue_marker()  # dev-2's last-seen alone waits for its interval
         devices = {d.device_id: d for d in await buffer.devices()}
         assert not devices["dev-1"].connected
         assert devices["dev-2"].first_seen_ms <= devices["dev-2"].last_seen_ms
+
+
+async def test_last_seen_alone_waits_for_its_interval_connects_do_not(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite3"
+    async with _buffer(path, registry_seen_interval_ms=60_000) as buffer:
+        await asyncio.gather(*_enqueue(buffer, "dev-quiet", 3))
+        assert await buffer.devices() == []  # committed rows, last-seen not yet due
+        buffer.device_connected("dev-new", "127.0.0.1:5001")
+        await asyncio.gather(*_enqueue(buffer, "dev-quiet", 1))
+        assert [d.device_id for d in await buffer.devices()] == ["dev-new"]
+        await buffer.enqueue_marker()  # a barrier makes the whole registry durable
+        assert [d.device_id for d in await buffer.devices()] == ["dev-new", "dev-quiet"]
+        await asyncio.gather(*_enqueue(buffer, "dev-late", 1))
+    async with _buffer(path) as buffer:  # close wrote what was pending
+        devices = {d.device_id: d for d in await buffer.devices()}
+        assert set(devices) == {"dev-new", "dev-quiet", "dev-late"}
+        assert devices["dev-quiet"].last_seen_ms == 1_002  # the latest of its four publishes
+
+
+async def test_last_seen_is_written_when_due_without_more_traffic(tmp_path: Path) -> None:
+    async with _buffer(tmp_path / "b.sqlite3", registry_seen_interval_ms=50) as buffer:
+        await asyncio.gather(*_enqueue(buffer, "dev-1", 1))
+
+        async def registered() -> bool:
+            return [d.device_id for d in await buffer.devices()] == ["dev-1"]
+
+        await eventually(registered, "the last-seen time written once due", 10.0)
+
+
+def test_registry_changes_take_urgent_now_and_last_seen_when_due() -> None:
+    changes = RegistryChanges(seen_interval_s=3600)
+    changes.seen("dev-1", 10)
+    assert changes.device_ids() == ["dev-1"]
+    assert not changes.due()
+    assert not changes.take()
+    changes.disconnected("dev-2", 11)
+    assert changes.due()
+    assert changes.take().device_ids() == ["dev-2"]
+    assert not changes.due()
+    assert changes.take(everything=True).device_ids() == ["dev-1"]
+    changes.info("dev-3", "thermo", "1.0", 12)
+    changes.put_back(changes.take())  # a failed commit keeps its urgent changes urgent
+    assert changes.due()
+    assert changes.take().device_ids() == ["dev-3"]
+    due_at_once = RegistryChanges(seen_interval_s=0)
+    due_at_once.seen("dev-1", 10)
+    assert due_at_once.due()
+    assert due_at_once.take().device_ids() == ["dev-1"]
 
 
 async def test_refuses_a_file_that_is_not_a_buffer(tmp_path: Path) -> None:
