@@ -166,11 +166,11 @@ def test_the_floor_benchmark_measures_both_ackers(tmp_path: Path) -> None:
 
 def test_the_commit_benchmark_reports_latency_and_cpu_per_commit(tmp_path: Path) -> None:
     """bench/commit_load.py commits batches of publishes (idle and busy event loop) and
-    reports commit latency and CPU per round."""
-    for busy, keys in (([], "1"), (["--busy", "0.8"], "2")):
+    reports commit latency, CPU and bytes written per round."""
+    for busy, keys, spread in (([], "1", ["--spread"]), (["--busy", "0.8"], "2", [])):
         out = tmp_path / "commit.json"
         argv = [sys.executable, "-m", "bench.commit_load", "--batch", "5", "--rounds", "25"]
-        argv += [*busy, "--keys", keys, "--out", str(out)]
+        argv += [*busy, *spread, "--keys", keys, "--out", str(out)]
         proc = subprocess.run(
             argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
         )
@@ -181,6 +181,8 @@ def test_the_commit_benchmark_reports_latency_and_cpu_per_commit(tmp_path: Path)
         assert 1 <= result["commits"] <= 25 * 5
         assert 0 < result["commit_p50_ms"] <= result["commit_p99_ms"] <= result["commit_max_ms"]
         assert result["process_cpu_ms_per_round"] > 0
+        assert result["devices"] == ("spread" if spread else "neighbours")
+        assert result["written_kib_per_round"] > 4  # at least a WAL page per commit
 
 
 def test_the_compression_benchmark_reports_every_codec(tmp_path: Path) -> None:
