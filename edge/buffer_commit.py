@@ -49,11 +49,11 @@ class GroupCommitter(BufferCore):
         backoff = 0.05
         while True:
             if not self._pending and not self._barriers and not self._registry.due():
-                if self._closing and not self._registry:
-                    return
                 if not self._closing:
                     await self._wait_for_work()
                     continue
+                if not self._registry:
+                    return  # closing, and nothing is left to write
             await self._linger()
             self._check_disk()
             self._fail_timed_out_blocks()
